@@ -1,0 +1,59 @@
+"""The Python face of the toolchain: every CLI command is one of these functions."""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+from models import SpikeDrivenTransformer
+
+from .checkpoint import LoadedModel, load_model
+from .configs import DataConfig
+from .graph import Graph
+from .lower import lower
+from .passes import fold_bn
+from .qmodel import QuantizedModel, build_quantized_model
+from .quantization import QuantOptions, quantize_graph
+
+Source = Union[str, LoadedModel, SpikeDrivenTransformer]
+
+
+def _loaded(source: Source) -> LoadedModel:
+    if isinstance(source, LoadedModel):
+        return source
+    if isinstance(source, str):
+        return load_model(source)
+    if isinstance(source, SpikeDrivenTransformer):
+        from .checkpoint import Checkpoint
+        from .configs import Resolved
+
+        return LoadedModel(source, Resolved(source.cfg, DataConfig(), {}), Checkpoint("", {}, "none"))
+    raise TypeError(f"expected a checkpoint path, a LoadedModel or an SDT model, got {type(source).__name__}")
+
+
+def deploy_graph(source: Source) -> Graph:
+    """The BatchNorm-folded float deploy graph of a model (or the stored graph of a quantized file)."""
+    loaded = _loaded(source)
+    if loaded.quantized_graph is not None:
+        return loaded.quantized_graph
+    return fold_bn(lower(loaded.model))
+
+
+def quantize(source: Source, weight_bits: int = 8, input_bits: int = 8, scale_search: str = "mse",
+             input_range: Optional[float] = None, data: Optional[DataConfig] = None) -> QuantizedModel:
+    """Fold BatchNorm, quantize to power-of-two per-channel grids (brevitas), and build the quantized
+    torch model that carries the dequantized weights (runs with CuPy on a GPU, torch on a CPU)."""
+    loaded = _loaded(source)
+    cfg = loaded.config
+    if loaded.quantized_graph is not None:
+        return QuantizedModel(loaded.model, loaded.quantized_graph, cfg, loaded.resolved.data)
+    opts = QuantOptions(weight_bits=weight_bits, input_bits=input_bits, scale_search=scale_search,
+                        input_range=input_range, data=data or loaded.resolved.data)
+    qg = quantize_graph(fold_bn(lower(loaded.model)), opts)
+    model = build_quantized_model(qg, cfg)
+    original = loaded.model.state_dict()
+    with torch.no_grad():   # the never-called talking_heads Conv1d keeps its trained values
+        for name, p in model.named_parameters():
+            if name.endswith("talking_heads.weight") and name in original:
+                p.copy_(original[name])
+    return QuantizedModel(model, qg, cfg, loaded.resolved.data)

@@ -1,0 +1,72 @@
+"""Graph passes that need no data: BatchNorm folding and the binary-spike-only dataflow check."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+
+from .errors import DeployError
+from .graph import CURRENT, SYNAPTIC, BatchNorm, Conv, Graph, Input, Linear
+
+
+def fold_bn_params(weight: np.ndarray, bias, bn: BatchNorm) -> tuple[np.ndarray, np.ndarray]:
+    """W' = W * gamma / sqrt(var + eps);  b' = beta + (b - mean) * gamma / sqrt(var + eps), in float64."""
+    scale = bn.weight.astype(np.float64) / np.sqrt(bn.var.astype(np.float64) + bn.eps)
+    b = np.zeros(weight.shape[0]) if bias is None else bias.astype(np.float64)
+    w = weight.astype(np.float64) * scale.reshape((-1,) + (1,) * (weight.ndim - 1))
+    return w, bn.bias.astype(np.float64) + (b - bn.mean.astype(np.float64)) * scale
+
+
+def fold_bn(g: Graph) -> Graph:
+    """Fold every BatchNorm into the conv/linear that feeds it; no BatchNorm survives.
+
+    The folded node keeps the conv's name; consumers of the BatchNorm now read the conv."""
+    nodes = list(g.nodes)
+    renamed: dict[str, str] = {}
+    out = []
+    index = {n.name: n for n in nodes}
+    folded = {}
+    for n in nodes:
+        if isinstance(n, BatchNorm):
+            (src,) = n.inputs
+            producer = folded.get(src, index[src])
+            if not isinstance(producer, (Conv, Linear)) or len(g.consumers(src)) != 1:
+                raise DeployError(f"cannot fold {n.name}: it does not follow a conv/linear with a single consumer")
+            w, b = fold_bn_params(producer.weight, producer.bias, n)
+            folded[src] = replace(producer, weight=w, bias=b)
+            renamed[n.name] = src
+    for n in nodes:
+        if isinstance(n, BatchNorm):
+            continue
+        n = folded.get(n.name, n)
+        if any(i in renamed for i in n.inputs):
+            n = replace(n, inputs=tuple(renamed.get(i, i) for i in n.inputs))
+        out.append(n)
+    return g.replace_nodes(out, folded=True)
+
+
+def synaptic_exceptions(g: Graph) -> list[str]:
+    """Synaptic nodes (conv, linear) that read a current: allowed only for the encoder, which reads the
+    image itself. Returns the allowed exceptions; raises naming the first node that breaks the rule."""
+    allowed = []
+    for n in g.nodes:
+        if not isinstance(n, SYNAPTIC):
+            continue
+        for src in n.inputs:
+            p = g[src]
+            if p.out_kind != CURRENT:
+                continue
+            if isinstance(p, Input):
+                allowed.append(n.name)
+                continue
+            raise DeployError(f"binary-spike dataflow broken: {n.name} ({n.op}) reads the current "
+                              f"{src} ({p.op}); only the encoder may read a real value")
+    return allowed
+
+
+def check(g: Graph) -> dict:
+    """The binary-spike-only dataflow check: returns the list of exceptions, by name."""
+    exceptions = synaptic_exceptions(g)
+    bn_left = [n.name for n in g.of_type(BatchNorm)]
+    return {"ok": True, "encoder_exceptions": exceptions, "batchnorm": bn_left,
+            "synaptic_nodes": sum(isinstance(n, SYNAPTIC) for n in g.nodes)}

@@ -1,0 +1,77 @@
+"""Running the torch SDT on an input and collecting its spikes under the layer-name contract."""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+from spikingjelly.clock_driven import functional
+
+from models import SDTConfig
+
+Spikes = dict  # contract name -> uint8 array [T, B, ...]
+
+
+def run_model(model: torch.nn.Module, x: np.ndarray, batch_size: int = 64, device: Optional[str] = None,
+              record: bool = True, progress=None) -> tuple[np.ndarray, Spikes]:
+    """Logits and (if `record`) every spike tensor, state reset before each batch, eval mode.
+
+    Spikes come back as uint8 [T, B, ...] keyed by layer name; logits as float32 ([B, K], or
+    [T, B, K] with TET)."""
+    model.eval()
+    dev = torch.device(device) if device else next(model.parameters()).device
+    logits, spikes = [], {}
+    for start in range(0, x.shape[0], batch_size):
+        xb = torch.from_numpy(np.ascontiguousarray(x[start:start + batch_size])).to(dev)
+        taps: Optional[dict] = {} if record else None
+        functional.reset_net(model)
+        with torch.no_grad():
+            y = model(xb, taps)
+        functional.reset_net(model)
+        logits.append(y.float().cpu().numpy())
+        if record:
+            for k, v in taps.items():
+                spikes.setdefault(k, []).append(v.to(torch.uint8).cpu().numpy())
+        if progress is not None:
+            progress(xb.shape[0])
+    batch_axis = 1 if (logits[0].ndim == 3) else 0
+    out_logits = np.concatenate(logits, axis=batch_axis)
+    return out_logits, {k: np.concatenate(v, axis=1) for k, v in spikes.items()}
+
+
+def predictions(logits: np.ndarray) -> np.ndarray:
+    """Class per sample; TET's per-step logits are averaged over T first (as the original evaluates)."""
+    if logits.ndim == 3:
+        logits = logits.mean(0)
+    return logits.argmax(-1)
+
+
+def to_original_hooks(spikes: Spikes, cfg: SDTConfig) -> dict:
+    """Our spike tensors under the original `forward(x, hook)` names and layouts.
+
+    The original records k and v after the dvs_mode pool, `kv_before` = k AND v before its pool,
+    `kv` = the talking-heads spikes as [T,B,heads,1,C/heads], `x_after_qkv` = the masked output
+    after its pool, in the [T,B,heads,N,C/heads] layout."""
+    h = cfg.num_heads
+
+    def heads(a: np.ndarray) -> np.ndarray:
+        T, B, C, H, W = a.shape
+        return a.reshape(T, B, C, H * W).transpose(0, 1, 3, 2).reshape(T, B, H * W, h, C // h).transpose(0, 1, 3, 2, 4)
+
+    out = {}
+    for i, s in enumerate(("", "1", "2", "3")):
+        out[f"MS_SPS_lif{s}"] = spikes[f"patch_embed.proj_lif{s}"]
+    for j in range(cfg.depth):
+        a = f"block.{j}.attn"
+        out[f"MS_SSA_Conv{j}_first_lif"] = spikes[f"{a}.shortcut_lif"]
+        out[f"MS_SSA_Conv{j}_q_lif"] = spikes[f"{a}.q_lif"]
+        out[f"MS_SSA_Conv{j}_k_lif"] = spikes[f"{a}.k_pool" if cfg.dvs_mode else f"{a}.k_lif"]
+        out[f"MS_SSA_Conv{j}_v_lif"] = spikes[f"{a}.v_pool" if cfg.dvs_mode else f"{a}.v_lif"]
+        out[f"MS_SSA_Conv{j}_kv_before"] = heads(spikes[f"{a}.kv_and"])
+        g = spikes[f"{a}.talking_heads_lif"]
+        out[f"MS_SSA_Conv{j}_kv"] = g.reshape(g.shape[0], g.shape[1], h, 1, g.shape[2] // h)
+        out[f"MS_SSA_Conv{j}_x_after_qkv"] = heads(spikes[f"{a}.q_mask_pool" if cfg.dvs_mode else f"{a}.q_mask"])
+        out[f"MS_MLP_Conv{j}_fc1_lif"] = spikes[f"block.{j}.mlp.fc1_lif"]
+        out[f"MS_MLP_Conv{j}_fc2_lif"] = spikes[f"block.{j}.mlp.fc2_lif"]
+    out["head_lif"] = spikes["head_lif"]
+    return out
