@@ -37,7 +37,9 @@ def channel_bounds(qg: Graph) -> dict:
     b: dict[str, np.ndarray] = {}
     for n in qg.nodes:
         src = [qg[i] for i in n.inputs]
-        if isinstance(n, Input):
+        if isinstance(n, Input) and n.bits is None:   # a partition's cut: the bound it had in the whole graph
+            b[n.name] = np.asarray(qg.meta["cut_bound"], dtype=np.float64)
+        elif isinstance(n, Input):
             b[n.name] = np.full(n.shape[0], float(2 ** (n.bits - 1)))
         elif isinstance(n, (Conv, Linear)):
             w = np.abs(n.w_int.astype(np.float64)).reshape(n.w_int.shape[0], -1)

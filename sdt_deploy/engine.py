@@ -53,6 +53,19 @@ def quantize_input(x: np.ndarray, grid: int, bits: int) -> np.ndarray:
     return np.clip(np.round(x.astype(np.float32) * np.float32(2.0 ** grid)), lo, hi).astype(INT)
 
 
+def input_integers(n: Input, x: np.ndarray) -> np.ndarray:
+    """The input node's integers: quantized here, or (a partition's cut, `bits` None) checked to lie
+    on the node's per-channel grid already."""
+    if n.bits is not None:
+        return quantize_input(x, int(n.grid[0]), int(n.bits))
+    scale = np.exp2(np.asarray(n.grid, dtype=np.float64)).reshape(-1, *([1] * (x.ndim - 3)))
+    scaled = x.astype(np.float64) * scale
+    ints = np.round(scaled)
+    if not np.array_equal(ints, scaled):
+        raise DeployError(f"input of {n.name}: values are not on the node's grid")
+    return ints.astype(INT)
+
+
 def _shift_left(a: np.ndarray, shift: np.ndarray, channel_axis: int = 2) -> np.ndarray:
     """a * 2**shift per channel (shift >= 0), exact."""
     if not np.any(shift):
@@ -198,7 +211,7 @@ def run_engine(qg: Graph, x: np.ndarray, record: bool = True, membranes: bool = 
         ins = [vals[i] for i in n.inputs]
         in_grids = [grids[i] for i in n.inputs]
         if isinstance(n, Input):
-            y = quantize_input(time_major(x, T), int(n.grid[0]), int(n.bits))
+            y = input_integers(n, time_major(x, T))
         elif isinstance(n, Conv):
             a = ins[0]
             flat = a.reshape((T * B,) + a.shape[2:])

@@ -1,0 +1,74 @@
+"""Shared test data.
+
+- `../shared/fixtures` (beside the checkout): the checkpoint and spikes written by the original SDT
+  code; tests using it skip, saying so, where that folder is absent.
+- `tests/data/oracle`: small variant checkpoints in the original format (lif, plif, dvs_mode, TET,
+  T = 1..16, several pooling_stat, mlp_ratio 1, odd sizes) and the spikes and logits the ORIGINAL SDT code
+  (BICLab commit 3faa822, spikingjelly 0.0.0.0.12, torch 2.13 CPU) computed for their inputs, keyed by
+  the original hook names. See tests/data/oracle/README.md.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("SDT_DEPLOY_SHARED", ROOT.parent / "shared"))
+FIXTURES = SHARED / "fixtures"
+FIXTURE_CKPT = FIXTURES / "sdt_cifar_2_256.pth"
+FIXTURE_INPUT = FIXTURES / "sdt_cifar_2_256_input.npy"
+FIXTURE_REF = FIXTURES / "sdt_cifar_2_256_ref.npz"
+ORACLE = ROOT / "tests" / "data" / "oracle"
+ORACLE_CASES = sorted(p.stem for p in ORACLE.glob("*.pth"))
+DEMO_CKPT = ROOT / "sdt_deploy" / "assets" / "demo_sdt_digits.pth"
+
+needs_shared = pytest.mark.skipif(not FIXTURE_CKPT.exists(),
+                                  reason=f"the shared fixtures folder {FIXTURES} is absent")
+
+
+def oracle_path(name: str) -> str:
+    return str(ORACLE / f"{name}.pth")
+
+
+@functools.lru_cache(maxsize=None)
+def oracle_ref(name: str) -> dict:
+    with np.load(ORACLE / f"{name}_ref.npz") as z:
+        return {k: z[k] for k in z.files}
+
+
+@functools.lru_cache(maxsize=None)
+def fixture_ref() -> dict:
+    with np.load(FIXTURE_REF) as z:
+        return {k: z[k] for k in z.files}
+
+
+@functools.lru_cache(maxsize=None)
+def loaded(path: str):
+    from sdt_deploy import load_model
+
+    return load_model(path)
+
+
+@functools.lru_cache(maxsize=None)
+def quantized(path: str, weight_bits: int = 8):
+    from sdt_deploy import quantize
+
+    return quantize(loaded(path), weight_bits=weight_bits)
+
+
+def case_input(name: str) -> np.ndarray:
+    if name == "fixture":
+        return np.load(FIXTURE_INPUT)
+    return oracle_ref(name)["input"]
+
+
+def case_path(name: str) -> str:
+    return str(FIXTURE_CKPT) if name == "fixture" else oracle_path(name)
+
+
+# Every checkpoint the equivalence tests run on: the shared fixture (when present) and the variants.
+ALL_CASES = (["fixture"] if FIXTURE_CKPT.exists() else []) + ORACLE_CASES
