@@ -72,7 +72,7 @@ def execute(g: Graph, x: np.ndarray, dtype: torch.dtype = torch.float32, record:
 
 def _eval(n, ins, x, T, dtype, states):
     if isinstance(n, Input):
-        v = torch.from_numpy(np.ascontiguousarray(time_major(x, T))).to(dtype)
+        v = torch.from_numpy(np.array(time_major(x, T), dtype=np.float32)).to(dtype)
         if n.grid is not None and n.bits is not None:   # bits None: already on its grid (a cut's input)
             v = InputQuantizer(int(np.asarray(n.grid).flat[0]), int(n.bits))(v)
         return v

@@ -133,6 +133,9 @@ class LIF(Node):
     op: ClassVar[str] = "lif"
     kind: ClassVar[str] = SPIKE
 
+    def param_count(self) -> int:
+        return 0 if self.plif_w is None else 1   # PLIF's learned w
+
 
 @dataclass
 class And(Node):

@@ -33,19 +33,25 @@ def calibrate(model: torch.nn.Module, x: np.ndarray, seed: int = 0, plif_tau=(1.
     """BatchNorm running statistics from one train-mode pass over x, then random affine parameters:
     a BN driving a LIF outputs about N(beta, gamma^2) with gamma ~ U(0.5, 1), beta ~ U(0.6, 1.1): a
     tau = 2 LIF fire at roughly 5-40 %; BNs feeding the residual stream get gamma ~ U(0.3, 0.6), beta ~
-    U(0.2, 0.5). PLIF decays are drawn from the range trained SDTs show."""
+    U(0.2, 0.5); both scaled up for T < 4. PLIF decays are drawn from the range trained SDTs show."""
     g = torch.Generator().manual_seed(seed)
     bns = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
 
     def uniform(shape, lo, hi):
         return lo + (hi - lo) * torch.rand(shape, generator=g)
 
+    # A tau = 2 LIF under a constant input X reaches X * (1 - 2**-t) after t steps: with few steps it
+    # needs a larger input to fire at all, so the affine grows for T < 4.
+    T = getattr(getattr(model, "cfg", None), "time_steps", 4)
+    boost = 1.0 / (1.0 - 2.0 ** -min(T, 4))
     for name, m in bns:
         m.reset_running_stats()
         m.momentum = None  # cumulative average: after one pass, exactly the batch statistics
         stream = name.endswith(STREAM_BN_SUFFIXES)
-        m.weight.data = uniform(m.weight.shape, *((0.3, 0.6) if stream else (0.5, 1.0)))
-        m.bias.data = uniform(m.bias.shape, *((0.2, 0.5) if stream else (0.6, 1.1)))
+        lo_g, hi_g = (0.3, 0.6) if stream else (0.5, 1.0)
+        lo_b, hi_b = (0.2, 0.5) if stream else (0.6, 1.1)
+        m.weight.data = uniform(m.weight.shape, lo_g * boost, hi_g * boost)
+        m.bias.data = uniform(m.bias.shape, lo_b * boost, hi_b * boost)
     for m in model.modules():
         if hasattr(m, "w") and isinstance(getattr(m, "w"), torch.nn.Parameter):
             m.w.data = -torch.log(uniform((), *plif_tau) - 1.0)

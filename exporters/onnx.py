@@ -1,0 +1,648 @@
+"""ONNX export of a quantized deploy graph: one time step per call, every LIF membrane an explicit
+input/output pair, in an integer or a float variant. Built from the deploy graph only.
+
+The step model (default)
+------------------------
+inputs   `<input>`            float32 [batch, C, H, W]: the image, or one event frame (the Input node's
+                              name: `input` for a whole model, the cut's name for a partition's device)
+         `v_in.<lif>`         the membrane of every LIF before the step, [batch, *lif shape]
+outputs  `logits`             float variant: float32 [batch, K], this step's logits
+         `logits_int`         int variant: int32/int64 [batch, K], this step's logits as integers on the
+                              head's per-class grid: logit = logits_int * 2**-grid[k]
+         `v_out.<lif>`        the membrane after the step, same shape and type as `v_in.<lif>`
+         `<spike layer>`      with `debug_outputs`: uint8 0/1 [batch, ...] of every spike node (each LIF,
+                              `kv_and`, `q_mask`, the OR-pools) except the talking-heads broadcast
+A graph that does not end in a Readout (a partition's host: the stem up to the current max-pool)
+outputs `output` (float32 values) or `output_int` (integers on the output node's per-channel grid)
+instead. The state starts at zero; the caller carries `v_out` into the next call's `v_in`, and does the
+read-out over T (mean, or per step with TET). `sdt_deploy.onnx_run.run_onnx` does exactly that.
+
+`unroll=True` puts all T steps in the graph instead: input `<input>` float32 [batch, T, C, H, W] (the
+model's event-frame layout; repeat an image T times), state starting at zero inside, no state inputs
+or outputs, and every output stacked time-major: `logits` / `logits_int` [T, batch, K], spikes
+[T, batch, ...] (the layout of the toolchain's spike records). The read-out over T stays with the caller
+in both forms, so the two give the same numbers. (Unrolled rather than `Scan`: the weights are shared
+initializers, so unrolling costs only nodes, and every runtime and viewer handles it.)
+
+The variants
+------------
+`int`: nothing but integer arithmetic after the input quantization. The input is the only float part:
+`Mul(2**grid) -> Round (half to even) -> Clip(signed bits) -> Cast(int8)` (a partition's cut input,
+already on its grid: `Mul -> Round -> Cast`). Synaptic layers are `ConvInteger` / `MatMulInteger` of
+int8 weights with the 0/1 uint8 spikes (the encoder: with the int8 image) into int32 accumulators, plus
+the integer bias on the output grid. Currents meeting in a membrane or a sum are shifted left to the
+common grid by an integer `Mul` by 2**shift per channel. The LIF is the floor-shift of DESIGN.md §4:
+    A = V + X;  H = (A - Mod(A, 2)) / 2;  S = H >= theta_int;  V' = Where(S, 0, H)
+`Mod` with integer operands takes the divisor's sign (fmod=0), so A - Mod(A, 2) is even and the
+truncating integer `Div` is exact on it: H = floor(A / 2) for negative A too (a bare `Div(A, 2)` would
+round toward zero and break the contract). The current max-pool of the stem is Pad(int min) + strided
+Slices + Max (onnxruntime's MaxPool has no int32 kernel). Each current and state is int32 where its
+worst-case bound (`sdt_deploy.bits.channel_bounds`) fits, int64 where not (never a wrap-around); an
+accumulator that cannot fit ConvInteger's int32, or a bound beyond int64, is refused with a
+`DeployError` naming the layer.
+
+`float`: float32 with the exact dequantized weights, the same input quantizer followed by
+`Mul(2**-grid)`, and spikingjelly's LIF arithmetic in its order: H = V + (X - V) * 0.5 (tau = 2:
+exact), S = H >= v_threshold, V' = Where(S, 0, H). Spikes are float32 0/1.
+
+Both variants require decay 1/2 (tau = 2; the quantizer sets every PLIF to it).
+
+Format: opset 21, IR version 10 (the pair onnx 1.16 writes; onnxruntime >= 1.17 loads it — onnx >= 1.23
+would write IR 14, which onnxruntime 1.31 refuses). `metadata_props` carry the SDT config, T, the
+variant, the read-out, every node's grid, the state list and the tool version (keys `sdt_deploy.*`).
+Exports are deterministic: the same graph gives byte-identical files.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from sdt_deploy import __version__
+from sdt_deploy.bits import channel_bounds
+from sdt_deploy.errors import DeployError
+from sdt_deploy.graph import (Add, And, Broadcast, Conv, Graph, Input, LIF, Linear, MaxPool, Node, OrPool,
+                              Readout, TokenSum)
+from sdt_deploy.io import atomic_write
+
+OPSET = 21
+IR_VERSION = 10
+VARIANTS = ("int", "float")
+STATE_IN = "v_in."
+STATE_OUT = "v_out."
+BATCH = "batch"
+META = "sdt_deploy."
+
+INT8, UINT8, INT32, INT64, FLOAT, BOOL = (TensorProto.INT8, TensorProto.UINT8, TensorProto.INT32,
+                                          TensorProto.INT64, TensorProto.FLOAT, TensorProto.BOOL)
+INT_TYPES = (INT8, UINT8, INT32, INT64)
+
+
+def np_dtype(elem_type: int) -> np.dtype:
+    return np.dtype(helper.tensor_dtype_to_np_dtype(elem_type))
+
+
+# ---------------------------------------------------------------- small value types
+
+@dataclass(frozen=True)
+class Value:
+    """A tensor of the ONNX graph carrying one deploy-graph node's output (per sample, one step)."""
+
+    name: str
+    dtype: int                           # TensorProto element type
+    grid: Optional[np.ndarray] = field(default=None, compare=False)   # per-channel exponent; None: spikes
+
+    @property
+    def is_spike(self) -> bool:
+        return self.grid is None
+
+
+@dataclass
+class Emitter:
+    """Collects ONNX nodes and initializers. Tensor names are `<prefix><layer>/<what>`; constants are
+    shared by name (the unrolled graph reuses every weight)."""
+
+    nodes: list = field(default_factory=list)
+    initializers: dict = field(default_factory=dict)
+    prefix: str = ""
+
+    def const(self, name: str, array: np.ndarray) -> str:
+        array = np.require(array, requirements="C")   # (ascontiguousarray would make a scalar 1-D)
+        held = self.initializers.get(name)
+        if held is None:
+            self.initializers[name] = numpy_helper.from_array(array, name)
+        elif held.data_type != helper.np_dtype_to_tensor_dtype(array.dtype) or \
+                not np.array_equal(numpy_helper.to_array(held), array):
+            raise AssertionError(f"internal: constant {name} defined twice with different values")
+        return name
+
+    def scalar(self, value, elem_type: int) -> str:
+        dt = np_dtype(elem_type)
+        return self.const(f"const.{dt.name}.{value}", np.array(value, dtype=dt))
+
+    def ints(self, values, name: Optional[str] = None) -> str:
+        values = [int(v) for v in values]
+        return self.const(name or "const.int64s." + "_".join(map(str, values)), np.array(values, np.int64))
+
+    def op(self, op_type: str, inputs: list, out: str, raw_name: bool = False, **attrs) -> str:
+        name = out if raw_name else self.prefix + out
+        self.nodes.append(helper.make_node(op_type, list(inputs), [name], name=name, **attrs))
+        return name
+
+
+def per_channel(values: np.ndarray, rank: int, dtype) -> np.ndarray:
+    """A per-channel constant shaped to broadcast against [batch, C, ...] of the given rank."""
+    return np.asarray(values).astype(dtype).reshape((-1,) + (1,) * (rank - 2))
+
+
+# ---------------------------------------------------------------- integer widths
+
+def int_type_for(bound: float, layer: str, what: str) -> int:
+    """int32 where the worst-case magnitude fits, int64 where it does not, refusal beyond."""
+    if bound < 2 ** 31:
+        return INT32
+    if bound < 2 ** 63:
+        return INT64
+    raise DeployError(f"{layer}: the worst-case {what} 2**{np.log2(bound):.1f} does not fit int64; refusing "
+                      "rather than risking a wrap-around")
+
+
+def cast_to(em: Emitter, v: Value, elem_type: int, out: str) -> Value:
+    if v.dtype == elem_type:
+        return v
+    return Value(em.op("Cast", [v.name], out, to=elem_type), elem_type, v.grid)
+
+
+def shift_left(em: Emitter, v: Value, shift: np.ndarray, rank: int, out: str) -> str:
+    """v * 2**shift per channel (shift >= 0): moves an integer to a finer grid, exactly."""
+    shift = np.asarray(shift, dtype=np.int64)
+    if np.any(shift < 0):
+        raise DeployError(f"internal: {out} would shift a current to a coarser grid")
+    if not np.any(shift):
+        return v.name
+    if np.any(shift >= 8 * np_dtype(v.dtype).itemsize - 1):
+        raise DeployError(f"internal: {out} shifts by {int(shift.max())} bits in {np_dtype(v.dtype).name}")
+    factor = em.const(f"{out}.factor", per_channel(np.left_shift(1, shift), rank, np_dtype(v.dtype)))
+    return em.op("Mul", [v.name, factor], out)
+
+
+# ---------------------------------------------------------------- lowering context
+
+@dataclass
+class StepContext:
+    graph: Graph
+    variant: str
+    bounds: dict                                   # node -> per-channel worst-case |integer| (int variant)
+    state_in: Callable[[str, Value], str]          # LIF name, its input -> the tensor holding V before the step
+    state_out: Callable[[str], str]                # LIF name -> the name to give V after the step
+    states: dict = field(default_factory=dict)     # LIF name -> (tensor name, elem type) of V after the step
+
+    @property
+    def is_int(self) -> bool:
+        return self.variant == "int"
+
+    def rank(self, n: Node) -> int:
+        return 1 + len(n.shape)
+
+    def bound(self, name: str) -> float:
+        return float(np.max(self.bounds[name]))
+
+
+def spike_dtype(ctx: StepContext) -> int:
+    return UINT8 if ctx.is_int else FLOAT
+
+
+# ---------------------------------------------------------------- input
+
+def lower_input(em: Emitter, n: Input, x: str, ctx: StepContext) -> Value:
+    """The frame (float32) onto the node's integer grid: the only float arithmetic of the int variant.
+
+    The per-channel constants are shaped [C, 1, 1] to broadcast against the trailing [C, H, W], so the
+    same nodes serve the step input [batch, C, H, W] and the unrolled [batch, T, C, H, W]."""
+    grid = np.asarray(n.grid, dtype=np.int64)
+    chan = lambda a: np.asarray(a, np.float32).reshape((-1,) + (1,) * (len(n.shape) - 1))  # noqa: E731
+    scale = em.const(f"{n.name}.scale", chan(np.exp2(grid.astype(np.float64))))
+    if n.bits is None:   # a partition's cut: already on the grid (exact float32 values)
+        if not ctx.is_int:
+            return Value(x, FLOAT, grid)
+        scaled = em.op("Mul", [x, scale], f"{n.name}/scaled")
+        rounded = em.op("Round", [scaled], f"{n.name}/rounded")
+        elem = int_type_for(ctx.bound(n.name), n.name, "input integer")
+        return Value(em.op("Cast", [rounded], f"{n.name}/int", to=elem), elem, grid)
+    if int(n.bits) > 8:
+        raise DeployError(f"{n.name}: {n.bits}-bit input; the ONNX export quantizes inputs to at most 8 bits")
+    lo, hi = -(2 ** (int(n.bits) - 1)), 2 ** (int(n.bits) - 1) - 1
+    scaled = em.op("Mul", [x, scale], f"{n.name}/scaled")
+    rounded = em.op("Round", [scaled], f"{n.name}/rounded")           # half to even, as torch and numpy
+    clipped = em.op("Clip", [rounded, em.scalar(float(lo), FLOAT), em.scalar(float(hi), FLOAT)],
+                    f"{n.name}/clipped")
+    if ctx.is_int:
+        return Value(em.op("Cast", [clipped], f"{n.name}/int8", to=INT8), INT8, grid)
+    unscale = em.const(f"{n.name}.unscale", chan(np.exp2(-grid.astype(np.float64))))
+    return Value(em.op("Mul", [clipped, unscale], f"{n.name}/out"), FLOAT, grid)
+
+
+# ---------------------------------------------------------------- synaptic layers
+
+def accumulator_bound(n: Node, bound_with_bias: np.ndarray) -> float:
+    return float(np.max(bound_with_bias - np.abs(n.b_int.astype(np.float64))))
+
+
+def lower_conv(em: Emitter, n: Conv, x: Value, ctx: StepContext) -> Value:
+    conv_attrs = dict(strides=[n.stride] * 2, pads=[n.padding] * 4, group=n.groups,
+                      kernel_shape=list(n.weight.shape[2:]))
+    if not ctx.is_int:
+        w = em.const(f"{n.name}.weight", n.weight.astype(np.float32))
+        b = em.const(f"{n.name}.bias", n.bias.astype(np.float32))
+        return Value(em.op("Conv", [x.name, w, b], f"{n.name}/out", **conv_attrs), FLOAT, n.grid)
+    check_integer_operand(n, x)
+    acc = integer_accumulate(em, n, "ConvInteger", [x.name, em.const(f"{n.name}.w_int", n.w_int.astype(np.int8))],
+                             ctx, conv_attrs)
+    return add_bias(em, n, acc, ctx)
+
+
+def lower_linear(em: Emitter, n: Linear, x: Value, ctx: StepContext) -> Value:
+    if not ctx.is_int:
+        w = em.const(f"{n.name}.weight", n.weight.astype(np.float32))
+        b = em.const(f"{n.name}.bias", n.bias.astype(np.float32))
+        return Value(em.op("Gemm", [x.name, w, b], f"{n.name}/out", transB=1), FLOAT, n.grid)
+    check_integer_operand(n, x)
+    w_t = em.const(f"{n.name}.w_int_t", np.ascontiguousarray(n.w_int.astype(np.int8).T))
+    acc = integer_accumulate(em, n, "MatMulInteger", [x.name, w_t], ctx, {})
+    return add_bias(em, n, acc, ctx)
+
+
+def check_integer_operand(n: Node, x: Value) -> None:
+    if x.dtype not in (UINT8, INT8):
+        raise DeployError(f"{n.name}: reads a {np_dtype(x.dtype).name} current; ConvInteger/MatMulInteger take "
+                          "8-bit operands only (spikes or the 8-bit input)")
+
+
+def integer_accumulate(em: Emitter, n: Node, op_type: str, inputs: list, ctx: StepContext, attrs: dict) -> Value:
+    acc_bound = accumulator_bound(n, ctx.bounds[n.name])
+    if acc_bound >= 2 ** 31:
+        raise DeployError(f"{n.name}: the worst-case accumulator 2**{np.log2(acc_bound):.1f} does not fit the "
+                          f"int32 of {op_type}; refusing rather than risking a wrap-around")
+    return Value(em.op(op_type, inputs, f"{n.name}/acc", **attrs), INT32, n.grid)
+
+
+def add_bias(em: Emitter, n: Node, acc: Value, ctx: StepContext) -> Value:
+    elem = int_type_for(ctx.bound(n.name), n.name, "output")
+    acc = cast_to(em, acc, elem, f"{n.name}/acc_wide")
+    bias = em.const(f"{n.name}.b_int", per_channel(n.b_int, ctx.rank(n), np_dtype(elem)))
+    return Value(em.op("Add", [acc.name, bias], f"{n.name}/out"), elem, n.grid)
+
+
+# ---------------------------------------------------------------- neurons
+
+def lower_lif(em: Emitter, n: LIF, x: Value, ctx: StepContext) -> Value:
+    if float(n.tau) != 2.0 or n.plif_w not in (None, 0.0):
+        raise DeployError(f"{n.name}: the ONNX export needs decay 1/2 (tau = 2); got tau = {n.tau}")
+    rank = ctx.rank(n)
+    if ctx.is_int:
+        h, elem = lif_int_membrane(em, n, x, ctx, rank)
+        theta = em.const(f"{n.name}.theta_int", per_channel(n.theta_int, rank, np_dtype(elem)))
+    else:
+        h, elem = lif_float_membrane(em, n, x, ctx)
+        theta = em.scalar(float(n.v_threshold), FLOAT)
+    fired = em.op("GreaterOrEqual", [h, theta], f"{n.name}/fired")
+    v_next = em.op("Where", [fired, em.scalar(0, elem), h], ctx.state_out(n.name), raw_name=True)
+    ctx.states[n.name] = (v_next, elem)
+    out_type = spike_dtype(ctx)
+    return Value(em.op("Cast", [fired], f"{n.name}/out", to=out_type), out_type, None)
+
+
+def lif_int_membrane(em: Emitter, n: LIF, x: Value, ctx: StepContext, rank: int) -> tuple[str, int]:
+    """H = floor((V + X) / 2) on the LIF's grid, X first shifted onto it."""
+    bound = ctx.bound(n.name)
+    elem = int_type_for(2 * bound, n.name, "membrane sum V + X")   # |V|, |X| <= bound
+    src_grid = np.zeros(n.shape[0], np.int64) if x.is_spike else np.asarray(x.grid, np.int64)
+    xi = cast_to(em, x, elem, f"{n.name}/x_wide")
+    xs = Value(shift_left(em, xi, n.grid - src_grid, rank, f"{n.name}/x_shifted"), elem, n.grid)
+    v = ctx.state_in(n.name, Value(xs.name, elem, n.grid))
+    total = em.op("Add", [v, xs.name], f"{n.name}/sum")
+    two = em.scalar(2, elem)
+    odd = em.op("Mod", [total, two], f"{n.name}/odd", fmod=0)         # 0 or 1: the divisor's sign
+    even = em.op("Sub", [total, odd], f"{n.name}/even")
+    return em.op("Div", [even, two], f"{n.name}/h"), elem              # exact: `even` is even
+
+
+def lif_float_membrane(em: Emitter, n: LIF, x: Value, ctx: StepContext) -> tuple[str, int]:
+    """spikingjelly's decay_input step with tau = 2: H = V + (X - V) * 0.5."""
+    xf = cast_to(em, x, FLOAT, f"{n.name}/x_float")
+    v = ctx.state_in(n.name, xf)
+    delta = em.op("Sub", [xf.name, v], f"{n.name}/delta")
+    half = em.op("Mul", [delta, em.scalar(0.5, FLOAT)], f"{n.name}/half")
+    return em.op("Add", [v, half], f"{n.name}/h"), FLOAT
+
+
+# ---------------------------------------------------------------- spike logic and pooling
+
+def lower_and(em: Emitter, n: And, a: Value, b: Value, ctx: StepContext) -> Value:
+    op_type = "BitwiseAnd" if ctx.is_int else "Mul"   # 0/1 operands: AND == product
+    return Value(em.op(op_type, [a.name, b.name], f"{n.name}/out"), a.dtype, None)
+
+
+def lower_orpool(em: Emitter, n: OrPool, x: Value, ctx: StepContext) -> Value:
+    pool = dict(kernel_shape=[n.kernel] * 2, strides=[n.stride] * 2, pads=[n.padding] * 4)
+    if n.layout == "spatial":
+        return Value(em.op("MaxPool", [x.name], f"{n.name}/out", **pool), x.dtype, None)
+    if n.layout != "heads":
+        raise DeployError(f"{n.name}: unknown OR-pool layout {n.layout!r}")
+    # [B, C, H, W] -> [B, heads, N, C/heads] (token n = y*W + x) -> pool over (N, C/heads) -> back
+    C, H, W = n.shape
+    N, heads = H * W, int(n.heads)
+    d = C // heads
+    t = em.op("Reshape", [x.name, em.ints([0, C, N])], f"{n.name}/flat")
+    t = em.op("Transpose", [t], f"{n.name}/tokens", perm=[0, 2, 1])
+    t = em.op("Reshape", [t, em.ints([0, N, heads, d])], f"{n.name}/split")
+    t = em.op("Transpose", [t], f"{n.name}/heads", perm=[0, 2, 1, 3])
+    t = em.op("Reshape", [t, em.ints([-1, 1, N, d])], f"{n.name}/planes")
+    t = em.op("MaxPool", [t], f"{n.name}/pooled", **pool)
+    t = em.op("Reshape", [t, em.ints([-1, heads, N, d])], f"{n.name}/unplanes")
+    t = em.op("Transpose", [t], f"{n.name}/unheads", perm=[0, 1, 3, 2])
+    return Value(em.op("Reshape", [t, em.ints([-1, C, H, W])], f"{n.name}/out"), x.dtype, None)
+
+
+def lower_maxpool(em: Emitter, n: MaxPool, x: Value, ctx: StepContext) -> Value:
+    if not ctx.is_int:
+        pool = dict(kernel_shape=[n.kernel] * 2, strides=[n.stride] * 2, pads=[n.padding] * 4)
+        return Value(em.op("MaxPool", [x.name], f"{n.name}/out", **pool), FLOAT, n.grid)
+    return Value(integer_maxpool(em, n, x), x.dtype, n.grid)
+
+
+def integer_maxpool(em: Emitter, n: MaxPool, x: Value) -> str:
+    """Max over k x k windows of an integer current: Pad with the type's minimum, then the max of the
+    k*k strided slices (onnxruntime's MaxPool has 8-bit integer kernels only)."""
+    k, s, p = n.kernel, n.stride, n.padding
+    _, Ho, Wo = n.shape
+    lowest = em.scalar(int(np.iinfo(np_dtype(x.dtype)).min), x.dtype)
+    padded = em.op("Pad", [x.name, em.ints([0, 0, p, p, 0, 0, p, p]), lowest], f"{n.name}/padded")
+    taps = []
+    for ky in range(k):
+        for kx in range(k):
+            starts, ends = em.ints([ky, kx]), em.ints([ky + s * (Ho - 1) + 1, kx + s * (Wo - 1) + 1])
+            taps.append(em.op("Slice", [padded, starts, ends, em.ints([2, 3]), em.ints([s, s])],
+                              f"{n.name}/tap{ky}{kx}"))
+    return em.op("Max", taps, f"{n.name}/out")
+
+
+# ---------------------------------------------------------------- sums, broadcasts, residuals
+
+def lower_tokensum(em: Emitter, n: TokenSum, x: Value, ctx: StepContext) -> Value:
+    if ctx.is_int:
+        x = cast_to(em, x, int_type_for(ctx.bound(n.name), n.name, "token sum"), f"{n.name}/x_wide")
+    axes = em.ints(range(2, 1 + len(ctx.graph[n.inputs[0]].shape)))
+    return Value(em.op("ReduceSum", [x.name, axes], f"{n.name}/out", keepdims=0), x.dtype, n.grid)
+
+
+def lower_broadcast(em: Emitter, n: Broadcast, x: Value, ctx: StepContext) -> Value:
+    extra = len(n.shape) - 1
+    t = em.op("Unsqueeze", [x.name, em.ints(range(2, 2 + extra))], f"{n.name}/unsqueezed")
+    shape = em.ints([1] + list(n.shape))
+    return Value(em.op("Expand", [t, shape], f"{n.name}/out"), x.dtype, x.grid)
+
+
+def lower_add(em: Emitter, n: Add, ins: list, ctx: StepContext) -> Value:
+    if not ctx.is_int:
+        total = ins[0].name
+        for i, v in enumerate(ins[1:], 1):
+            total = em.op("Add", [total, v.name], f"{n.name}/sum{i}")
+        return Value(total, FLOAT, n.grid)
+    elem = int_type_for(ctx.bound(n.name), n.name, "sum")
+    terms = []
+    for i, v in enumerate(ins):
+        src_grid = np.zeros(n.shape[0], np.int64) if v.is_spike else np.asarray(v.grid, np.int64)
+        wide = cast_to(em, v, elem, f"{n.name}/in{i}_wide")
+        terms.append(shift_left(em, wide, np.asarray(n.grid) - src_grid, ctx.rank(n), f"{n.name}/in{i}_shifted"))
+    total = terms[0]
+    for i, t in enumerate(terms[1:], 1):
+        total = em.op("Add", [total, t], f"{n.name}/sum{i}")
+    return Value(total, elem, n.grid)
+
+
+# ---------------------------------------------------------------- one time step
+
+@dataclass
+class StepResult:
+    output: Value
+    spikes: dict            # spike layer -> Value (variant's spike type)
+
+
+def lower_step(em: Emitter, g: Graph, frame: Value, ctx: StepContext) -> StepResult:
+    """Every node of the graph for one time step, the Input already lowered to `frame`."""
+    vals: dict[str, Value] = {}
+    spikes: dict[str, Value] = {}
+    for n in g.nodes:
+        ins = [vals[i] for i in n.inputs]
+        if isinstance(n, Input):
+            y = frame
+        elif isinstance(n, Conv):
+            y = lower_conv(em, n, ins[0], ctx)
+        elif isinstance(n, Linear):
+            y = lower_linear(em, n, ins[0], ctx)
+        elif isinstance(n, LIF):
+            y = lower_lif(em, n, ins[0], ctx)
+        elif isinstance(n, And):
+            y = lower_and(em, n, ins[0], ins[1], ctx)
+        elif isinstance(n, OrPool):
+            y = lower_orpool(em, n, ins[0], ctx)
+        elif isinstance(n, MaxPool):
+            y = lower_maxpool(em, n, ins[0], ctx)
+        elif isinstance(n, TokenSum):
+            y = lower_tokensum(em, n, ins[0], ctx)
+        elif isinstance(n, Broadcast):
+            y = lower_broadcast(em, n, ins[0], ctx)
+        elif isinstance(n, Add):
+            y = lower_add(em, n, ins, ctx)
+        elif isinstance(n, Readout):
+            y = ins[0]
+        else:
+            raise DeployError(f"the ONNX export has no rule for {n.name} ({n.op}); fold BatchNorm and quantize first")
+        vals[n.name] = y
+        if n.out_kind == "spike" and not isinstance(n, Broadcast):
+            spikes[n.name] = y
+    return StepResult(vals[g.output.name], spikes)
+
+
+# ---------------------------------------------------------------- the model
+
+def check_exportable(qg: Graph, variant: str) -> None:
+    if variant not in VARIANTS:
+        raise DeployError(f"ONNX variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
+    if not qg.meta.get("quantized"):
+        raise DeployError("the ONNX export reads a quantized deploy graph (run quantize first)")
+    inputs = qg.of_type(Input)
+    if len(inputs) != 1 or qg.nodes[0] is not inputs[0]:
+        raise DeployError("the ONNX export needs exactly one Input node, first in the graph")
+
+
+def output_name(qg: Graph, variant: str) -> str:
+    base = "logits" if isinstance(qg.output, Readout) else "output"
+    return base + "_int" if (variant == "int" and qg.output.out_kind == "current") else base
+
+
+def readout_mode(qg: Graph) -> str:
+    return qg.output.mode if isinstance(qg.output, Readout) else "none"
+
+
+def lif_nodes(qg: Graph) -> list:
+    return qg.of_type(LIF)
+
+
+def batch_shape(shape) -> list:
+    return [BATCH] + [int(d) for d in shape]
+
+
+def finish_output(em: Emitter, v: Value, name: str, spike: bool) -> str:
+    """The graph output tensor: spikes as uint8 0/1, currents as they are."""
+    if spike and v.dtype != UINT8:
+        return em.op("Cast", [v.name], name, raw_name=True, to=UINT8)
+    return em.op("Identity", [v.name], name, raw_name=True)
+
+
+def to_onnx(qgraph: Graph, variant: str = "int", debug_outputs: bool = False, unroll: bool = False,
+            check: bool = True) -> onnx.ModelProto:
+    """The ONNX model of a quantized deploy graph (or sub-graph), see the module docstring."""
+    check_exportable(qgraph, variant)
+    build = build_unrolled if unroll else build_step
+    graph_proto = build(qgraph, variant, debug_outputs)
+    model = helper.make_model(graph_proto, opset_imports=[helper.make_opsetid("", OPSET)],
+                              producer_name="sdt-deploy", producer_version=__version__,
+                              doc_string=f"Spike-Driven Transformer, {variant} variant, "
+                                         f"{'all T steps unrolled' if unroll else 'one time step per call'}")
+    model.ir_version = IR_VERSION   # onnx >= 1.23 would write 14, refused by onnxruntime 1.31
+    for key, value in metadata(qgraph, variant, unroll, debug_outputs).items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = META + key, value
+    if check:
+        onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def make_context(qg: Graph, variant: str, state_in, state_out) -> StepContext:
+    bounds = channel_bounds(qg) if variant == "int" else {}
+    return StepContext(qg, variant, bounds, state_in, state_out)
+
+
+def build_step(qg: Graph, variant: str, debug: bool) -> onnx.GraphProto:
+    em = Emitter()
+    inp = qg.input
+    lifs = lif_nodes(qg)
+    state_types: dict[str, int] = {}
+
+    def state_in(name: str, x: Value) -> str:
+        state_types[name] = x.dtype
+        return STATE_IN + name
+
+    ctx = make_context(qg, variant, state_in, lambda name: STATE_OUT + name)
+    frame = lower_input(em, inp, inp.name, ctx)
+    step = lower_step(em, qg, frame, ctx)
+    out_name = output_name(qg, variant)
+    finish_output(em, step.output, out_name, qg.output.out_kind == "spike")
+    outputs = [value_info(out_name, out_type(step.output, qg), batch_shape(qg.output.shape))]
+    inputs = [value_info(inp.name, FLOAT, batch_shape(inp.shape))]
+    for n in lifs:
+        shape = batch_shape(n.shape)
+        inputs.append(value_info(STATE_IN + n.name, state_types[n.name], shape))
+        outputs.append(value_info(STATE_OUT + n.name, state_types[n.name], shape))
+    if debug:
+        for name, v in step.spikes.items():
+            finish_output(em, v, name, spike=True)
+            outputs.append(value_info(name, UINT8, batch_shape(qg[name].shape)))
+    return helper.make_graph(em.nodes, f"sdt_{variant}_step", inputs, outputs,
+                             initializer=list(em.initializers.values()))
+
+
+def build_unrolled(qg: Graph, variant: str, debug: bool) -> onnx.GraphProto:
+    em = Emitter()
+    inp = qg.input
+    T = int(qg.meta["time_steps"])
+    carried: dict[str, str] = {}
+
+    def state_in(name: str, x: Value) -> str:
+        if name in carried:
+            return carried[name]
+        # the first step starts at rest: zeros shaped like the LIF's input
+        zero = numpy_helper.from_array(np.zeros(1, dtype=np_dtype(x.dtype)), "value")
+        shape = em.op("Shape", [x.name], f"{name}/state_shape")
+        return em.op("ConstantOfShape", [shape], f"{name}/state_zero", value=zero)
+
+    ctx = make_context(qg, variant, state_in, lambda name: f"{em.prefix}{name}/v")
+    seq = lower_input(em, inp, inp.name, ctx)   # [batch, T, C, H, W]
+    outs, taps = [], {}
+    for t in range(T):
+        em.prefix = f"t{t}/"
+        frame = Value(em.op("Gather", [seq.name, em.scalar(t, INT64)], f"{inp.name}/frame", axis=1),
+                      seq.dtype, seq.grid)
+        step = lower_step(em, qg, frame, ctx)
+        carried = {name: v for name, (v, _) in ctx.states.items()}
+        outs.append(step.output)
+        for name, v in step.spikes.items():
+            taps.setdefault(name, []).append(v)
+    em.prefix = ""
+    out_name = output_name(qg, variant)
+    stack_over_time(em, outs, out_name, qg.output.out_kind == "spike")
+    outputs = [value_info(out_name, out_type(outs[0], qg), [T] + batch_shape(qg.output.shape))]
+    if debug:
+        for name, vs in taps.items():
+            stack_over_time(em, vs, name, spike=True)
+            outputs.append(value_info(name, UINT8, [T] + batch_shape(qg[name].shape)))
+    inputs = [value_info(inp.name, FLOAT, [BATCH, T] + [int(d) for d in inp.shape])]
+    return helper.make_graph(em.nodes, f"sdt_{variant}_unrolled_t{T}", inputs, outputs,
+                             initializer=list(em.initializers.values()))
+
+
+def stack_over_time(em: Emitter, vs: list, name: str, spike: bool) -> str:
+    steps = []
+    for t, v in enumerate(vs):
+        if spike and v.dtype != UINT8:
+            v = Value(em.op("Cast", [v.name], f"t{t}/{name}/uint8", raw_name=True, to=UINT8), UINT8, None)
+        steps.append(em.op("Unsqueeze", [v.name, em.ints([0])], f"t{t}/{name}/step", raw_name=True))
+    return em.op("Concat", steps, name, raw_name=True, axis=0)
+
+
+def out_type(v: Value, qg: Graph) -> int:
+    return UINT8 if qg.output.out_kind == "spike" else v.dtype
+
+
+def value_info(name: str, elem_type: int, shape: list) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, elem_type, shape)
+
+
+# ---------------------------------------------------------------- metadata
+
+def compact_grid(grid) -> object:
+    """A per-channel exponent list, or one int where every channel shares it."""
+    g = np.asarray(grid, dtype=np.int64).reshape(-1)
+    return int(g[0]) if g.size and np.all(g == g[0]) else g.tolist()
+
+
+def metadata(qg: Graph, variant: str, unroll: bool, debug: bool) -> dict:
+    out = qg.output
+    grids = {n.name: compact_grid(n.grid) for n in qg.nodes if n.grid is not None}
+    lifs = lif_nodes(qg)
+    meta = {
+        "tool_version": __version__,
+        "variant": variant,
+        "unrolled": json.dumps(bool(unroll)),
+        "time_steps": str(int(qg.meta["time_steps"])),
+        "readout": readout_mode(qg),
+        "input": qg.input.name,
+        "input_grid": json.dumps(compact_grid(qg.input.grid)),
+        "input_bits": json.dumps(None if qg.input.bits is None else int(qg.input.bits)),
+        "output": output_name(qg, variant),
+        "output_node": out.name if not isinstance(out, Readout) else out.inputs[0],
+        "output_grid": json.dumps(None if out.grid is None else np.asarray(out.grid, np.int64).tolist()),
+        "states": json.dumps([] if unroll else [n.name for n in lifs]),
+        "lif_theta_int": json.dumps({n.name: compact_grid(n.theta_int) for n in lifs if n.theta_int is not None},
+                                    sort_keys=True),
+        "spikes": json.dumps([n.name for n in qg.spike_nodes() if not isinstance(n, Broadcast)] if debug else []),
+        "grids": json.dumps(grids, sort_keys=True),
+        "config": json.dumps(qg.meta.get("config", {}), sort_keys=True),
+        "quantization": json.dumps({k: qg.meta.get(k) for k in ("weight_bits", "input_bits", "scale_search",
+                                                                 "input_grid", "plif_tau")}, sort_keys=True),
+    }
+    if "partition" in qg.meta:
+        meta["partition"] = str(qg.meta["partition"])
+        meta["cut"] = str(qg.meta.get("cut", ""))
+    return meta
+
+
+def read_metadata(model: onnx.ModelProto) -> dict:
+    """The `sdt_deploy.*` metadata of an exported model, keys without the prefix."""
+    return {p.key[len(META):]: p.value for p in model.metadata_props if p.key.startswith(META)}
+
+
+def write_onnx(qgraph: Graph, path: str, variant: str = "int", debug_outputs: bool = False,
+               unroll: bool = False) -> onnx.ModelProto:
+    """Export and write atomically (a temporary file renamed into place once complete)."""
+    model = to_onnx(qgraph, variant=variant, debug_outputs=debug_outputs, unroll=unroll)
+    with atomic_write(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(model.SerializeToString())
+    return model

@@ -1,0 +1,195 @@
+"""Dyadic quantization and the integer engine: spike-exact to the quantized PyTorch model.
+
+The reference side is always the quantized torch model — spikingjelly's own LIF nodes in float32 (float64
+where the bit analysis says float32 may round) — never the engine compared with itself.
+"""
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import ALL_CASES, case_input, case_path, loaded, quantized
+from models import SDTConfig
+from sdt_deploy import quantize
+from sdt_deploy.bits import bit_report
+from sdt_deploy.engine import lif_int, run_engine, synaptic_conv
+from sdt_deploy.errors import DeployError
+from sdt_deploy.executor import execute
+from sdt_deploy.graph import LIF
+from sdt_deploy.quantization import QuantOptions, quantize_weight
+from sdt_deploy.runner import run_model
+from sdt_deploy.synth import random_inputs, random_model
+
+
+def reference(q, x):
+    """The quantized torch model; in float64 where float32 is not guaranteed exact (bit analysis)."""
+    model = q.model
+    if not bit_report(q.graph)["summary"]["float32_exact"]:
+        model = q.model.double()
+        x = x.astype(np.float64)
+    return run_model(model, x)
+
+
+def assert_engine_exact(q, x):
+    logits, spikes = reference(q, x)
+    r = run_engine(q.graph, x)
+    for k in spikes:
+        np.testing.assert_array_equal(r.spikes[k], spikes[k], err_msg=k)
+    np.testing.assert_allclose(r.logits, logits, rtol=1e-6, atol=1e-6)
+    return r, spikes
+
+
+@pytest.mark.parametrize("name", ALL_CASES)
+def test_engine_equals_the_quantized_torch_model(name):
+    q = quantized(case_path(name))
+    r, spikes = assert_engine_exact(q, case_input(name))
+    assert sum(v.sum() for v in spikes.values()) > 0
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+def test_low_bit_widths_stay_exact(bits):
+    q = quantize(loaded(case_path("mlp1_0101")), weight_bits=bits)
+    assert max(int(np.abs(n.w_int).max()) for n in q.graph.nodes if n.op in ("conv", "linear")) <= 2 ** (bits - 1) - 1
+    assert_engine_exact(q, case_input("mlp1_0101"))
+
+
+def test_exact_ties_at_the_threshold_occur_and_match():
+    """talking_heads_lif sees integer token counts against 0.5: H == theta is common on the grid."""
+    ties = 0
+    for name in ALL_CASES:
+        q = quantized(case_path(name))
+        x = case_input(name)
+        r = run_engine(q.graph, x, membranes=True)
+        _, spikes = reference(q, x)
+        for n in q.graph.of_type(LIF):
+            th = n.theta_int.reshape((1, 1, -1) + (1,) * (len(n.shape) - 1))
+            at = r.membranes[n.name] == th
+            ties += int(at.sum())
+            # every tie fired, on both sides (>=, not >)
+            assert r.spikes[n.name][at].all() and spikes[n.name][at].all()
+    assert ties > 100
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(-40, 40), min_size=1, max_size=16), st.sampled_from([0.5, 1.0, 3.0]),
+       st.integers(0, 4))
+def test_integer_lif_equals_spikingjelly_on_the_grid(xs, theta, grid):
+    """floor-shift LIF on integers == spikingjelly's float LIF on the same dyadic values (exact ties too)."""
+    from spikingjelly.clock_driven.neuron import MultiStepLIFNode
+
+    grid = max(grid, 1 if theta == 0.5 else 0)
+    node = MultiStepLIFNode(tau=2.0, v_threshold=theta, detach_reset=True)
+    X = torch.tensor(xs, dtype=torch.float64) / 2 ** grid
+    expected = node(X[:, None]).numpy()[:, 0].astype(np.uint8)
+    got, _ = lif_int(np.array(xs, dtype=np.int64)[:, None], np.array([int(theta * 2 ** grid)]), channel_axis=1)
+    np.testing.assert_array_equal(got[:, 0], expected)
+
+
+def test_integer_lif_hand_computation():
+    # theta 1 on grid 2**-1 (theta_int 2); X = 1.5, -1.5, 2.5 -> ints 3, -3, 5
+    # H1 = floor(3/2) = 1 (<2, 0.75 exact); H2 = floor((1-3)/2) = -1 (-0.375 exact -> floor -0.5);
+    # H3 = floor((-1+5)/2) = 2 >= 2 fires (exact 1.0625)
+    s, _ = lif_int(np.array([[3], [-3], [5]]), np.array([2]), channel_axis=1)
+    assert s[:, 0].tolist() == [0, 0, 1]
+
+
+def test_synaptic_conv_adds_only_spiking_columns():
+    rng = np.random.default_rng(0)
+    S = (rng.random((2, 3, 5, 5)) < 0.2).astype(np.uint8)
+    w = rng.integers(-127, 128, size=(4, 3, 3, 3)).astype(np.int8)
+    out, adds = synaptic_conv(S, w, padding=1)
+    ref = torch.nn.functional.conv2d(torch.from_numpy(S).double(), torch.from_numpy(w.astype(np.float64)), padding=1)
+    np.testing.assert_array_equal(out, ref.numpy().astype(np.int64))
+    brute = 0
+    for n, c, y, x in zip(*np.nonzero(S)):
+        for ky in range(3):
+            for kx in range(3):
+                yo, xo = y - ky + 1, x - kx + 1
+                brute += (0 <= yo < 5) and (0 <= xo < 5)
+    assert adds == brute * 4
+
+
+def test_plif_decay_is_snapped_to_one_half_and_reported():
+    q = quantized(case_path("plif_1111"))
+    taus = q.graph.meta["plif_tau"]
+    assert taus and all(1.89 <= t <= 2.01 for t in taus.values())
+    assert all(n.tau == 2.0 and n.plif_w == 0.0 for n in q.graph.of_type(LIF))
+    assert all(float(m.w.detach()) == 0.0 for m in q.model.modules() if hasattr(m, "w") and isinstance(m.w, torch.nn.Parameter))
+
+
+def test_dequantized_weights_are_exactly_representable():
+    q = quantized(case_path("lif_0011"))
+    for n in q.graph.nodes:
+        if n.op in ("conv", "linear"):
+            shape = (-1,) + (1,) * (n.weight.ndim - 1)
+            assert np.array_equal(n.weight, n.w_int * np.exp2(-n.w_exp.astype(float)).reshape(shape))
+            assert np.array_equal(n.weight.astype(np.float32).astype(np.float64), n.weight)
+            assert np.array_equal(n.bias, n.b_int * np.exp2(-n.grid.astype(float)))
+
+
+def test_brevitas_power_of_two_scales_round_to_nearest():
+    w = np.array([[0.5, -0.26, 0.1], [1e-3, 2e-3, -4e-3]])
+    w_int, e = quantize_weight(w, 8, "max")
+    # brevitas' max-based power-of-two scale: 2**ceil(log2(max|w| / 2**(bits-1))), narrow range +-127
+    assert e.tolist() == [8, 14]
+    np.testing.assert_array_equal(w_int[0], [127, -67, 26])      # 0.5*256 = 128 saturates to 127
+    np.testing.assert_array_equal(w_int[1], np.round(w[1] * 2 ** 14))
+
+
+def test_engine_refuses_rather_than_wrapping():
+    q = quantized(case_path("lif_0011"))
+    g = q.graph.copy()
+    node = g["block.0.mlp.fc2_conv"]
+    node.b_int = node.b_int + np.int64(2 ** 62)
+    with pytest.raises(DeployError, match="block.0.mlp.fc2_conv"):
+        run_engine(g, case_input("lif_0011"))
+
+
+def test_bit_report_says_which_side_is_exact():
+    rep = bit_report(quantized(case_path("gesture_t16")).graph)
+    assert rep["summary"]["time_steps"] == 16
+    assert not rep["summary"]["float32_exact"]          # T = 16: the LIF state outgrows 24 bits
+    assert "integer engine" in rep["summary"]["exact_side"]
+    assert rep["summary"]["engine_int64_ok"]
+
+
+def test_quant_options_are_validated():
+    for bad in (dict(weight_bits=1), dict(weight_bits=9), dict(input_bits=0), dict(scale_search="x"),
+                dict(input_range=-1.0)):
+        with pytest.raises(DeployError):
+            QuantOptions(**bad)
+
+
+POOLINGS = ["0000", "0011", "0101", "0111", "1001", "1100", "1111"]
+
+
+@st.composite
+def small_configs(draw):
+    pooling = draw(st.sampled_from(POOLINGS))
+    pools = pooling.count("1")
+    heads = draw(st.sampled_from([1, 2, 4]))
+    dim = heads * draw(st.sampled_from([2, 4])) * (8 // heads if heads < 8 else 1)
+    dim = max(8, dim - dim % 8)
+    dvs = draw(st.booleans())
+    return SDTConfig(
+        img_size=2 ** pools * draw(st.sampled_from([2, 3, 4])),
+        in_channels=2 if dvs else draw(st.sampled_from([1, 3])),
+        num_classes=draw(st.integers(2, 5)), dim=dim, depth=draw(st.integers(1, 2)), num_heads=heads,
+        mlp_ratio=draw(st.sampled_from([1, 2, 4])), time_steps=draw(st.integers(1, 16)), pooling_stat=pooling,
+        spike_mode=draw(st.sampled_from(["lif", "plif"])), dvs_mode=dvs, tet=draw(st.booleans()))
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(small_configs(), st.integers(0, 2 ** 16), st.sampled_from([8, 4]), st.sampled_from(["max", "max", "mse"]))
+def test_property_engine_equals_quantized_torch(cfg, seed, bits, search):
+    # (brevitas' MSE scale search costs ~0.3 s a layer: drawn a third of the time to keep CI short)
+    model = random_model(cfg, seed=seed, calibration=8)
+    x = random_inputs(cfg, 2, seed=seed + 1, events=cfg.dvs_mode)
+    q = quantize(model, weight_bits=bits, scale_search=search)
+    r, spikes = assert_engine_exact(q, x)
+    rates = [float(v.mean()) for k, v in spikes.items() if k.endswith("_lif")]
+    assert np.median(rates) > 0.01     # the check is not vacuous: layers do fire
+    # and the float executor on the quantized graph is the same computation again
+    _, ex_spikes, _ = execute(q.graph, x, dtype=torch.float64)
+    assert all(np.array_equal(ex_spikes[k], spikes[k]) for k in spikes)
