@@ -84,7 +84,10 @@ v_threshold per LIF node; and maps NIR `Flatten(start_dim)` to torch's, whose di
   fused conv of kernel (K, K), K = max(3, 2W-1), with ones at the offsets (0,-1), (0,0), (0,1),
   (-1, W-1), (+1, -(W-1)) times the block-tridiagonal channel matrix. These kernels are dense:
   C*C*K*K parameters (float32; 0/1 is exact), large for wide models;
-- one v_threshold per LIF: theta - 2**-(max_c g_c + T + 1), the finest channel's margin (also exact);
+- one v_threshold per LIF (snntorch asserts it): theta - 2**-(max_c g_c + T + 1), the finest channel's
+  margin (exact for every channel), moved up to the nearest float32 -- or, where grid + T + 1 passes
+  float32's 24 bits and no float32 lies in [theta - 2**-(g+T+1), theta), the float32 just below theta
+  (`float32_threshold`): snntorch casts it to float32, and theta - 2**-(g+T+1) would round to theta;
 - the head: `head_sum` as a Conv2d (channel-diagonal ones over the (H, W) tokens; the only conv that
   reads currents besides the encoder, and it holds no learned weight), `head_lif` on [C, 1, 1], `head`
   as a 1x1 Conv2d -> `Output` [K, 1, 1] (no Flatten).
@@ -124,13 +127,14 @@ class Profile:
     pools_as_conv: bool             # SumPool2d / Scale -> channel-diagonal 0/1 Conv2d
     flat_head: bool                 # Flatten(0) + Affine (standard) or 1x1 Conv2d on [C,1,1]
     per_channel_threshold: bool     # one v_threshold per channel, or one per LIF node
+    required_dt: Optional[float] = None   # snntorch's importer hard-codes dt = 1e-4
 
 
 PROFILES = {
     "standard": Profile("standard", threshold_as_lif=False, pools_as_conv=False, flat_head=True,
                         per_channel_threshold=True),
     "portable": Profile("portable", threshold_as_lif=True, pools_as_conv=True, flat_head=False,
-                        per_channel_threshold=False),
+                        per_channel_threshold=False, required_dt=DT),
 }
 
 
@@ -145,8 +149,9 @@ def to_nir(qgraph: Graph, profile: str = "standard", dt: float = DT,
     dt = float(dt)
     if not (math.isfinite(dt) and dt > 0):
         raise DeployError(f"dt must be a positive number, got {dt!r}")
-    if not prof.per_channel_threshold and dt != DT:
-        raise DeployError(f"the portable profile needs dt = {DT} (snntorch hard-codes it), got {dt!r}")
+    if prof.required_dt is not None and dt != prof.required_dt:
+        raise DeployError(f"the {prof.name} profile needs dt = {prof.required_dt} (snntorch hard-codes it), "
+                          f"got {dt!r}")
     _check_exportable(qgraph)
     T = int(time_steps if time_steps is not None else qgraph.meta["time_steps"])
     if T < 1:
@@ -181,6 +186,22 @@ def lif_threshold(theta_int: np.ndarray, grid: np.ndarray, time_steps: int) -> n
                               "53 bits")
         out.append(math.ldexp(mantissa, -(int(g) + time_steps + 1)))
     return np.array(out, dtype=F64)
+
+
+def float32_threshold(theta: float, lowered: float) -> float:
+    """A float32 value in [lowered, theta): `lowered` rounded up to float32, or -- when no float32 lies in
+    that range -- the float32 just below theta. For float32 executors (snntorch): the float64 rule's
+    threshold would round to theta itself once grid + T + 1 passes float32's 24 bits, and `>` would miss
+    every tie; the largest float32 below theta separates `v >= theta` from `v < theta` for every float32 v
+    (and, lying in [theta - 2**-(g+T+1), theta), for every exact membrane too)."""
+    if float(np.float32(theta)) != theta:
+        raise DeployError(f"threshold {theta!r} is not a float32 value")
+    up = np.float32(lowered)
+    if float(up) < lowered:
+        up = np.nextafter(up, np.float32(np.inf))
+    if float(up) >= theta:
+        up = np.nextafter(np.float32(theta), np.float32(-np.inf))
+    return float(up)
 
 
 # ---------------------------------------------------------------- checks
@@ -395,7 +416,8 @@ def _emit_lif(b: _Builder, n: LIF) -> None:
         exp = grid + b.T + 1
     else:                             # one value for all channels: the finest channel's margin
         top = int(np.argmax(grid))
-        v_th = np.full(grid.shape, lif_threshold(theta_int[top:top + 1], grid[top:top + 1], b.T)[0])
+        lowered = lif_threshold(theta_int[top:top + 1], grid[top:top + 1], b.T)[0]
+        v_th = np.full(grid.shape, float32_threshold(float(n.v_threshold), lowered))
         exp = np.int64(grid[top] + b.T + 1)
     node = nir.LIF(tau=np.full(shape, 2.0 * b.dt, F64), r=np.ones(shape, F64), v_leak=np.zeros(shape, F64),
                    v_threshold=_per_channel(v_th, shape), v_reset=np.zeros(shape, F64))

@@ -47,8 +47,19 @@ exact), S = H >= v_threshold, V' = Where(S, 0, H). Spikes are float32 0/1.
 
 Both variants require decay 1/2 (tau = 2; the quantizer sets every PLIF to it).
 
-Format: opset 21, IR version 10 (the pair onnx 1.16 writes; onnxruntime >= 1.17 loads it — onnx >= 1.23
-would write IR 14, which onnxruntime 1.31 refuses). `metadata_props` carry the SDT config, T, the
+The int read-out
+----------------
+Per step t the int model outputs `logits_int[t]`, integers (int32, int64 where the bound asks) on the
+head's per-class grid g = metadata `sdt_deploy.output_grid` (= the `head` node's grid): the step's logit
+for class k is exactly logits_int[t, k] * 2**-g[k]. The model's logits are the read-out of those: the
+mean over T, sum_t logits_int[t, k] * 2**-g[k] / T (TET: each step's value), computed on the host in
+float64 — the same numbers as the integer engine's `logits_int` / `logits_grid` / `logits`. The int
+state `v_in.<lif>` holds integers on the LIF's grid (`sdt_deploy.grids[<lif>]`), thresholds in
+`sdt_deploy.lif_theta_int`.
+
+Format: opset 21, IR version 10 — the pair onnx 1.16 writes, set explicitly because newer onnx writes
+newer IR versions (1.19: 12; 1.23: 14, which onnxruntime 1.31 refuses — measured: it loads IR 9 to 13);
+opset 21 needs onnxruntime >= 1.18, the project's floor. `metadata_props` carry the SDT config, T, the
 variant, the read-out, every node's grid, the state list and the tool version (keys `sdt_deploy.*`).
 Exports are deterministic: the same graph gives byte-identical files.
 """
@@ -77,9 +88,8 @@ STATE_OUT = "v_out."
 BATCH = "batch"
 META = "sdt_deploy."
 
-INT8, UINT8, INT32, INT64, FLOAT, BOOL = (TensorProto.INT8, TensorProto.UINT8, TensorProto.INT32,
-                                          TensorProto.INT64, TensorProto.FLOAT, TensorProto.BOOL)
-INT_TYPES = (INT8, UINT8, INT32, INT64)
+INT8, UINT8, INT32, INT64, FLOAT = (TensorProto.INT8, TensorProto.UINT8, TensorProto.INT32, TensorProto.INT64,
+                                    TensorProto.FLOAT)
 
 
 def np_dtype(elem_type: int) -> np.dtype:
@@ -349,9 +359,9 @@ def lower_orpool(em: Emitter, n: OrPool, x: Value, ctx: StepContext) -> Value:
 
 
 def lower_maxpool(em: Emitter, n: MaxPool, x: Value, ctx: StepContext) -> Value:
-    if not ctx.is_int:
+    if x.dtype in (FLOAT, INT8, UINT8):   # onnxruntime's MaxPool kernels: float and 8-bit integers
         pool = dict(kernel_shape=[n.kernel] * 2, strides=[n.stride] * 2, pads=[n.padding] * 4)
-        return Value(em.op("MaxPool", [x.name], f"{n.name}/out", **pool), FLOAT, n.grid)
+        return Value(em.op("MaxPool", [x.name], f"{n.name}/out", **pool), x.dtype, n.grid)
     return Value(integer_maxpool(em, n, x), x.dtype, n.grid)
 
 
@@ -487,7 +497,10 @@ def finish_output(em: Emitter, v: Value, name: str, spike: bool) -> str:
 
 def to_onnx(qgraph: Graph, variant: str = "int", debug_outputs: bool = False, unroll: bool = False,
             check: bool = True) -> onnx.ModelProto:
-    """The ONNX model of a quantized deploy graph (or sub-graph), see the module docstring."""
+    """The ONNX model of a quantized deploy graph (or sub-graph; or a QuantizedModel), see the module
+    docstring. `check` runs onnx's full checker (type and shape inference included) on the result."""
+    if not isinstance(qgraph, Graph) and isinstance(getattr(qgraph, "graph", None), Graph):
+        qgraph = qgraph.graph
     check_exportable(qgraph, variant)
     build = build_unrolled if unroll else build_step
     graph_proto = build(qgraph, variant, debug_outputs)

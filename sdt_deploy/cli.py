@@ -137,6 +137,147 @@ def run(ckpt, input_path, dump, quantized, weight_bits, input_bits, batch_size, 
                 input_bits=input_bits, batch_size=batch_size)
 
 
+def _quant_options(f):
+    options = [
+        click.option("--weight-bits", type=int, default=8, show_default=True, help="weight bits, 2..8"),
+        click.option("--input-bits", type=int, default=8, show_default=True, help="input grid bits, 2..8"),
+    ]
+    for opt in reversed(options):
+        f = opt(f)
+    return f
+
+
+@cli.command()
+@click.argument("ckpt", required=False)
+@_model_options
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="the quantized file (.pth)")
+@_quant_options
+@click.option("--scale-search", type=click.Choice(["mse", "max"]), default="mse", show_default=True,
+              help="power-of-two scale per channel: least squared error (mse) or the max-based one")
+@click.option("--input-range", type=float, help="largest |input| the input grid must hold (default: from mean/std)")
+@click.option("--force", is_flag=True, help="overwrite an existing output")
+def quantize(ckpt, output, weight_bits, input_bits, scale_search, input_range, force, **kw):
+    """Fold BatchNorm and quantize to power-of-two per-channel grids; write the quantized model."""
+    from .api import quantize as quantize_model
+    from .bits import bit_report
+    from .io import check_output_path
+
+    check_output_path(output, force)
+    loaded = _load(ckpt, kw)
+    q = quantize_model(loaded, weight_bits=weight_bits, input_bits=input_bits, scale_search=scale_search,
+                       input_range=input_range)
+    q.save(output)
+    s = bit_report(q.graph)["summary"]
+    click.echo(f"wrote {output}: int{weight_bits} weights, input grid 2**-{q.graph.meta['input_grid']} "
+               f"({input_bits} bits); integer side needs {s['max_int_bits']} bits, float32 side "
+               f"{s['max_float32_bits']} of 25")
+    if q.graph.meta.get("plif_tau"):
+        click.echo(f"PLIF: {len(q.graph.meta['plif_tau'])} learned decays set to 1/2 (tau 2); "
+                   "`verify --reference float` measures the change")
+
+
+@cli.command()
+@click.argument("ckpt", required=False)
+@_model_options
+@click.option("--input", "input_path", type=click.Path(dir_okay=False), help="inputs (.npy)")
+@click.option("--data", "data_dir", type=click.Path(), help="an ImageFolder / original CIFAR or ImageNet layout")
+@click.option("--digits", type=int, help="the first N held-out scikit-learn digits (the default, N = 32)")
+@click.option("--random", "random_n", type=int, help="N random inputs")
+@click.option("--executors", default="torch,cupy,engine,onnx-int,onnx-float,nir", show_default=True,
+              help="comma-separated executors to compare with the reference")
+@click.option("--artifact", "artifacts", multiple=True, type=click.Path(dir_okay=False),
+              help="check this exported file instead of exporting anew (.onnx, .nir; repeatable)")
+@click.option("--reference", type=click.Choice(["quantized", "float"]), default="quantized", show_default=True,
+              help="quantized: spike-exact check; float: agreement with the original float model")
+@click.option("--json", "as_json", is_flag=True)
+@_quant_options
+@click.option("--batch-size", type=int, default=16, show_default=True)
+def verify(ckpt, input_path, data_dir, digits, random_n, executors, artifacts, reference, as_json, weight_bits,
+           input_bits, batch_size, **kw):
+    """Spike-exact equivalence of every executor against the quantized torch model."""
+    from .verify_cmd import verify_command
+
+    loaded = _load(ckpt, kw)
+    verify_command(loaded, input_path, data_dir, digits, random_n, executors, artifacts, reference, as_json,
+                   weight_bits, input_bits, batch_size)
+
+
+@cli.command()
+@click.argument("ckpt", required=False)
+@_model_options
+@click.option("--target", required=True, type=click.Choice(["nir", "onnx"], case_sensitive=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="the file to write (.nir or .onnx)")
+@click.option("--no-quantize", is_flag=True, help="NIR only: export the BN-folded float weights instead")
+@click.option("--no-partition", is_flag=True,
+              help="NIR: refuse a graph with the stem's real-valued max-pool instead of partitioning it")
+@click.option("--nir-profile", type=click.Choice(["standard", "portable"]), default="standard", show_default=True,
+              help="portable: what third-party importers (snntorch) can read")
+@click.option("--onnx-variant", type=click.Choice(["int", "float"]), default="int", show_default=True,
+              help="ONNX (and a NIR partition's host stem): integer ops or float32 with the exact weights")
+@click.option("--unroll", is_flag=True, help="ONNX: all T steps inside the graph")
+@click.option("--debug-outputs", is_flag=True, help="ONNX: every layer's spikes as extra outputs")
+@_quant_options
+@click.option("--scale-search", type=click.Choice(["mse", "max"]), default="mse", show_default=True)
+@click.option("--force", is_flag=True, help="overwrite existing outputs")
+def export(ckpt, target, output, no_quantize, no_partition, nir_profile, onnx_variant, unroll, debug_outputs,
+           weight_bits, input_bits, scale_search, force, **kw):
+    """Export to NIR (.nir, HDF5) or ONNX with explicit LIF state and binary spikes between layers."""
+    from .export import export_graph, planned_outputs
+    from .quantization import QuantOptions
+
+    target = target.lower()
+    QuantOptions(weight_bits=weight_bits, input_bits=input_bits, scale_search=scale_search)  # validate first
+    loaded = _load(ckpt, kw)
+    if no_quantize:
+        if target != "nir":
+            raise DeployError("--no-quantize applies to --target nir (ONNX has --onnx-variant float)")
+        from .api import deploy_graph
+        from .nir_float import float_nir_graph
+
+        graph = float_nir_graph(deploy_graph(loaded))
+    else:
+        from .api import quantize as quantize_model
+
+        graph = quantize_model(loaded, weight_bits=weight_bits, input_bits=input_bits, scale_search=scale_search).graph
+    from .io import check_output_path
+
+    for p in planned_outputs(graph, target, output, "never" if no_partition else "auto"):
+        check_output_path(p, force)
+    res = export_graph(graph, target, output, onnx_variant=onnx_variant, nir_profile=nir_profile,
+                       partition="never" if no_partition else "auto", debug_outputs=debug_outputs, unroll=unroll,
+                       force=force)
+    if res.message:
+        click.echo(f"sdt-deploy: note: {res.message}", err=True)
+    for p in res.files:
+        click.echo(f"wrote {p}")
+
+
+@cli.command()
+@click.option("--out", "out_dir", default="sdt-deploy-demo", show_default=True, type=click.Path(file_okay=False),
+              help="folder for the quantized model, the exports and the report")
+@click.option("--checkpoint", default=None, type=click.Path(dir_okay=False),
+              help="another checkpoint instead of the shipped demo")
+@click.option("--force", is_flag=True, help="overwrite files in a non-empty --out folder")
+def demo(out_dir, checkpoint, force):
+    """The whole toolchain on the shipped demo checkpoint: accuracy, quantize, export NIR and ONNX,
+    verify every executor on the exported files, report operations and energy."""
+    from .demo import run_demo
+
+    if not os.path.exists(checkpoint or DEMO_CHECKPOINT):
+        raise DeployError(f"demo checkpoint {checkpoint or DEMO_CHECKPOINT!r} is missing")
+    run_demo(checkpoint or DEMO_CHECKPOINT, out_dir, force=force)
+
+
+def _register_report() -> None:
+    from .report_cmd import report
+
+    cli.add_command(report)
+
+
+_register_report()
+
+
 def main(argv=None) -> int:
     """Entry point: one line on stderr and a non-zero exit for every expected failure."""
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -174,18 +174,13 @@ def load_energy_table(spec: str) -> EnergyTable:
         return builtin_table(spec)
     if not os.path.exists(spec):
         return builtin_table(spec)   # raises, naming the built-in tables
+    import yaml
+
     try:
         with open(spec, "r", encoding="utf-8") as f:
             text = f.read()
-        if spec.endswith((".yaml", ".yml")):
-            import yaml
-
-            doc = yaml.safe_load(text)
-        else:
-            doc = json.loads(text)
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise DeployError(f"energy table {spec!r}: not a readable JSON/YAML file "
-                          f"({str(exc).splitlines()[0][:120]})") from None
-    except Exception as exc:   # yaml.YAMLError and friends
-        raise DeployError(f"energy table {spec!r}: not a readable YAML file ({type(exc).__name__})") from None
+        doc = yaml.safe_load(text) if spec.endswith((".yaml", ".yml")) else json.loads(text)
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as exc:
+        first = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
+        raise DeployError(f"energy table {spec!r}: not a readable JSON/YAML file ({first})") from None
     return table_from_mapping(doc, os.path.basename(spec))

@@ -19,9 +19,14 @@ broadcasting). Continuous-time neurons use forward Euler with step `dt` (the gra
 
 Nodes with state (Delay, CubaLI, CubaLIF) and nested graphs are refused rather than guessed at, and so is
 a cycle (it would need a one-step delay the spec leaves open).
+
+Also here: `run_snntorch` (the same contract through snntorch's importer, a third-party executor for the
+portable profile), `nir_input` (the host's rounding of the model input onto the export's input grid) and
+`nir_layer_spikes` (NIR node spikes back under the SDT layer names, for comparison with the torch model).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from typing import Callable, Optional, Union
@@ -82,10 +87,9 @@ def topological_order(graph: nir.NIRGraph) -> list[str]:
 
 @dataclass
 class Step:
-    """One node compiled: `fn(state, I) -> (state, out, membrane or None)`."""
+    """One node compiled: `fn(state, I) -> (state, out, membrane or None)` (state None before step 1)."""
 
     fn: Callable
-    stateful: bool
 
 
 def _arr(a) -> np.ndarray:
@@ -115,7 +119,7 @@ def _sum_pool(x: np.ndarray, kernel, stride, padding) -> np.ndarray:
 
 
 def _neuron(node, dt: float) -> Step:
-    """Forward-Euler neurons; `leak` is dt/tau for the leaky ones, None for the pure integrators."""
+    """Forward-Euler neurons: the gain is dt/tau for the leaky ones (LIF, LI), dt for the integrators."""
     leaky = isinstance(node, (nir.LIF, nir.LI))
     fires = isinstance(node, (nir.LIF, nir.IF))
     gain = (dt / _arr(node.tau)) if leaky else dt
@@ -135,41 +139,41 @@ def _neuron(node, dt: float) -> Step:
         z = v > v_th
         return np.where(z, v_reset, v), z, v
 
-    return Step(fn, True)
+    return Step(fn)
 
 
 def compile_node(node: nir.NIRNode, dt: float) -> Step:
     """The step function of one node (its parameters converted once)."""
     if isinstance(node, (nir.Input, nir.Output)):
-        return Step(lambda s, I: (s, I, None), False)
+        return Step(lambda s, I: (s, I, None))
     if isinstance(node, STATEFUL):
         return _neuron(node, dt)
     if isinstance(node, nir.Threshold):
         th = _arr(node.threshold)
-        return Step(lambda s, I: (s, I > th, None), False)
+        return Step(lambda s, I: (s, I > th, None))
     if isinstance(node, nir.Affine):
         w, b = _arr(node.weight), _arr(node.bias)
-        return Step(lambda s, I: (s, I @ w.T + b, None), False)
+        return Step(lambda s, I: (s, I @ w.T + b, None))
     if isinstance(node, nir.Linear):
         w = _arr(node.weight)
-        return Step(lambda s, I: (s, I @ w.T, None), False)
+        return Step(lambda s, I: (s, I @ w.T, None))
     if isinstance(node, nir.Scale):
         sc = _arr(node.scale)
-        return Step(lambda s, I: (s, I * sc, None), False)
+        return Step(lambda s, I: (s, I * sc, None))
     if isinstance(node, (nir.Conv2d, nir.Conv1d)):
         dims = 2 if isinstance(node, nir.Conv2d) else 1
         w = torch.from_numpy(_arr(node.weight))
         b = torch.from_numpy(_arr(node.bias))
         return Step(lambda s, I: (s, _torch_conv(I, w, b, node.stride, node.padding, node.dilation, node.groups,
-                                                 dims), None), False)
+                                                 dims), None))
     if isinstance(node, nir.SumPool2d):
-        return Step(lambda s, I: (s, _sum_pool(I, node.kernel_size, node.stride, node.padding), None), False)
+        return Step(lambda s, I: (s, _sum_pool(I, node.kernel_size, node.stride, node.padding), None))
     if isinstance(node, nir.AvgPool2d):
         area = float(np.prod(_pair(node.kernel_size)))
-        return Step(lambda s, I: (s, _sum_pool(I, node.kernel_size, node.stride, node.padding) / area, None), False)
+        return Step(lambda s, I: (s, _sum_pool(I, node.kernel_size, node.stride, node.padding) / area, None))
     if isinstance(node, nir.Flatten):
         out_shape = tuple(int(v) for v in node.output_type["output"])
-        return Step(lambda s, I: (s, I.reshape((I.shape[0],) + out_shape), None), False)
+        return Step(lambda s, I: (s, I.reshape((I.shape[0],) + out_shape), None))
     raise DeployError(f"the NIR interpreter does not support {type(node).__name__} nodes")
 
 
@@ -196,15 +200,34 @@ def _fan_in(name: str, node, srcs: list, out: dict) -> np.ndarray:
     return total
 
 
-def run_nir(graph_or_path, x: Union[np.ndarray, dict], dt: Optional[float] = None, membranes: bool = False):
+@contextlib.contextmanager
+def torch_threads(n: Optional[int]):
+    """Run with n intra-op torch threads, restoring the previous number after. The per-step tensors
+    here are small: on a busy machine a spinning thread pool costs far more than it gives (measured:
+    11 s with 2 threads against 0.14 s with 1 for a small dvs graph under load)."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def run_nir(graph_or_path, x: Union[np.ndarray, dict], dt: Optional[float] = None, membranes: bool = False,
+            threads: Optional[int] = 1):
     """Run a NIR graph for T steps on per-step inputs x [B, T, ...] (a dict name -> array for several
-    Input nodes).
+    Input nodes). `threads`: torch threads for the convolutions (None: leave torch's setting).
 
     Returns (outputs, spikes) or, with `membranes`, (outputs, spikes, membranes): `outputs` maps each
     Output node to float64 [T, B, ...]; `spikes` maps every LIF / IF / Threshold node to uint8
     [T, B, ...]; `membranes` maps every neuron with state to its v after the update and before the
     reset, float64 [T, B, ...]."""
-    graph = load_graph(graph_or_path)
+    with torch_threads(threads):
+        return _run_nir(load_graph(graph_or_path), x, dt, membranes)
+
+
+def _run_nir(graph: nir.NIRGraph, x, dt: Optional[float], membranes: bool):
     if dt is None:
         dt = float(graph.metadata.get("dt", DEFAULT_DT)) if isinstance(graph.metadata, dict) else DEFAULT_DT
     inputs = {n: node for n, node in graph.nodes.items() if isinstance(node, nir.Input)}
@@ -245,6 +268,54 @@ def run_nir(graph_or_path, x: Union[np.ndarray, dict], dt: Optional[float] = Non
     if membranes:
         return stack(out_rec), stack(spk_rec), stack(mem_rec)
     return stack(out_rec), stack(spk_rec)
+
+
+# ---------------------------------------------------------------- a third-party executor: snntorch
+
+def torch_module_name(nir_name: str) -> str:
+    """nirtorch's name for a NIR node's module (`nirtorch.nir_interpreter._sanitize_name`): dots become
+    underscores, Python keywords get a `nir_node_` prefix."""
+    import keyword
+
+    name = nir_name.replace(".", "_")
+    return "nir_node_" + name if keyword.iskeyword(name) else name
+
+
+def run_snntorch(graph_or_path, x: np.ndarray, threads: Optional[int] = 1) -> tuple[dict, dict]:
+    """Import a (portable-profile) NIR graph with snntorch's `import_from_nir` and run it for T steps.
+
+    x: [B, T, ...] per-step inputs. The imported module keeps each neuron's membrane inside its
+    `snn.Leaky` (init_hidden) and is called once per step; a forward hook on every neuron module records
+    its spikes. Returns ({output name: float32 [T, B, ...]}, {NIR node name: uint8 [T, B, ...]}),
+    `run_nir`'s contract. Runs in float32, as snntorch does."""
+    import copy
+
+    import snntorch  # noqa: F401  (a clear ImportError when it is missing)
+    from snntorch.import_nir import import_from_nir
+
+    graph = copy.deepcopy(load_graph(graph_or_path))   # the importer edits the graph it is given
+    spiking = {torch_module_name(n): n for n, node in graph.nodes.items() if isinstance(node, (nir.LIF, nir.IF))}
+    outputs = [n for n, node in graph.nodes.items() if isinstance(node, nir.Output)]
+    if len(outputs) != 1:
+        raise DeployError(f"snntorch's importer supports one output, the graph has {len(outputs)}")
+    net = import_from_nir(graph)
+    record: dict = {name: [] for name in spiking.values()}
+    hooks = []
+    for mod_name, module in net.named_modules():
+        if mod_name in spiking:
+            key = spiking[mod_name]
+            hooks.append(module.register_forward_hook(
+                lambda _m, _i, out, key=key: record[key].append(out.detach().cpu().numpy().astype(np.uint8))))
+    steps = []
+    try:
+        with torch.no_grad(), torch_threads(threads):
+            for t in range(x.shape[1]):
+                y, _state = net(torch.from_numpy(np.ascontiguousarray(x[:, t], dtype=np.float32)))
+                steps.append(y.detach().cpu().numpy())
+    finally:
+        for h in hooks:
+            h.remove()
+    return {outputs[0]: np.stack(steps)}, {k: np.stack(v) for k, v in record.items() if v}
 
 
 # ---------------------------------------------------------------- SDT conventions (exporters.nir)

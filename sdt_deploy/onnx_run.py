@@ -1,7 +1,8 @@
 """Running an exported SDT ONNX model with onnxruntime over T time steps (for `verify` and for users).
 
-One session; the state starts at zero and each step's `v_out.<lif>` is fed back as the next step's
-`v_in.<lif>` (an unrolled export takes the whole sequence in one call). The read-out is the graph's:
+One session per call (`open_onnx` keeps one across calls, e.g. the batches of a verify run); the state
+starts at zero and each step's `v_out.<lif>` is fed back as the next step's `v_in.<lif>` (an unrolled
+export takes the whole sequence in one call). The read-out is the graph's:
 
 - `logits`: mean over T of the per-step logits ([B, K]), or the per-step logits ([T, B, K]) with TET
   (`per_step`); for a graph without a Readout (a partition's host part) the per-step output values
@@ -148,7 +149,7 @@ def run_unrolled(session, info: ModelInfo, frames: np.ndarray) -> tuple[np.ndarr
 def read_out(per_step: np.ndarray, info: ModelInfo) -> OnnxRun:
     """The graph's read-out of the per-step outputs [T, B, ...]."""
     T = per_step.shape[0]
-    if info.variant == "int":
+    if info.variant == "int" and info.output_grid is not None:   # a current on its grid (not spikes)
         ints = per_step.astype(np.int64)
         shape = (-1,) + (1,) * (ints.ndim - 3)
         values = ints * np.exp2(-info.output_grid.astype(np.float64)).reshape(shape)   # float64: exact
@@ -159,21 +160,37 @@ def read_out(per_step: np.ndarray, info: ModelInfo) -> OnnxRun:
     return OnnxRun(logits, variant="float")
 
 
-def run_onnx(source: Union[str, bytes, "object"], x: np.ndarray, batch_size: Optional[int] = None,
-             providers: Optional[Sequence[str]] = None, session_options=None) -> OnnxRun:
-    """Run an sdt-deploy ONNX export (path, bytes or ModelProto) on x, [B,C,H,W] repeated over T or
-    [B,T,C,H,W], in batches of `batch_size` (all at once by default) through one session."""
+@dataclass(frozen=True)
+class OnnxSession:
+    """An opened export: one onnxruntime session and the model's metadata, reusable across batches."""
+
+    session: object
+    info: ModelInfo
+
+    def run(self, x: np.ndarray, batch_size: Optional[int] = None) -> OnnxRun:
+        frames, _ = check_frames(x, self.session, self.info)
+        run = run_unrolled if self.info.unrolled else run_steps
+        step = batch_size or frames.shape[1]
+        outs, spikes = [], {}
+        for start in range(0, frames.shape[1], step):
+            out, sp = run(self.session, self.info, frames[:, start:start + step])
+            outs.append(out)
+            for k, v in sp.items():
+                spikes.setdefault(k, []).append(v)
+        result = read_out(np.concatenate(outs, axis=1), self.info)
+        result.spikes = {k: np.concatenate(v, axis=1) for k, v in spikes.items()}
+        return result
+
+
+def open_onnx(source, providers: Optional[Sequence[str]] = None, session_options=None) -> OnnxSession:
+    """Open an sdt-deploy ONNX export (path, bytes or onnx.ModelProto) once, to run many batches."""
     session = make_session(model_bytes_of(source), providers, session_options)
-    info = read_info(session)
-    frames, _ = check_frames(x, session, info)
-    run = run_unrolled if info.unrolled else run_steps
-    step = batch_size or frames.shape[1]
-    outs, spikes = [], {}
-    for start in range(0, frames.shape[1], step):
-        out, sp = run(session, info, frames[:, start:start + step])
-        outs.append(out)
-        for k, v in sp.items():
-            spikes.setdefault(k, []).append(v)
-    result = read_out(np.concatenate(outs, axis=1), info)
-    result.spikes = {k: np.concatenate(v, axis=1) for k, v in spikes.items()}
-    return result
+    return OnnxSession(session, read_info(session))
+
+
+def run_onnx(source: Union[str, bytes, OnnxSession, "object"], x: np.ndarray, batch_size: Optional[int] = None,
+             providers: Optional[Sequence[str]] = None, session_options=None) -> OnnxRun:
+    """Run an sdt-deploy ONNX export (path, bytes, ModelProto, or an `open_onnx` session) on x,
+    [B,C,H,W] repeated over T or [B,T,C,H,W], in batches of `batch_size` (all at once by default)."""
+    opened = source if isinstance(source, OnnxSession) else open_onnx(source, providers, session_options)
+    return opened.run(x, batch_size)

@@ -3,7 +3,10 @@ measured by the integer engine, with the ANN baseline; a table on the terminal, 
 
 The accounting is `sdt_deploy.report`; this module prepares the inputs (an array, the digits, random
 images, or — through `dataset_batches` — a dataset folder), renders, and writes the outputs atomically.
-The command object `report` is registered on the CLI group with `cli.add_command(report)`.
+The command object `report` is registered on the CLI group with `cli.add_command(report)`. It reuses
+cli.py's option helpers, and cli.py imports this module to register it: to keep that cycle safe in
+either import order, the click object is built on first access (module `__getattr__`), when
+`sdt_deploy.cli` has defined its helpers.
 """
 from __future__ import annotations
 
@@ -15,7 +18,6 @@ from typing import Callable, Iterator, Optional
 import click
 import numpy as np
 
-from .cli import _json_default, _load, _model_options
 from .energy import DEFAULT_TABLE, EnergyTable, load_energy_table
 from .errors import DeployError
 
@@ -49,19 +51,25 @@ def random_images(n: int, loaded, seed: int = 0) -> np.ndarray:
 
 
 def dataset_batches(path: str, loaded, batch_size: int) -> tuple[Iterator[np.ndarray], Optional[int]]:
-    """HOOK for `--data DIR` (a dataset reader is another module's job).
+    """`--data DIR`: the dataset reader is `sdt_deploy.datasets` (another module's job).
 
-    Contract: `sdt_deploy.datasets.iter_batches(path, data_config, model_config, batch_size)` returns
-    an iterable of float32 batches, [B,C,H,W] images prepared with the checkpoint's evaluation transform
-    (`loaded.resolved.data`) or [B,T,C,H,W] event frames, and may carry `samples` (the total, for the
-    progress bar). Nothing else here changes when it arrives."""
+    Contract used: `open_dataset(root, model_config, data_config)` returns a dataset with `len()` and
+    `batch(indices) -> (x, labels)`, x float32 [B,C,H,W] prepared with the checkpoint's evaluation
+    transform (or [B,T,C,H,W] event frames). Batches are read lazily, one engine call at a time."""
     try:
-        from . import datasets  # type: ignore[attr-defined]
+        from .datasets import open_dataset
     except ImportError:
-        raise DeployError("--data: reading dataset folders is not available in this version yet; "
+        raise DeployError("--data: reading dataset folders is not available in this installation; "
                           "use --input X.npy, --digits N or --random N") from None
-    batches = datasets.iter_batches(path, loaded.resolved.data, loaded.config, batch_size)
-    return iter(batches), getattr(batches, "samples", None)
+    dataset = open_dataset(path, loaded.config, loaded.resolved.data)
+    n = len(dataset)
+
+    def batches() -> Iterator[np.ndarray]:
+        for start in range(0, n, batch_size):
+            x, _ = dataset.batch(list(range(start, min(n, start + batch_size))))
+            yield np.asarray(x, dtype=np.float32)
+
+    return batches(), n
 
 
 # ---- the Python face ----
@@ -254,6 +262,8 @@ def plot_report(rep: dict, path: str) -> None:
 
 
 def report_json(rep: dict) -> str:
+    from .cli import _json_default
+
     return json.dumps(rep, indent=2, default=_json_default)
 
 
@@ -283,32 +293,16 @@ def check_outputs(paths: dict, force: bool) -> None:
 
 # ---- the command ----
 
-@click.command("report")
-@click.argument("ckpt", required=False)
-@_model_options
-@click.option("--input", "input_path", type=click.Path(dir_okay=False),
-              help="[B,C,H,W] images or [B,T,C,H,W] event frames (.npy)")
-@click.option("--digits", type=click.IntRange(min=1), metavar="N",
-              help="the first N digits of the demo's test split, at the model's size and channels")
-@click.option("--random", "random_n", type=click.IntRange(min=1), metavar="N", help="N random inputs (synth)")
-@click.option("--data", "data_dir", type=click.Path(file_okay=False), metavar="DIR",
-              help="a dataset folder, read with the checkpoint's evaluation transform")
-@click.option("--seed", type=int, default=0, show_default=True, help="seed of --random")
-@click.option("--energy", default=DEFAULT_TABLE, show_default=True, metavar="45nm-fp32|45nm-int8|FILE",
-              help="energy table: built-in, or a JSON/YAML file {name, base, pj: {op: pJ}}")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="write the report as JSON")
-@click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="write the per-layer rows as CSV")
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="write firing rates and energy (PNG)")
-@click.option("--force", is_flag=True, help="overwrite existing output files")
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
-@click.option("--weight-bits", type=int, default=8, show_default=True)
-@click.option("--input-bits", type=int, default=8, show_default=True)
-@click.option("--quiet", is_flag=True, help="no table on the terminal")
-@click.option("--no-progress", is_flag=True, help="no progress bar")
-def report(ckpt, input_path, digits, random_n, data_dir, seed, energy, json_path, csv_path, plot_path, force,
-           batch_size, weight_bits, input_bits, quiet, no_progress, **kw):
-    """Operations, firing rates and energy per layer: the paper's convention, what the integer engine
-    measured, and the ANN baseline (give one of --input, --digits, --random, --data)."""
+def _load_model(ckpt: Optional[str], kw: dict):
+    from .cli import _load
+
+    return _load(ckpt, kw)
+
+
+def report_command(ckpt, input_path=None, digits=None, random_n=None, data_dir=None, seed=0,
+                   energy=DEFAULT_TABLE, json_path=None, csv_path=None, plot_path=None, force=False,
+                   batch_size=8, weight_bits=8, input_bits=8, quiet=False, no_progress=False, **kw) -> dict:
+    """What `sdt-deploy report` does; `kw` holds the model options of `cli._model_options`."""
     sources = {"--input": input_path, "--digits": digits, "--random": random_n, "--data": data_dir}
     chosen = [k for k, v in sources.items() if v is not None]
     if len(chosen) != 1:
@@ -321,7 +315,7 @@ def report(ckpt, input_path, digits, random_n, data_dir, seed, energy, json_path
         from .io import load_array
 
         raw = load_array(input_path)           # a missing or broken file fails before the model loads
-    loaded = _load(ckpt, kw)
+    loaded = _load_model(ckpt, kw)
     cfg = loaded.config
     samples: Optional[int] = None
     if data_dir:
@@ -349,3 +343,49 @@ def report(ckpt, input_path, digits, random_n, data_dir, seed, energy, json_path
     for opt, p in (("json", json_path), ("csv", csv_path), ("plot", plot_path)):
         if p:
             click.echo(f"wrote {p} ({opt})", err=True)
+    return rep
+
+
+def _build_report_command() -> click.Command:
+    from . import cli as _cli   # here, not at import: cli.py imports this module to register `report`
+
+    if "report" in globals():   # cli.py took `report` while the import above ran: one object only
+        return globals()["report"]
+
+    @click.command("report")
+    @click.argument("ckpt", required=False)
+    @_cli._model_options
+    @click.option("--input", "input_path", type=click.Path(dir_okay=False),
+                  help="[B,C,H,W] images or [B,T,C,H,W] event frames (.npy)")
+    @click.option("--digits", type=click.IntRange(min=1), metavar="N",
+                  help="the first N digits of the demo's test split, at the model's size and channels")
+    @click.option("--random", "random_n", type=click.IntRange(min=1), metavar="N", help="N random inputs (synth)")
+    @click.option("--data", "data_dir", type=click.Path(file_okay=False), metavar="DIR",
+                  help="a dataset folder (ImageFolder, original CIFAR/ImageNet layouts), evaluation transform")
+    @click.option("--seed", type=int, default=0, show_default=True, help="seed of --random")
+    @click.option("--energy", default=DEFAULT_TABLE, show_default=True, metavar="45nm-fp32|45nm-int8|FILE",
+                  help="energy table: built-in, or a JSON/YAML file {name, base, pj: {op: pJ}}")
+    @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="write the report as JSON")
+    @click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="write the per-layer rows as CSV")
+    @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="write firing rates and energy (PNG)")
+    @click.option("--force", is_flag=True, help="overwrite existing output files")
+    @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
+                  help="samples per engine call (the engine holds a batch's currents as int64 and its spikes)")
+    @click.option("--weight-bits", type=int, default=8, show_default=True)
+    @click.option("--input-bits", type=int, default=8, show_default=True)
+    @click.option("--quiet", is_flag=True, help="no table on the terminal")
+    @click.option("--no-progress", is_flag=True, help="no progress bar")
+    def report(**options):
+        """Operations, firing rates and energy per layer: the paper's convention, what the integer engine
+        measured, and the ANN baseline (give one of --input, --digits, --random, --data)."""
+        report_command(**options)
+
+    return report
+
+
+def __getattr__(name: str):
+    if name == "report":
+        command = _build_report_command()
+        globals()["report"] = command
+        return command
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -24,7 +24,7 @@ from sdt_deploy.engine import run_engine
 from sdt_deploy.errors import DeployError
 from sdt_deploy.executor import execute
 from sdt_deploy.graph import LIF, Graph, Input
-from sdt_deploy.onnx_run import run_onnx
+from sdt_deploy.onnx_run import open_onnx, run_onnx
 from sdt_deploy.partition import split_at_current_maxpool
 from sdt_deploy.runner import run_model
 
@@ -320,6 +320,8 @@ def test_run_onnx_input_layouts_and_errors():
     b = run_onnx(model, np.repeat(x[:, None], T, axis=1), batch_size=2)   # [B, T, C, H, W], in batches
     np.testing.assert_array_equal(a.logits_int, b.logits_int)
     assert_spikes_equal(b.spikes, a.spikes)
+    opened = open_onnx(model)                                                # one session, many calls
+    np.testing.assert_array_equal(run_onnx(opened, x[1:]).logits_int, a.logits_int[:, 1:])
     plain = run_onnx(exported(case, "int", debug=False), x)
     assert plain.spikes == {}
     np.testing.assert_array_equal(plain.logits_int, a.logits_int)
