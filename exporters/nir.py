@@ -213,8 +213,9 @@ def _profile(name: str) -> Profile:
 
 
 def _check_exportable(g: Graph) -> None:
-    if not g.meta.get("quantized"):
-        raise DeployError("NIR export needs a quantized graph (its exact thresholds come from the integer grids)")
+    if not (g.meta.get("quantized") or g.meta.get("float_export")):
+        raise DeployError("NIR export needs a quantized graph (its exact thresholds come from the integer grids), "
+                          "or a float graph prepared by sdt_deploy.nir_float.float_nir_graph")
     for n in g.nodes:
         if isinstance(n, MaxPool):
             raise DeployError(f"{n.name} is a max-pool over currents, which has no exact NIR encoding; partition "
@@ -402,7 +403,8 @@ def _emit_linear(b: _Builder, n: Linear) -> None:
 
 
 def _emit_lif(b: _Builder, n: LIF) -> None:
-    if n.tau != 2.0 or n.plif_w not in (None, 0.0) or n.v_reset != 0.0:
+    float_export = bool(b.g.meta.get("float_export"))
+    if n.v_reset != 0.0 or (not float_export and (n.tau != 2.0 or n.plif_w not in (None, 0.0))):
         raise DeployError(f"{n.name}: NIR export needs tau = 2 and v_reset = 0 (got tau = {n.tau}, "
                           f"v_reset = {n.v_reset}); quantize the graph first")
     shape = b.shape_in(n)
@@ -419,7 +421,9 @@ def _emit_lif(b: _Builder, n: LIF) -> None:
         lowered = lif_threshold(theta_int[top:top + 1], grid[top:top + 1], b.T)[0]
         v_th = np.full(grid.shape, float32_threshold(float(n.v_threshold), lowered))
         exp = np.int64(grid[top] + b.T + 1)
-    node = nir.LIF(tau=np.full(shape, 2.0 * b.dt, F64), r=np.ones(shape, F64), v_leak=np.zeros(shape, F64),
+    # tau = 2*dt makes dt/tau exactly 0.5; a float export keeps a PLIF's trained tau (tau * dt)
+    tau = 2.0 * b.dt if not float_export else float(n.tau) * b.dt
+    node = nir.LIF(tau=np.full(shape, tau, F64), r=np.ones(shape, F64), v_leak=np.zeros(shape, F64),
                    v_threshold=_per_channel(v_th, shape), v_reset=np.zeros(shape, F64))
     b.add(n.name, node, b.feed(n), role="neuron", grid=grid, theta_int=theta_int, threshold_exp=exp,
           **_spike_meta(n))

@@ -72,6 +72,10 @@ def export_graph(graph: Graph, target: str, path: str, onnx_variant: str = "int"
     if partition == "never":
         raise DeployError(f"{split.cut} max-pools real-valued currents, which NIR cannot compute exactly; "
                           "export with partitioning (the default) or use --target onnx")
+    if graph.meta.get("float_export"):
+        raise DeployError(f"--no-quantize: {split.cut} max-pools real-valued currents, so the graph needs a "
+                          "host stem, and the stem's ONNX export is made from the quantized graph; export "
+                          "without --no-quantize (or a pooling_stat ending in 0 has no such pool)")
     from exporters.onnx import write_onnx
 
     stem_path, manifest_path = partition_paths(path)
