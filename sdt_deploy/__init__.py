@@ -1,8 +1,19 @@
 """sdt-deploy: take a trained Spike-Driven Transformer to NIR and ONNX, spike-exact, with an honest
-account of its operations and energy."""
+account of its operations and energy.
+
+The public functions are imported lazily, so that `import sdt_deploy` (and the command line's start)
+stays cheap and an interrupt during start-up ends as cleanly as one later on."""
 __version__ = "0.1.0"
 
-from .api import deploy_graph, quantize  # noqa: E402
-from .checkpoint import load_model  # noqa: E402
+_LAZY = {"deploy_graph": "api", "quantize": "api", "load_model": "checkpoint", "run_onnx": "onnx_run",
+         "run_engine": "engine", "run_verify": "verify"}
 
-__all__ = ["__version__", "deploy_graph", "load_model", "quantize"]
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'sdt_deploy' has no attribute {name!r}")

@@ -8,6 +8,7 @@ import torch
 from models import SpikeDrivenTransformer
 
 from .checkpoint import LoadedModel, load_model
+from .engine import check_engine_bounds
 from .configs import DataConfig
 from .graph import Graph
 from .lower import lower
@@ -50,6 +51,7 @@ def quantize(source: Source, weight_bits: int = 8, input_bits: int = 8, scale_se
     opts = QuantOptions(weight_bits=weight_bits, input_bits=input_bits, scale_search=scale_search,
                         input_range=input_range, data=data or loaded.resolved.data)
     qg = quantize_graph(fold_bn(lower(loaded.model)), opts)
+    check_engine_bounds(qg)   # refuse, naming the layer, rather than hand on a graph that could wrap
     model = build_quantized_model(qg, cfg)
     original = loaded.model.state_dict()
     with torch.no_grad():   # the never-called talking_heads Conv1d keeps its trained values

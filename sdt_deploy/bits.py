@@ -4,8 +4,8 @@ For every current and every LIF: its grid, the worst-case magnitude of its integ
 the input range and T — every input spiking, every weight adding up with the same sign), and what that
 means for the two arithmetic sides of the contract:
 
-- the integer side: bits needed for the integer (sign included); int32 suffices below 32, the engine
-  uses int64 and refuses at 63;
+- the integer side: bits needed for the integer (sign included; a LIF's V + X, formed before the
+  halving, counts twice its bound); int32 suffices up to 32, the engine uses int64 and refuses at 63;
 - the float32 side: the exact value of a LIF's H has one more fractional bit per time step (tau = 2
   halves), so float32 — the quantized PyTorch model on CPU or with the CuPy kernel — represents every
   value exactly only while `bits(bound) + T < 25` (24-bit significand). Where a layer passes that, float32
@@ -79,9 +79,11 @@ def bit_report(qg: Graph, observed: dict | None = None) -> dict:
         if n.name not in bounds or isinstance(n, (Input, Readout)):
             continue
         bound = float(bounds[n.name].max())
-        int_bits = _bits(bound)
+        lif = isinstance(n, LIF)
+        # the integer LIF forms V + X (up to twice the bound) before halving it
+        int_bits = _bits(2 * bound if lif else bound)
         # a LIF's exact H carries T more fractional bits; other currents are exact integers on their grid
-        f32_bits = int_bits + (T if isinstance(n, LIF) else 0)
+        f32_bits = _bits(bound) + (T if lif else 0)
         row = {"name": n.name, "op": n.op, "grid_min": int(np.min(n.grid)), "grid_max": int(np.max(n.grid)),
                "bound": bound, "int_bits": int_bits, "float32_bits": f32_bits,
                "float32_exact": f32_bits <= FLOAT32_SIGNIFICAND + 1, "fits_int32": int_bits <= 32}
@@ -113,10 +115,11 @@ def float32_exact(qg: Graph) -> bool:
 
 
 def print_bit_report(rep: dict, console=None) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    console = console or Console()
+    from .console import console as _console
+
+    console = console or _console()
     t = Table(title=f"bit widths (T = {rep['summary']['time_steps']})")
     for col in ("layer", "op", "grid", "worst |int|", "int bits", "float32 bits", "float32 exact", "observed bits"):
         t.add_column(col, no_wrap=(col == "layer"))

@@ -5,7 +5,6 @@ code; set SDT_DEPLOY_DEBUG=1 to see the traceback of an unexpected failure.
 """
 from __future__ import annotations
 
-import functools
 import json
 import os
 import sys
@@ -270,18 +269,19 @@ def demo(out_dir, checkpoint, force):
 
 
 def _register_report() -> None:
-    from .report_cmd import report
+    """`report` lives in report_cmd (numpy and friends at import): registered on first use, inside
+    main's error handling, so that starting the command line stays light and interruptible."""
+    if "report" not in cli.commands:
+        from .report_cmd import report
 
-    cli.add_command(report)
-
-
-_register_report()
+        cli.add_command(report)
 
 
 def main(argv=None) -> int:
     """Entry point: one line on stderr and a non-zero exit for every expected failure."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        _register_report()
         cli.main(args=argv, prog_name="sdt-deploy", standalone_mode=False)
         return 0
     except click.exceptions.Exit as exc:

@@ -10,7 +10,6 @@ import os
 import time
 
 import click
-import numpy as np
 
 from .checkpoint import load_model
 from .errors import DeployError

@@ -59,10 +59,11 @@ def compare_float(loaded: LoadedModel, dataset, weight_bits: int = 8, input_bits
 
 
 def print_float_report(rep: dict, console=None) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    console = console or Console()
+    from .console import console as _console
+
+    console = console or _console()
     t = Table(title=f"spike agreement with the original float model ({rep['samples']} samples)")
     t.add_column("layer", no_wrap=True)
     t.add_column("BN-folded float", justify="right")

@@ -356,10 +356,11 @@ def graph_summary(g: Graph) -> dict:
 
 
 def print_graph_summary(summary: dict, console=None) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    console = console or Console()
+    from .console import console as _console
+
+    console = console or _console()
     t = Table(title="deploy graph")
     for col in ("node", "op", "inputs", "out", "shape", "params"):
         t.add_column(col, no_wrap=(col == "node"))

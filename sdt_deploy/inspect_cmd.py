@@ -43,7 +43,9 @@ def inspect_model(loaded: LoadedModel, graph: bool = False, bits: bool = False, 
 
 
 def print_inspect(report: dict, console: Console | None = None) -> None:
-    console = console or Console()
+    from .console import console as _console
+
+    console = console or _console()
     if report.get("checkpoint"):
         ck = report["checkpoint"]
         extra = " (module. prefix stripped)" if ck["ddp_prefix"] else ""

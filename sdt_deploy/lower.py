@@ -6,7 +6,6 @@ contract (`models.spike_names`) is the output of the graph node of the same name
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn as nn
 

@@ -8,7 +8,7 @@ holds everything from the residual stream on (exported to NIR).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Optional
 
 from .errors import DeployError

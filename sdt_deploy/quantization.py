@@ -24,6 +24,7 @@ The numeric contract (DESIGN.md §4):
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from dataclasses import dataclass, field, replace
@@ -66,26 +67,142 @@ def _brevitas_quantizer(search: str):
     return Int8WeightPerChannelFixedPointMSE if search == "mse" else Int8WeightPerChannelFixedPoint
 
 
+@contextlib.contextmanager
+def _torch_threads(n: int):
+    """torch's intra-op threads set to n for the block. The quantizer's tensors are small (one layer)
+    and its operations many: measured on a 2-core machine under load, 2 threads made brevitas' MSE
+    search 6x slower than 1 (spinning OpenMP workers). Element-wise results do not depend on it."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+def _memoize_mse_grid_search(proxy) -> None:
+    """Make brevitas' MSE scale search evaluate each distinct power-of-two scale once per channel.
+
+    brevitas' grid search (`mse_grid_search`, 20 candidates between absmax/20 and absmax) quantizes
+    the whole weight tensor once per candidate, but with a power-of-two restriction the 20 candidates
+    of a channel map to only ~5 distinct scales, and a channel's loss depends on its own scale alone
+    (zero point 0, fixed bit width; the loss is a per-row sum over the same row in a tensor of the same
+    shape). So: map every candidate to its scale with brevitas' own scaling modules (cheap, one value
+    per channel), evaluate brevitas' own loss once per distinct scale (J full evaluations, J = the
+    largest number of distinct scales of a channel), and let brevitas' unchanged `mse_grid_search` run
+    on those very loss values. Any candidate whose scale was not tabulated falls back to brevitas'
+    evaluation, so the outcome is brevitas' by construction, whatever the grid. Searches of another
+    kind (fibonacci, bipolar) are left alone."""
+    from brevitas.core.stats.stats_op import MSE
+
+    mses = [m for m in proxy.modules() if isinstance(m, MSE)]
+    riq = getattr(proxy, "tensor_quant", None)
+    if len(mses) != 1 or riq is None or not hasattr(riq, "scaling_impl"):
+        return
+    mse = mses[0]
+    if mse.search_method != "grid" or mse.bipolar_search or mse.num < 2:
+        return
+    original = mse.evaluate_loss
+    state: dict = {}
+
+    def scales_of(x, candidates: list) -> torch.Tensor:
+        """The per-channel scales brevitas' quantizer uses for these candidates (what evaluate_loss
+        would run), [len(candidates), C]: its own scaling modules in its local-loss mode."""
+        mse.set_local_loss_mode(True)
+        mse.set_observer_mode(False)
+        try:
+            out = []
+            for candidate in candidates:
+                mse.internal_candidate = candidate
+                scale = riq.scaling_impl(x, riq.int_scaling_impl(riq.msb_clamp_bit_width_impl()))
+                out.append(scale.detach().reshape(-1))
+        finally:
+            mse.set_local_loss_mode(False)
+            mse.restore_observer_mode()
+        return torch.stack(out)
+
+    def tabulate(x, first):
+        # the candidates exactly as brevitas' mse_search and mse_grid_search form them
+        init = mse.mse_init_op(mse.input_view_shape_impl(x)).detach()
+        base = mse.mse_base_op(init)
+        xl, xr = torch.minimum(base, init), torch.maximum(base, init)
+        if first.shape != xl.shape or not torch.equal(first, xl):
+            return None
+        n = mse.num
+        cands = [xl] + [(xl + (xr - xl) * ts).detach() for ts in torch.linspace(1. / (n - 1), 1., n - 1)]
+        flat = torch.stack([c.reshape(-1) for c in cands])                  # [n, C]
+        scales = scales_of(x, cands)                                         # [n, C]
+        if scales.shape != flat.shape:
+            return None
+        # per channel, the first candidate of each distinct scale
+        s = scales.numpy()
+        order = np.argsort(s, axis=0, kind="stable")
+        ranked = np.take_along_axis(s, order, axis=0)
+        first_sorted = np.ones_like(ranked, dtype=bool)
+        first_sorted[1:] = ranked[1:] != ranked[:-1]
+        new = np.zeros_like(first_sorted)
+        np.put_along_axis(new, order, first_sorted, axis=0)                 # [n, C]: a new scale here
+        counts = new.sum(axis=0)
+        rank = np.cumsum(new, axis=0) - 1
+        cols = torch.arange(flat.shape[1])
+        vecs = []
+        for j in range(int(counts.max())):
+            rows = (new & (rank == np.minimum(j, counts - 1)[None, :])).argmax(axis=0)
+            vecs.append(flat[torch.from_numpy(rows), cols].reshape(xl.shape))
+        losses = []
+        for vec in vecs:                                                     # brevitas' own loss, J times
+            loss = original(x, vec)
+            state["loss_shape"] = loss.shape
+            losses.append(loss.detach().reshape(-1))
+        state["candidates"] = (cands, scales)
+        return scales_of(x, vecs), torch.stack(losses)
+
+    def evaluate_loss(x, candidate):
+        if "table" not in state:
+            state["table"] = tabulate(x, candidate)
+        table = state["table"]
+        if table is not None:
+            scales, losses = table
+            cands, cand_scales = state["candidates"]
+            k = state.get("calls", 0)
+            state["calls"] = k + 1
+            if k < len(cands) and candidate.shape == cands[k].shape and torch.equal(candidate, cands[k]):
+                scale = cand_scales[k]
+            else:
+                scale = scales_of(x, [candidate])[0]
+            hit = scales == scale[None, :]                                   # [J, C]
+            if bool(hit.any(dim=0).all()):
+                mse.internal_candidate = candidate
+                row = hit.to(torch.int8).argmax(dim=0)
+                return losses.gather(0, row[None, :]).reshape(state["loss_shape"])
+        return original(x, candidate)
+
+    mse.evaluate_loss = evaluate_loss
+
+
 def quantize_weight(weight: np.ndarray, bits: int, search: str = "mse") -> tuple[np.ndarray, np.ndarray]:
     """Per-output-channel power-of-two quantization with brevitas: returns (w_int, e) with
     weight ~= w_int * 2**-e[:, None...], w_int in the narrow signed `bits` range."""
     from brevitas.nn import QuantLinear
 
     flat = torch.from_numpy(np.ascontiguousarray(weight.reshape(weight.shape[0], -1), dtype=np.float64))
-    layer = QuantLinear(flat.shape[1], flat.shape[0], bias=False, weight_quant=_brevitas_quantizer(search),
-                        weight_bit_width=bits, dtype=torch.float64)
-    with torch.no_grad():
-        layer.weight.copy_(flat)
-    layer.eval()
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        qw = layer.quant_weight()
-    scale = qw.scale.detach().reshape(-1).double().numpy()
+    with _torch_threads(1):
+        layer = QuantLinear(flat.shape[1], flat.shape[0], bias=False, weight_quant=_brevitas_quantizer(search),
+                            weight_bit_width=bits, dtype=torch.float64)
+        with torch.no_grad():
+            layer.weight.copy_(flat)
+        layer.eval()
+        _memoize_mse_grid_search(layer.weight_quant)
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            qw = layer.quant_weight()
+        scale = qw.scale.detach().reshape(-1).double().numpy()
+        value = qw.value.detach().double().numpy()
     e = -np.log2(scale)
     if not np.allclose(e, np.round(e)):
         raise DeployError("brevitas returned a scale that is not a power of two")
     e = np.round(e).astype(np.int64)
-    w_int = np.round(qw.value.detach().double().numpy() / scale[:, None]).astype(np.int64)
+    w_int = np.round(value / scale[:, None]).astype(np.int64)
     limit = 2 ** (bits - 1) - 1
     if np.abs(w_int).max(initial=0) > limit:
         raise DeployError(f"brevitas returned integers outside the {bits}-bit range")

@@ -137,7 +137,9 @@ def print_report(rep: dict, console=None) -> None:
     from rich.table import Table
 
     # piped output gets rich's 80 columns by default: too narrow for a per-layer table
-    console = console or Console()
+    from .console import console as _console
+
+    console = console or _console()
     if not console.is_terminal and console.width < 180:
         console = Console(width=180, file=console.file)
     tot = rep["totals"]

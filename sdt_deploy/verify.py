@@ -18,7 +18,6 @@ membrane values and the grid) and a per-layer mismatch table are reported and th
 from __future__ import annotations
 
 import contextlib
-import os
 import tempfile
 import time
 from dataclasses import dataclass, field

@@ -3,10 +3,8 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Optional
 
 import click
-import numpy as np
 
 from .errors import DeployError, MismatchError
 
@@ -84,10 +82,11 @@ def artifacts_by_kind(paths) -> dict:
 
 
 def print_result(res, console=None) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    console = console or Console()
+    from .console import console as _console
+
+    console = console or _console()
     j = res.to_json()
     execs = [e for e in j["layers"][next(iter(j["layers"]))]] if j["layers"] else []
     t = Table(title=f"spikes per layer ({j['samples']} samples; reference: {j['reference']})")

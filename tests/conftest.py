@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import strategies as st
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SDT_DEPLOY_SHARED", ROOT.parent / "shared"))
@@ -81,3 +82,24 @@ def pytest_configure(config):
     import torch
 
     torch.set_num_threads(1)
+
+
+POOLINGS = ["0000", "0011", "0101", "0111", "1001", "1100", "1111"]
+
+
+@st.composite
+def small_configs(draw):
+    """Random small SDT configurations over every axis the original supports."""
+    from models import SDTConfig
+
+    pooling = draw(st.sampled_from(POOLINGS))
+    pools = pooling.count("1")
+    heads = draw(st.sampled_from([1, 2, 4]))
+    dim = draw(st.sampled_from([8, 16]))
+    dvs = draw(st.booleans())
+    return SDTConfig(
+        img_size=2 ** pools * draw(st.sampled_from([2, 3, 4])),
+        in_channels=2 if dvs else draw(st.sampled_from([1, 3])),
+        num_classes=draw(st.integers(2, 5)), dim=dim, depth=draw(st.integers(1, 2)), num_heads=heads,
+        mlp_ratio=draw(st.sampled_from([1, 2, 4])), time_steps=draw(st.integers(1, 16)), pooling_stat=pooling,
+        spike_mode=draw(st.sampled_from(["lif", "plif"])), dvs_mode=dvs, tet=draw(st.booleans()))

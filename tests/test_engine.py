@@ -9,8 +9,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import ALL_CASES, case_input, case_path, loaded, quantized
-from models import SDTConfig
+from conftest import ALL_CASES, case_input, case_path, loaded, quantized, small_configs
 from sdt_deploy import quantize
 from sdt_deploy.bits import bit_report
 from sdt_deploy.engine import lif_int, run_engine, synaptic_conv
@@ -26,7 +25,9 @@ def reference(q, x):
     """The quantized torch model; in float64 where float32 is not guaranteed exact (bit analysis)."""
     model = q.model
     if not bit_report(q.graph)["summary"]["float32_exact"]:
-        model = q.model.double()
+        import copy
+
+        model = copy.deepcopy(q.model).double()    # a copy: the cached model stays float32
         x = x.astype(np.float64)
     return run_model(model, x)
 
@@ -159,25 +160,6 @@ def test_quant_options_are_validated():
                 dict(input_range=-1.0)):
         with pytest.raises(DeployError):
             QuantOptions(**bad)
-
-
-POOLINGS = ["0000", "0011", "0101", "0111", "1001", "1100", "1111"]
-
-
-@st.composite
-def small_configs(draw):
-    pooling = draw(st.sampled_from(POOLINGS))
-    pools = pooling.count("1")
-    heads = draw(st.sampled_from([1, 2, 4]))
-    dim = heads * draw(st.sampled_from([2, 4])) * (8 // heads if heads < 8 else 1)
-    dim = max(8, dim - dim % 8)
-    dvs = draw(st.booleans())
-    return SDTConfig(
-        img_size=2 ** pools * draw(st.sampled_from([2, 3, 4])),
-        in_channels=2 if dvs else draw(st.sampled_from([1, 3])),
-        num_classes=draw(st.integers(2, 5)), dim=dim, depth=draw(st.integers(1, 2)), num_heads=heads,
-        mlp_ratio=draw(st.sampled_from([1, 2, 4])), time_steps=draw(st.integers(1, 16)), pooling_stat=pooling,
-        spike_mode=draw(st.sampled_from(["lif", "plif"])), dvs_mode=dvs, tet=draw(st.booleans()))
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])

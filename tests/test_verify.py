@@ -17,7 +17,6 @@ from sdt_deploy.cli import main
 from sdt_deploy.datasets import ArrayDataset
 from sdt_deploy.engine import run_engine
 from sdt_deploy.export import export_graph
-from sdt_deploy.graph import LIF
 from sdt_deploy.verify import ALL_EXECUTORS, run_verify
 
 EVERY = [e for e in ALL_EXECUTORS if e != "cupy"]

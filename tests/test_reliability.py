@@ -1,0 +1,59 @@
+"""Hostile and broken inputs beyond the checkpoint file: fuzzed models and inputs through export and
+verify (always exact or one clear error, never a crash), refusal instead of overflow."""
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import case_path, loaded, small_configs
+from sdt_deploy import quantize
+from sdt_deploy.datasets import ArrayDataset
+from sdt_deploy.errors import DeployError
+from sdt_deploy.synth import random_inputs, random_model
+from sdt_deploy.verify import run_verify
+
+EXECUTORS = ["torch", "engine", "onnx-int", "onnx-float", "nir"]
+
+
+def _inputs(cfg, kind: str, seed: int) -> np.ndarray:
+    x = random_inputs(cfg, 2, seed=seed, events=cfg.dvs_mode)
+    if kind == "zeros":
+        return np.zeros_like(x)
+    if kind == "huge":                 # far outside the input grid: saturates, must still be exact
+        return (x * 1e4).astype(np.float32)
+    if kind == "tiny":                 # below half a grid step: rounds to zero
+        return (x * 1e-6).astype(np.float32)
+    return x
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(small_configs(), st.integers(0, 2 ** 16), st.sampled_from(["normal", "zeros", "huge", "tiny"]),
+       st.sampled_from([8, 5, 2]))
+def test_fuzz_export_then_verify_is_exact_or_a_clear_error(cfg, seed, kind, bits):
+    model = random_model(cfg, seed=seed, calibration=4)
+    x = _inputs(cfg, kind, seed + 1)
+    try:
+        res = run_verify(model_loaded(model), ArrayDataset(x), EXECUTORS, weight_bits=bits)
+    except DeployError as exc:                       # allowed: a clear, single-line refusal
+        assert str(exc) and "\n" not in str(exc)
+        return
+    assert res.ok, res.tally.first
+
+
+def model_loaded(model):
+    from sdt_deploy.api import _loaded
+
+    return _loaded(model)
+
+
+def test_overflowing_weights_are_refused_naming_the_layer():
+    """A BatchNorm scale of 1e30 makes integers no int64 holds: refused at quantization, by name."""
+    lm = loaded(case_path("lif_0011"))
+    import copy
+
+    model = copy.deepcopy(lm.model)
+    with torch.no_grad():
+        model.block[0].mlp.fc2_bn.weight.mul_(1e30)
+    with pytest.raises(DeployError, match="block.0.mlp.fc2_conv|block.0.mlp.add|block.0"):
+        quantize(model)
