@@ -68,6 +68,8 @@ def run_demo(checkpoint: str, out_dir: str, force: bool = False, verify_samples:
     print_result(res)
     if not res.ok:
         raise DeployError("demo verification failed: " + describe_divergence(res.tally.first))
+    click.echo(f"      OK: every spike of every layer equal in {', '.join(res.executors)}"
+               + (f" ({', '.join(f'{k} skipped: {v}' for k, v in res.skipped.items())})" if res.skipped else ""))
     from .report_cmd import report_command
 
     click.echo("[5/5] operations and energy:")

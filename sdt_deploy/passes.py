@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Iterator
 
 import numpy as np
 
@@ -13,7 +14,7 @@ def fold_bn_params(weight: np.ndarray, bias, bn: BatchNorm) -> tuple[np.ndarray,
     """W' = W * gamma / sqrt(var + eps);  b' = beta + (b - mean) * gamma / sqrt(var + eps), in float64."""
     scale = bn.weight.astype(np.float64) / np.sqrt(bn.var.astype(np.float64) + bn.eps)
     b = np.zeros(weight.shape[0]) if bias is None else bias.astype(np.float64)
-    w = weight.astype(np.float64) * scale.reshape((-1,) + (1,) * (weight.ndim - 1))
+    w = np.asarray(weight, dtype=np.float64) * scale.reshape((-1,) + (1,) * (weight.ndim - 1))
     return w, bn.bias.astype(np.float64) + (b - bn.mean.astype(np.float64)) * scale
 
 
@@ -21,28 +22,37 @@ def fold_bn(g: Graph) -> Graph:
     """Fold every BatchNorm into the conv/linear that feeds it; no BatchNorm survives.
 
     The folded node keeps the conv's name; consumers of the BatchNorm now read the conv."""
-    nodes = list(g.nodes)
-    renamed: dict[str, str] = {}
-    out = []
-    index = {n.name: n for n in nodes}
-    folded = {}
-    for n in nodes:
+    return g.replace_nodes(list(fold_nodes(g)), folded=True)
+
+
+def fold_nodes(g: Graph) -> Iterator:
+    """The nodes of `fold_bn(g)`, made one at a time as they are consumed, so that a streaming consumer
+    (`quantization.fold_and_quantize`) holds one layer's folded float64 weights at once, not the
+    model's. Checks every BatchNorm before the first node is made. A conv/linear without a BatchNorm
+    passes through with its weights as float64."""
+    plan: dict[str, BatchNorm] = {}
+    for n in g.nodes:
         if isinstance(n, BatchNorm):
             (src,) = n.inputs
-            producer = folded.get(src, index[src])
-            if not isinstance(producer, (Conv, Linear)) or len(g.consumers(src)) != 1:
+            if src in plan or not isinstance(g[src], (Conv, Linear)) or len(g.consumers(src)) != 1:
                 raise DeployError(f"cannot fold {n.name}: it does not follow a conv/linear with a single consumer")
-            w, b = fold_bn_params(producer.weight, producer.bias, n)
-            folded[src] = replace(producer, weight=w, bias=b)
-            renamed[n.name] = src
-    for n in nodes:
-        if isinstance(n, BatchNorm):
-            continue
-        n = folded.get(n.name, n)
-        if any(i in renamed for i in n.inputs):
-            n = replace(n, inputs=tuple(renamed.get(i, i) for i in n.inputs))
-        out.append(n)
-    return g.replace_nodes(out, folded=True)
+            plan[src] = n
+    renamed = {bn.name: src for src, bn in plan.items()}
+
+    def nodes():
+        for n in g.nodes:
+            if isinstance(n, BatchNorm):
+                continue
+            if n.name in plan:
+                w, b = fold_bn_params(n.weight, n.bias, plan[n.name])
+                n = replace(n, weight=w, bias=b)
+            elif isinstance(n, (Conv, Linear)) and n.weight.dtype != np.float64:
+                n = replace(n, weight=n.weight.astype(np.float64),
+                            bias=None if n.bias is None else n.bias.astype(np.float64))
+            if any(i in renamed for i in n.inputs):
+                n = replace(n, inputs=tuple(renamed.get(i, i) for i in n.inputs))
+            yield n
+    return nodes()
 
 
 def synaptic_exceptions(g: Graph) -> list[str]:

@@ -28,7 +28,7 @@ import contextlib
 import math
 import warnings
 from dataclasses import dataclass, field, replace
-from typing import Optional
+from typing import Iterable, Optional
 
 import numpy as np
 import torch
@@ -252,30 +252,48 @@ def _channels(grid, c: int) -> np.ndarray:
     return np.full(c, int(g)) if g.ndim == 0 else g
 
 
+def _head_mean_as_sum(n, meta: dict):
+    """One node of the head rewrite (see `_rewrite_head_mean`)."""
+    if isinstance(n, SpatialMean):
+        return TokenSum("head_sum", n.inputs, n.shape)
+    if n.name == "head_lif":
+        H, W = meta["token_shape"][1:]
+        return replace(n, inputs=tuple("head_sum" if i == "head_mean" else i for i in n.inputs),
+                       v_threshold=float(n.v_threshold) * H * W)
+    return n
+
+
 def _rewrite_head_mean(g: Graph) -> Graph:
     """mean over tokens -> head_lif becomes sum over tokens -> head_lif with threshold * H*W."""
-    nodes = []
-    for n in g.nodes:
-        if isinstance(n, SpatialMean):
-            n = TokenSum("head_sum", n.inputs, n.shape)
-        elif n.name == "head_lif":
-            H, W = g.meta["token_shape"][1:]
-            n = replace(n, inputs=tuple("head_sum" if i == "head_mean" else i for i in n.inputs),
-                        v_threshold=float(n.v_threshold) * H * W)
-        nodes.append(n)
-    return g.replace_nodes(nodes, head_pool="sum")
+    return g.replace_nodes([_head_mean_as_sum(n, g.meta) for n in g.nodes], head_pool="sum")
 
 
 def quantize_graph(g: Graph, opts: QuantOptions) -> Graph:
     """The dyadic-quantized graph: integer fields on every node, float fields the exact dequantized values."""
     if not g.meta.get("folded"):
         raise DeployError("quantize needs a BatchNorm-folded graph (run fold_bn first)")
-    if g.meta.get("head_pool", "mean") == "mean":
-        g = _rewrite_head_mean(g)
+    return _quantize_nodes(g.nodes, g.meta, opts)
+
+
+def fold_and_quantize(g: Graph, opts: QuantOptions) -> Graph:
+    """`quantize_graph(fold_bn(g), opts)`, the same graph, folding each layer just before it is quantized:
+    one layer's folded float64 weights exist at a time instead of the whole model's (8-768: 530 MB)."""
+    from .passes import fold_nodes
+
+    return _quantize_nodes(fold_nodes(g), {**g.meta, "folded": True}, opts)
+
+
+def _quantize_nodes(nodes: Iterable, meta: dict, opts: QuantOptions) -> Graph:
+    """Quantize a stream of folded nodes in graph order (each node is dropped once quantized)."""
+    head_rewrite = meta.get("head_pool", "mean") == "mean"
+    if head_rewrite:
+        meta = {**meta, "head_pool": "sum"}
     grids: dict[str, Optional[np.ndarray]] = {}
     plif_tau: dict[str, float] = {}
-    nodes = []
-    for n in g.nodes:
+    out = []
+    for n in nodes:
+        if head_rewrite:
+            n = _head_mean_as_sum(n, meta)
         if isinstance(n, Input):
             gi = input_grid(opts)
             n = replace(n, grid=_channels(gi, n.shape[0]), bits=opts.input_bits)
@@ -317,11 +335,10 @@ def quantize_graph(g: Graph, opts: QuantOptions) -> Graph:
         elif isinstance(n, SpatialMean):
             raise DeployError("internal: a spatial mean survived the head rewrite")
         grids[n.name] = n.grid if n.out_kind == CURRENT else None
-        nodes.append(n)
-    meta = {"quantized": True, "weight_bits": opts.weight_bits, "input_bits": opts.input_bits,
-            "scale_search": opts.scale_search, "input_grid": input_grid(opts),
-            "input_range": input_range(opts), "plif_tau": plif_tau}
-    return g.replace_nodes(nodes, **meta)
+        out.append(n)
+    return Graph(out, {**meta, "quantized": True, "weight_bits": opts.weight_bits, "input_bits": opts.input_bits,
+                       "scale_search": opts.scale_search, "input_grid": input_grid(opts),
+                       "input_range": input_range(opts), "plif_tau": plif_tau})
 
 
 def grid_of(g: Graph, name: str) -> Optional[np.ndarray]:

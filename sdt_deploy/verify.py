@@ -309,7 +309,9 @@ def run_verify(loaded: LoadedModel, dataset, executors: list, artifacts: Optiona
     bits = bit_report(q.graph)["summary"]
     skipped = {e: r for e in executors if (r := skip_reason(e))}
     active = [e for e in executors if e not in skipped]
-    reference = "cupy" if "cupy" in active else "torch"
+    # The CuPy model is the reference on a GPU — unless the bit analysis says float32 may round, then
+    # the exact side is the float64 torch model on the CPU and CuPy is checked against it.
+    reference = "cupy" if ("cupy" in active and bits["float32_exact"]) else "torch"
     with contextlib.ExitStack() as stack:
         wd = workdir or stack.enter_context(tempfile.TemporaryDirectory(prefix="sdt-verify-"))
         ctx = Context(loaded, q, wd, dict(artifacts or {}), float64_reference=not bits["float32_exact"])

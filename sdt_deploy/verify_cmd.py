@@ -166,7 +166,11 @@ def verify_command(loaded, input_path, data_dir, digits, random_n, executors: st
     else:
         print_result(res)
     if not res.ok:
-        raise MismatchError("spike mismatch: " + describe_divergence(total.first))
+        note = ""
+        if total.first["executor"] == "cupy" and not res.bits["float32_exact"]:
+            note = ("; the bit analysis predicted this: float32 cannot hold every value exactly here "
+                    f"({res.bits['max_float32_bits']} bits needed), the integer engine is the exact side")
+        raise MismatchError("spike mismatch: " + describe_divergence(total.first) + note)
     if not as_json:
         click.echo(f"OK: {total.samples} samples, every spike of every layer equal in "
                    f"{', '.join(e for e in res.executors)}")
