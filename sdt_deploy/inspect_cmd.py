@@ -28,16 +28,16 @@ def inspect_model(loaded: LoadedModel, graph: bool = False, bits: bool = False, 
         from .graph import graph_summary
         from .lower import lower
 
-        g = lower(loaded.model)
+        stored = loaded.quantized_graph             # a quantized file carries its graph
+        g = stored if stored is not None else lower(loaded.model)
         if graph:
             report["graph"] = graph_summary(g)
         if bits:
+            from .api import quantize
             from .bits import bit_report
-            from .quantization import QuantOptions, quantize_graph
-            from .passes import fold_bn
 
-            qg = quantize_graph(fold_bn(g), QuantOptions(weight_bits=weight_bits, input_bits=input_bits,
-                                                         data=loaded.resolved.data))
+            qg = stored if stored is not None else quantize(loaded, weight_bits=weight_bits,
+                                                            input_bits=input_bits).graph
             report["bits"] = bit_report(qg)
     return report
 

@@ -55,7 +55,7 @@ def evaluate(model, x: np.ndarray, y: np.ndarray, batch: int = 128) -> float:
     return 100.0 * correct / len(y)
 
 
-def train(out: str, epochs: int = 30, batch: int = 32, lr: float = 2e-3, seed: int = 0) -> float:
+def train(out: str, epochs: int = 15, batch: int = 32, lr: float = 2e-3, seed: int = 0, noise: float = 0.05) -> float:
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     cfg = DEMO_CONFIG
@@ -73,6 +73,9 @@ def train(out: str, epochs: int = 30, batch: int = 32, lr: float = 2e-3, seed: i
         for i in range(0, len(ytr), batch):
             idx = perm[i:i + batch]
             xb = shift_augment(xtr[idx], 2, gen)
+            # input noise of about the deployment input grid's step (2**-5): robustness to the rounding
+            # of the 8-bit input and, like any small perturbation, to the rounding of int8 weights
+            xb = xb + noise * torch.randn(xb.shape, generator=gen)
             functional.reset_net(model)
             loss = F.cross_entropy(model(xb), ytr[idx], label_smoothing=0.1)
             opt.zero_grad()
@@ -92,11 +95,12 @@ def train(out: str, epochs: int = 30, batch: int = 32, lr: float = 2e-3, seed: i
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("-o", "--out", required=True)
-    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--noise", type=float, default=0.05, help="std of the Gaussian input noise in training")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    train(a.out, epochs=a.epochs, seed=a.seed)
+    train(a.out, epochs=a.epochs, seed=a.seed, noise=a.noise)
 
 
 if __name__ == "__main__":
