@@ -172,8 +172,40 @@ def write_nir(qgraph: Graph, path: str, profile: str = "standard", dt: float = D
     complete). The same graph gives a byte-identical file. Returns the graph written."""
     graph = to_nir(qgraph, profile=profile, dt=dt, time_steps=time_steps)
     with atomic_write(path) as tmp:
-        nir.write(tmp, graph)
+        nir.write(tmp, _Serialised(graph))
     return graph
+
+
+class _NodesOneByOne(dict):
+    """`NIRGraph.to_dict()["nodes"]` made lazily: each node's own `to_dict()` (a deep copy of its arrays)
+    while nir.write stores it, then dropped. nir's graph-level `to_dict` copies every weight twice
+    (`dataclasses.asdict` of the whole graph, then of each node again): 2 GB at once for SDT-8-768."""
+
+    def __init__(self, nodes: dict):
+        super().__init__()
+        self._nodes = nodes
+
+    def items(self):
+        for name, node in self._nodes.items():
+            yield name, node.to_dict()
+
+
+class _Serialised:
+    """What nir.write reads of a graph (`to_dict()`), the same dictionary nir builds, with the nodes
+    serialised one at a time (see `_NodesOneByOne`): nir's own writer, the same file."""
+
+    def __init__(self, graph: nir.NIRGraph):
+        self.graph = graph
+
+    def to_dict(self) -> dict:
+        nodes = self.graph.nodes
+        self.graph.nodes = {}            # the graph-level fields without a copy of every node
+        try:
+            d = self.graph.to_dict()
+        finally:
+            self.graph.nodes = nodes
+        d["nodes"] = _NodesOneByOne(nodes)
+        return d
 
 
 def lif_threshold(theta_int: np.ndarray, grid: np.ndarray, time_steps: int) -> np.ndarray:

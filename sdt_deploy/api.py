@@ -3,8 +3,6 @@ from __future__ import annotations
 
 from typing import Optional, Union
 
-import torch
-
 from models import SpikeDrivenTransformer
 
 from .checkpoint import LoadedModel, load_model
@@ -13,8 +11,8 @@ from .configs import DataConfig
 from .graph import Graph
 from .lower import lower
 from .passes import fold_bn
-from .qmodel import QuantizedModel, build_quantized_model
-from .quantization import QuantOptions, quantize_graph
+from .qmodel import QuantizedModel
+from .quantization import QuantOptions, fold_and_quantize
 
 Source = Union[str, LoadedModel, SpikeDrivenTransformer]
 
@@ -42,20 +40,21 @@ def deploy_graph(source: Source) -> Graph:
 
 def quantize(source: Source, weight_bits: int = 8, input_bits: int = 8, scale_search: str = "mse",
              input_range: Optional[float] = None, data: Optional[DataConfig] = None) -> QuantizedModel:
-    """Fold BatchNorm, quantize to power-of-two per-channel grids (brevitas), and build the quantized
-    torch model that carries the dequantized weights (runs with CuPy on a GPU, torch on a CPU)."""
+    """Fold BatchNorm, quantize to power-of-two per-channel grids (brevitas); `.model` of the result is
+    the quantized torch model that carries the dequantized weights (runs with CuPy on a GPU, torch on a
+    CPU), built on first use."""
     loaded = _loaded(source)
     cfg = loaded.config
     if loaded.quantized_graph is not None:
         return QuantizedModel(loaded.model, loaded.quantized_graph, cfg, loaded.resolved.data)
     opts = QuantOptions(weight_bits=weight_bits, input_bits=input_bits, scale_search=scale_search,
                         input_range=input_range, data=data or loaded.resolved.data)
-    qg = quantize_graph(fold_bn(lower(loaded.model)), opts)
+    # lowered as views of the model's tensors, folded and quantized one layer at a time: the float64
+    # copies of a whole model (lowered, folded) are never made
+    qg = fold_and_quantize(lower(loaded.model, copy=False), opts)
     check_engine_bounds(qg)   # refuse, naming the layer, rather than hand on a graph that could wrap
-    model = build_quantized_model(qg, cfg)
-    original = loaded.model.state_dict()
-    with torch.no_grad():   # the never-called talking_heads Conv1d keeps its trained values
-        for name, p in model.named_parameters():
-            if name.endswith("talking_heads.weight") and name in original:
-                p.copy_(original[name])
-    return QuantizedModel(model, qg, cfg, loaded.resolved.data)
+    # the never-called talking_heads Conv1d keeps its trained values; the torch model itself is built
+    # on first use (QuantizedModel.model)
+    keep = {name: t.detach().clone() for name, t in loaded.model.state_dict().items()
+            if name.endswith("talking_heads.weight")}
+    return QuantizedModel(None, qg, cfg, loaded.resolved.data, keep=keep)

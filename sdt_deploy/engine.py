@@ -1,10 +1,15 @@
 """The integer engine: a quantized deploy graph run with integer arithmetic only (after the input is put
 on its grid), event-driven, counting the operations it performs.
 
-- currents are int64 arrays on per-channel grids (value = integer * 2**-grid);
-- a synaptic layer on spikes adds the weight columns of the inputs that spiked and nothing else: the
-  spikes become a sparse 0/1 matrix of (input event, kernel tap) pairs and one sparse x dense product
-  (scipy, integer) adds exactly those columns; its count of additions is nnz(events x taps) x c_out;
+- currents are integer arrays on per-channel grids (value = integer * 2**-grid): int32 where the bit
+  analysis (`bits.channel_bounds`) bounds the node below 2**31 (a LIF: its V + X, twice its bound),
+  int64 elsewhere -- never a wrap-around; the read-out and membrane traces are int64;
+- a synaptic layer on spikes adds the weight columns of the inputs that spiked and nothing else: per
+  kernel tap, the spikes become a sparse 0/1 matrix of input events (built from the event list, no
+  sorting) whose product with that tap's weights (scipy's CSR kernel, integer, accumulating in place)
+  adds exactly those columns; its count of additions is (event, tap) pairs x c_out. The additions run
+  in int16 where the weights bound a group of events below 2**15 (emptied into an int32 / int64
+  accumulator before it could overflow), and the samples are split over threads (`threads`);
 - the encoder (the only layer reading a real value) is a dense integer convolution: its multiply-
   accumulates are counted per valid (non-padding) tap;
 - a LIF is `H = (V + X) >> 1` (arithmetic shift: floor), `S = H >= theta`, `V = H * (1 - S)`, on its
@@ -15,6 +20,9 @@ the exact state and every threshold decision matches the float model's exactly (
 """
 from __future__ import annotations
 
+import concurrent.futures
+import os
+import weakref
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -74,49 +82,204 @@ def _shift_left(a: np.ndarray, shift: np.ndarray, channel_axis: int = 2) -> np.n
         raise DeployError("internal: a current would be shifted to a coarser grid")
     shape = [1] * a.ndim
     shape[channel_axis] = -1
-    return a << shift.astype(INT).reshape(shape)
+    return a << shift.astype(a.dtype).reshape(shape)
 
 
-def _spatial_taps(S: np.ndarray, k: int, pad: int, Ho: int, Wo: int):
-    """(rows, cols) of the 0/1 matrix pairing each input spike with each kernel tap it reaches.
-
-    S: [N, C, H, W] (bool); row = n*Ho*Wo + yo*Wo + xo, col = c*k*k + ky*k + kx, stride 1."""
-    n, c, y, x = np.nonzero(S)
-    rows, cols = [], []
-    for ky in range(k):
-        yo = y - ky + pad
-        for kx in range(k):
-            xo = x - kx + pad
-            ok = (yo >= 0) & (yo < Ho) & (xo >= 0) & (xo < Wo)
-            rows.append(n[ok] * (Ho * Wo) + yo[ok] * Wo + xo[ok])
-            cols.append(c[ok] * (k * k) + ky * k + kx)
-    return np.concatenate(rows), np.concatenate(cols)
+try:   # Y += A @ X for a CSR matrix A, accumulating into Y in place (the kernel behind scipy's A @ X)
+    from scipy.sparse._sparsetools import csr_matvecs as _csr_matvecs
+except ImportError:   # pragma: no cover - a scipy without it: the public product, then an add
+    _csr_matvecs = None
 
 
-def synaptic_conv(S: np.ndarray, w_int: np.ndarray, padding: int) -> tuple[np.ndarray, int]:
+I16_MAX = 2 ** 15 - 1
+
+
+def accumulator_dtype(w_int: np.ndarray) -> type:
+    """The narrowest of int16, int32, int64 that no output can overflow even with every input spiking
+    (the sum of |w| over a row's inputs, as `bits.channel_bounds` bounds it). Narrower is faster: scipy's
+    kernel adds ~17 G int16, ~4 G int32 and ~1.6 G int64 values per second on one core (measured)."""
+    worst = np.abs(w_int.astype(np.int64)).reshape(w_int.shape[0], -1).sum(axis=1).max(initial=0)
+    return np.int16 if worst <= I16_MAX else np.int32 if worst < 2 ** 31 else INT
+
+
+def int16_plan(w_int: np.ndarray) -> Optional[list]:
+    """Per kernel tap, the input-channel ranges [c0, c1) whose weights sum, in magnitude, to at most
+    2**15 - 1 for every output -- with that bound per output: the groups of events that can be added in
+    int16 without overflow (a whole tap, unless its channels must be split). None where a single
+    weight does not fit int16 (never for int8 weights)."""
+    O, C = w_int.shape[:2]
+    taps = np.abs(w_int.astype(np.int64)).reshape(O, C, -1)
+    if taps.max(initial=0) > I16_MAX:
+        return None
+    plan = []
+    for t in range(taps.shape[2]):
+        cum = np.cumsum(taps[:, :, t].T, axis=0)            # [C, O]: running sums over the channels
+        ranges, c0, before = [], 0, np.zeros(O, np.int64)
+        while c0 < C:                                       # greedy: the longest range that fits
+            over = np.flatnonzero((cum[c0:] - before).max(axis=1) > I16_MAX)
+            c1 = C if over.size == 0 else c0 + int(over[0])  # > c0: a single weight always fits
+            ranges.append((c0, c1, cum[c1 - 1] - before))
+            c0, before = c1, cum[c1 - 1]
+        plan.append(ranges)
+    return plan
+
+
+PARALLEL_MIN_WORK = 1 << 22     # inputs x outputs of a layer below which it runs on one thread
+_POOLS: dict = {}
+
+
+def default_threads() -> int:
+    """Threads for the engine's additions: the CPUs this process may use (at most 8)."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:   # pragma: no cover - not Linux
+        n = os.cpu_count() or 1
+    return max(1, min(8, n))
+
+
+def _pool(threads: int) -> concurrent.futures.ThreadPoolExecutor:
+    if threads not in _POOLS:
+        _POOLS[threads] = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="sdt-engine")
+    return _POOLS[threads]
+
+
+def _add_event_rows(Y: np.ndarray, rows: np.ndarray, cols: np.ndarray, w_cols: np.ndarray) -> None:
+    """Y[rows[i]] += w_cols[cols[i]] for every event i (rows nondecreasing): one weight row added per
+    event, as a CSR matrix of the events (indptr from the row counts, no sorting) times w_cols."""
+    M, n_in = Y.shape[0], w_cols.shape[0]
+    index = np.int32 if max(M, n_in, rows.size) < 2 ** 31 else np.int64
+    indptr = np.zeros(M + 1, dtype=index)
+    np.cumsum(np.bincount(rows, minlength=M), out=indptr[1:])
+    cols = cols.astype(index, copy=False)
+    ones = np.ones(cols.size, dtype=Y.dtype)
+    w_cols = np.ascontiguousarray(w_cols, dtype=Y.dtype)
+    if _csr_matvecs is not None:   # releases the GIL: the blocks of `_in_blocks` run in parallel
+        _csr_matvecs(M, n_in, Y.shape[1], indptr, cols, ones, w_cols.ravel(), Y.ravel())
+    else:   # pragma: no cover
+        Y += sp.csr_matrix((ones, cols, indptr), shape=(M, n_in)) @ w_cols
+
+
+def _in_blocks(fn, S: np.ndarray, Y: np.ndarray, rows_per_sample: int, threads: int) -> int:
+    """fn(S_block, Y_block) over blocks of the samples (axis 0 of S) and their output rows, in parallel
+    threads when the layer is large enough; returns the sum of fn's results. Every output row belongs to
+    one sample, so each is summed exactly as in one block (same integers, in the same order)."""
+    N = S.shape[0]
+    parts = min(threads, N) if S.size * Y.shape[1] >= PARALLEL_MIN_WORK else 1
+    if parts <= 1:
+        return fn(S, Y)
+    cuts = np.linspace(0, N, parts + 1).astype(int)
+    jobs = [_pool(parts).submit(fn, S[a:b], Y[a * rows_per_sample:b * rows_per_sample])
+            for a, b in zip(cuts[:-1], cuts[1:])]
+    return sum(job.result() for job in jobs)
+
+
+_WEIGHT_PLANS: dict = {}
+
+
+def weight_plan(w_int: np.ndarray) -> tuple:
+    """(accumulator_dtype, int16_plan) of a weight, remembered while the array lives and is unchanged
+    (a copy is compared on every use: an array changed in place is planned anew) -- at batch 1 the
+    planning took a quarter of the engine's time."""
+    key = id(w_int)
+    held = _WEIGHT_PLANS.get(key)
+    if held is not None and held[0]() is w_int and np.array_equal(held[1], w_int):
+        return held[2], held[3]
+    for k in [k for k, v in _WEIGHT_PLANS.items() if v[0]() is None]:
+        del _WEIGHT_PLANS[k]
+    dtype, plan = accumulator_dtype(w_int), int16_plan(w_int)
+    try:
+        _WEIGHT_PLANS[key] = (weakref.ref(w_int), w_int.copy(), dtype, plan)
+    except TypeError:   # pragma: no cover - not weak-referenceable: not remembered
+        pass
+    return dtype, plan
+
+
+def synaptic_conv(S: np.ndarray, w_int: np.ndarray, padding: int, threads: int = 1,
+                  out_dtype=INT) -> tuple[np.ndarray, int]:
     """Event-driven conv of spikes [N, C, H, W] with integer weights [O, C, k, k], stride 1.
 
-    Returns (out int64 [N, O, H', W'], additions performed)."""
+    Every input spike (n, c, y, x) adds, for each kernel tap (ky, kx) that lands on an output
+    (n, y - ky + p, x - kx + p), the weight column w[:, c, ky, kx] into that output: one pass per tap
+    over the events, nothing for the silent inputs. Accumulates in int32 where `accumulator_dtype`
+    proves it safe; `threads` split the samples. Returns (out [N, O, H', W'] as out_dtype (int64 by
+    default; int32 only where the caller knows the values fit), additions performed = (event, tap)
+    pairs x O)."""
     N, C, H, W = S.shape
     O, _, k, _ = w_int.shape
     Ho, Wo = H + 2 * padding - k + 1, W + 2 * padding - k + 1
-    if k == 1 and padding == 0:
-        flat = S.transpose(0, 2, 3, 1).reshape(N * H * W, C)
-        A = sp.csr_matrix(flat.astype(INT))
-        wmat = w_int.reshape(O, C).T.astype(INT)
+    dtype, plan = weight_plan(w_int)
+    Y = np.zeros((N * Ho * Wo, O), dtype=dtype)
+    pairs = _in_blocks(lambda s, y: _conv_events(s, w_int, padding, y, plan), S, Y, Ho * Wo, threads)
+    # [N, O, H', W'] over memory laid out [N, H', W', O] (no transposing copy; numpy's element-wise
+    # operations follow the memory order, and the next synaptic layer reads this layout directly)
+    out = Y.reshape(N, Ho, Wo, O).transpose(0, 3, 1, 2).astype(out_dtype, copy=False)
+    return out, pairs * O
+
+
+def _conv_events(S: np.ndarray, w_int: np.ndarray, padding: int, Y: np.ndarray, plan: Optional[list]) -> int:
+    """Adds the events of S [N, C, H, W] into Y [N*H'*W', O]; returns the (event, tap) pairs.
+
+    The additions run in int16 (4x the int32 rate): into Y itself where Y is int16, else into an int16
+    scratch that is added into Y whenever the next group of events (`int16_plan`) could take it past
+    2**15 - 1 -- exact, the same integers as adding into Y directly."""
+    N, C, H, W = S.shape
+    k = w_int.shape[2]
+    Ho, Wo = H + 2 * padding - k + 1, W + 2 * padding - k + 1
+    index = np.int32 if max(N * H * W, N * Ho * Wo, C) < 2 ** 31 else np.int64
+    # the events in (n, y, x) order -- the order of the output rows n*Ho*Wo + yo*Wo + xo -- as
+    # (position n*H*W + y*W + x, channel)
+    pos, c = np.divmod(np.flatnonzero(S.transpose(0, 2, 3, 1)).astype(index), C)
+    n, yx = np.divmod(pos, H * W)
+    y, x = np.divmod(yx, W)
+    base = (n * Ho + y) * Wo + x            # the output row of tap (padding, padding)
+    del pos, n, yx
+    pairs = 0
+    if plan is None:         # weights beyond int16: every tap whole, straight into Y
+        plan = [[(0, C, None)]] * (k * k)
+        scratch, room = Y, None
     else:
-        rows, cols = _spatial_taps(S != 0, k, padding, Ho, Wo)
-        A = sp.csr_matrix((np.ones(rows.size, dtype=INT), (rows, cols)), shape=(N * Ho * Wo, C * k * k))
-        wmat = w_int.reshape(O, C * k * k).T.astype(INT)
-    out = np.asarray(A @ wmat, dtype=INT)          # adds one weight column per (event, tap)
-    return out.reshape(N, Ho, Wo, O).transpose(0, 3, 1, 2), int(A.nnz) * O
+        scratch, room = (Y, None) if Y.dtype == np.int16 else (None, np.zeros(Y.shape[1], np.int64))
+    for ky in range(k):
+        y_ok = None if (ky == padding and Ho == H) else (y >= ky - padding) & (y < Ho + ky - padding)
+        for kx in range(k):
+            x_ok = None if (kx == padding and Wo == W) else (x >= kx - padding) & (x < Wo + kx - padding)
+            offset = (padding - ky) * Wo + (padding - kx)
+            ok = x_ok if y_ok is None else (y_ok if x_ok is None else y_ok & x_ok)
+            if ok is None:   # every event's tap lands inside the output
+                rows, cols = (base + offset) if offset else base, c
+            else:
+                rows, cols = base[ok] + offset, c[ok]
+            for c0, c1, bound in plan[ky * k + kx]:
+                if room is not None:             # int16 scratch, emptied into Y before it could overflow
+                    if scratch is None:
+                        scratch = np.zeros(Y.shape, np.int16)
+                    elif (room + bound).max() > I16_MAX:
+                        Y += scratch
+                        scratch.fill(0)
+                        room[:] = 0
+                    room += bound
+                if c0 == 0 and c1 == C:
+                    group_rows, group_cols = rows, cols
+                else:
+                    sel = (cols >= c0) & (cols < c1)
+                    group_rows, group_cols = rows[sel], cols[sel]
+                _add_event_rows(scratch, group_rows, group_cols, w_int[:, :, ky, kx].T)
+                pairs += group_cols.size
+    if room is not None and scratch is not None:
+        Y += scratch
+    return pairs
 
 
-def synaptic_linear(S: np.ndarray, w_int: np.ndarray) -> tuple[np.ndarray, int]:
-    """Event-driven linear layer on spikes [N, C]; returns (out [N, O], additions)."""
-    A = sp.csr_matrix(S.astype(INT))
-    out = np.asarray(A @ w_int.T.astype(INT), dtype=INT)
-    return out, int(A.nnz) * w_int.shape[0]
+def synaptic_linear(S: np.ndarray, w_int: np.ndarray, threads: int = 1) -> tuple[np.ndarray, int]:
+    """Event-driven linear layer on spikes [N, C]; returns (out int64 [N, O], additions)."""
+    def add(s: np.ndarray, y: np.ndarray) -> int:
+        rows, cols = np.nonzero(s)
+        _add_event_rows(y, rows, cols, w_int.T)
+        return int(rows.size)
+
+    Y = np.zeros((S.shape[0], w_int.shape[0]), dtype=weight_plan(w_int)[0])
+    events = _in_blocks(add, S, Y, 1, threads)
+    return Y.astype(INT), events * w_int.shape[0]
 
 
 def dense_conv(x: np.ndarray, w_int: np.ndarray, stride: int, padding: int) -> tuple[np.ndarray, int]:
@@ -173,34 +336,53 @@ def lif_int(X: np.ndarray, theta: np.ndarray, channel_axis: int = 2, membranes: 
     """Integer LIF over T: H = (V + X) >> 1, S = H >= theta, V = H * (1 - S)."""
     shape = [1] * (X.ndim - 1)
     shape[channel_axis - 1] = -1
-    th = theta.astype(INT).reshape(shape)
-    V = np.zeros(X.shape[1:], dtype=INT)
-    out = np.empty(X.shape, dtype=np.uint8)
+    th = theta.astype(X.dtype).reshape(shape)
+    V = np.zeros_like(X[0])                     # X's dtype and memory layout (see synaptic_conv)
+    out = np.empty_like(X, dtype=np.uint8)
     peak = 0
     for t in range(X.shape[0]):
-        H = (V + X[t]) >> 1
+        H = V + X[t]
+        H >>= 1
         S = H >= th
-        V = np.where(S, 0, H)
         out[t] = S
-        peak = max(peak, int(np.abs(H).max(initial=0)))
+        peak = max(peak, abs_max(H))
         if membranes is not None:
-            membranes.append(H)
+            membranes.append(H.astype(INT))
+        np.copyto(H, 0, where=S)   # V = H * (1 - S), in place
+        V = H
     return out, peak
 
 
-def check_engine_bounds(qg: Graph) -> None:
+def abs_max(a: np.ndarray) -> int:
+    """max |a| as a Python int (no temporary array; exact at the int64 minimum too)."""
+    return max(int(a.max()), -int(a.min())) if a.size else 0
+
+
+def check_engine_bounds(qg: Graph) -> dict:
+    """Refuse a graph whose worst-case integers need more than int64; returns the bounds per node."""
     from .bits import node_bounds
 
-    for name, b in node_bounds(qg).items():
+    bounds = node_bounds(qg)
+    for name, b in bounds.items():
         if b >= 2 ** 62:
             raise DeployError(f"{name}: worst-case integer magnitude 2**{np.log2(b):.1f} exceeds the engine's "
                               "int64; refusing rather than risking a wrap-around")
+    return bounds
 
 
-def run_engine(qg: Graph, x: np.ndarray, record: bool = True, membranes: bool = False) -> EngineResult:
+def run_engine(qg: Graph, x: np.ndarray, record: bool = True, membranes: bool = False,
+               threads: Optional[int] = None) -> EngineResult:
+    """Run the quantized graph on x ([B, C, H, W] repeated over T, or [B, T, C, H, W] frames). `threads`:
+    how many threads add the synaptic events (default: every CPU available; the result is the same)."""
+    threads = default_threads() if threads is None else max(1, int(threads))
     if not qg.meta.get("quantized"):
         raise DeployError("the integer engine runs quantized graphs only")
-    check_engine_bounds(qg)
+    bounds = check_engine_bounds(qg)
+
+    def width(name: str, factor: int = 1):
+        """int32 where the node's worst case (times factor) stays below 2**31, else int64."""
+        return np.int32 if bounds.get(name, np.inf) * factor < 2 ** 31 else INT
+
     T = x.shape[1] if x.ndim == 5 else int(qg.meta["time_steps"])
     B = x.shape[0]
     vals: dict[str, np.ndarray] = {}
@@ -218,19 +400,19 @@ def run_engine(qg: Graph, x: np.ndarray, record: bool = True, membranes: bool = 
             if in_grids[0] is None:
                 if n.stride != 1 or n.groups != 1:
                     raise DeployError(f"{n.name}: only stride-1, ungrouped synaptic convolutions are supported")
-                out, adds = synaptic_conv(flat, n.w_int, n.padding)
+                out, adds = synaptic_conv(flat, n.w_int, n.padding, threads, out_dtype=width(n.name))
                 ops[n.name] = {"acs": adds, "macs": 0}
             else:
                 out, macs = dense_conv(flat, n.w_int, n.stride, n.padding)
                 ops[n.name] = {"acs": 0, "macs": macs}
-            out += n.b_int.astype(INT)[None, :, None, None]
+            out += n.b_int.astype(out.dtype)[None, :, None, None]
             ops[n.name]["bias_adds"] = int(out.size)
             y = out.reshape((T, B) + out.shape[1:])
         elif isinstance(n, Linear):
             a = ins[0]
             if in_grids[0] is not None:
                 raise DeployError(f"{n.name}: a linear layer reading a current is not supported")
-            out, adds = synaptic_linear(a.reshape(T * B, -1), n.w_int)
+            out, adds = synaptic_linear(a.reshape(T * B, -1), n.w_int, threads)
             out += n.b_int.astype(INT)[None, :]
             ops[n.name] = {"acs": adds, "macs": 0, "bias_adds": int(out.size)}
             y = out.reshape(T, B, -1)
@@ -238,10 +420,10 @@ def run_engine(qg: Graph, x: np.ndarray, record: bool = True, membranes: bool = 
             if n.tau != 2.0 or n.plif_w not in (None, 0.0):
                 raise DeployError(f"{n.name}: the integer LIF needs decay 1/2 (tau = 2); got tau = {n.tau}")
             src_grid = in_grids[0] if in_grids[0] is not None else np.zeros(n.shape[0], dtype=INT)
-            X = _shift_left(ins[0].astype(INT), n.grid - src_grid)
+            X = _shift_left(np.asarray(ins[0], dtype=width(n.name, 2)), n.grid - src_grid)
             trace: Optional[list] = [] if membranes else None
             y, peak = lif_int(X, n.theta_int, membranes=trace)
-            observed[n.name] = max(peak, int(np.abs(X).max(initial=0)))
+            observed[n.name] = max(peak, abs_max(X))
             ops[n.name] = {"neuron_updates": int(X.size), "spikes": int(y.sum(dtype=INT))}
             if membranes:
                 mems[n.name] = np.stack(trace)
@@ -256,7 +438,7 @@ def run_engine(qg: Graph, x: np.ndarray, record: bool = True, membranes: bool = 
                 y = _pool_max(a, n.kernel, n.stride, n.padding, 0)
             ops[n.name] = {"or_inputs": int(a.sum(dtype=INT))}
         elif isinstance(n, MaxPool):
-            y = _pool_max(ins[0], n.kernel, n.stride, n.padding, np.iinfo(INT).min)
+            y = _pool_max(ins[0], n.kernel, n.stride, n.padding, np.iinfo(ins[0].dtype).min)
             ops[n.name] = {"comparisons": int(y.size) * (n.kernel * n.kernel - 1)}
         elif isinstance(n, TokenSum):
             a = ins[0]
@@ -268,7 +450,7 @@ def run_engine(qg: Graph, x: np.ndarray, record: bool = True, membranes: bool = 
         elif isinstance(n, Add):
             y = None
             for a, g in zip(ins, in_grids):
-                term = _shift_left(a.astype(INT), n.grid - g)
+                term = _shift_left(np.asarray(a, dtype=width(n.name)), n.grid - g)
                 y = term if y is None else y + term
             ops[n.name] = {"adds": int(y.size) * (len(ins) - 1)}
         elif isinstance(n, Readout):
@@ -278,7 +460,7 @@ def run_engine(qg: Graph, x: np.ndarray, record: bool = True, membranes: bool = 
         vals[n.name] = y
         grids[n.name] = n.grid if n.out_kind == "current" else None
         if n.out_kind == "current" and not isinstance(n, (Input, Readout)):
-            observed[n.name] = max(observed.get(n.name, 0), int(np.abs(y).max(initial=0)))
+            observed[n.name] = max(observed.get(n.name, 0), abs_max(y))
         if record and n.out_kind == "spike":
             spikes[n.name] = np.ascontiguousarray(y, dtype=np.uint8)
         for i in n.inputs:

@@ -34,8 +34,11 @@ class ExportResult:
 
 
 def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
+        for block in iter(lambda: f.read(1 << 20), b""):   # a block at a time, not the whole file
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def partition_paths(path: str) -> tuple[str, str]:

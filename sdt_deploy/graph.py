@@ -15,7 +15,8 @@ with no module of their own get a descriptive suffix on the module that owns the
 Once quantized (see `quantize.py`), value-carrying nodes also hold their integer form: `w_int`/`w_exp`/
 `b_int` on synaptic nodes (weight = w_int * 2**-w_exp per output channel; bias = b_int * 2**-out_exp),
 and `grid` — the per-channel exponent g of the output (value = integer * 2**-g) — on every current.
-The float `weight`/`bias` are then exactly the dequantized values.
+The float `weight`/`bias` are then exactly the dequantized values (`weight` in float32, which holds
+an 8-bit integer times a power of two exactly; float64 where it would not).
 """
 from __future__ import annotations
 
@@ -70,7 +71,7 @@ class Input(Node):
 class Conv(Node):
     """2-D convolution `y = W * x + b`; synaptic (an accumulate per input event) when x is spikes."""
 
-    weight: np.ndarray = None           # float64 [O, I/groups, kh, kw]
+    weight: np.ndarray = None           # float64 [O, I/groups, kh, kw] (float32 once quantized)
     bias: Optional[np.ndarray] = None   # float64 [O]
     stride: int = 1
     padding: int = 0
@@ -88,7 +89,7 @@ class Conv(Node):
 class Linear(Node):
     """`y = W x + b` over the channel vector; synaptic when x is spikes."""
 
-    weight: np.ndarray = None           # float64 [O, I]
+    weight: np.ndarray = None           # float64 [O, I] (float32 once quantized)
     bias: Optional[np.ndarray] = None
     w_int: Optional[np.ndarray] = None
     w_exp: Optional[np.ndarray] = None

@@ -16,12 +16,26 @@ from .graph import (SPIKE, Add, And, BatchNorm, Broadcast, Conv, Graph, Input, L
 
 
 def _f64(t: torch.Tensor | None):
-    return None if t is None else t.detach().cpu().double().numpy().copy()
+    """A float64 copy of a parameter (one copy: `.double()` of a float64 tensor would be the tensor)."""
+    if t is None:
+        return None
+    t = t.detach().cpu()
+    return (t.clone() if t.dtype == torch.float64 else t.double()).numpy()
+
+
+def _view(t: torch.Tensor | None):
+    """The parameter's own memory as a read-only array, in its own dtype (no copy; float32/64 only)."""
+    if t is None or t.dtype not in (torch.float32, torch.float64):
+        return _f64(t)
+    a = t.detach().cpu().numpy()
+    a.flags.writeable = False
+    return a
 
 
 class _Builder:
-    def __init__(self):
+    def __init__(self, copy: bool = True):
         self.nodes = []
+        self.array = _f64 if copy else _view
 
     def add(self, node):
         self.nodes.append(node)
@@ -35,24 +49,27 @@ def _lif(module, name: str, src: str, shape: tuple) -> LIF:
                v_reset=float(module.v_reset))
 
 
-def _conv(module: nn.Conv2d, name: str, src: str, shape: tuple) -> Conv:
-    return Conv(name, (src,), shape, weight=_f64(module.weight), bias=_f64(module.bias),
+def _conv(module: nn.Conv2d, name: str, src: str, shape: tuple, array=_f64) -> Conv:
+    return Conv(name, (src,), shape, weight=array(module.weight), bias=array(module.bias),
                 stride=module.stride[0], padding=module.padding[0], groups=module.groups)
 
 
 def _conv_bn(b: _Builder, conv: nn.Conv2d, bn: nn.Module, conv_name: str, bn_name: str, src: str,
              shape: tuple) -> str:
     """Conv then BatchNorm (or nothing, in a folded model)."""
-    out = b.add(_conv(conv, conv_name, src, shape))
+    out = b.add(_conv(conv, conv_name, src, shape, b.array))
     if isinstance(bn, nn.BatchNorm2d):
-        out = b.add(BatchNorm(bn_name, (out,), shape, weight=_f64(bn.weight), bias=_f64(bn.bias),
-                              mean=_f64(bn.running_mean), var=_f64(bn.running_var), eps=float(bn.eps)))
+        out = b.add(BatchNorm(bn_name, (out,), shape, weight=b.array(bn.weight), bias=b.array(bn.bias),
+                              mean=b.array(bn.running_mean), var=b.array(bn.running_var), eps=float(bn.eps)))
     return out
 
 
-def lower(model: SpikeDrivenTransformer) -> Graph:
+def lower(model: SpikeDrivenTransformer, copy: bool = True) -> Graph:
+    """The deploy graph of a model: float64 copies of its parameters, or (`copy=False`, for a graph
+    consumed at once by `fold_and_quantize`) read-only views of the model's own tensors, in their dtype
+    -- then the graph changes if the model does."""
     cfg: SDTConfig = model.cfg
-    b = _Builder()
+    b = _Builder(copy)
     S = cfg.img_size
     x = b.add(Input("input", (), (cfg.in_channels, S, S)))
     pe = model.patch_embed
@@ -89,7 +106,8 @@ def lower(model: SpikeDrivenTransformer) -> Graph:
         pooled = b.add(SpatialMean("head_mean", (stream,), (D,)))
     hs = b.add(_lif(model.head_lif, "head_lif", pooled, (D,)))
     head = model.head
-    logits = b.add(Linear("head", (hs,), (cfg.num_classes,), weight=_f64(head.weight), bias=_f64(head.bias)))
+    logits = b.add(Linear("head", (hs,), (cfg.num_classes,), weight=b.array(head.weight),
+                          bias=b.array(head.bias)))
     b.add(Readout("readout", (logits,), (cfg.num_classes,), mode="per_step" if cfg.tet else "mean"))
     meta = {"config": cfg.to_dict(), "time_steps": cfg.time_steps, "folded": bool(model.folded),
             "quantized": False, "head_pool": getattr(model, "head_pool", "mean"), "token_shape": list(tok)}

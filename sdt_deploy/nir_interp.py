@@ -111,8 +111,15 @@ def _torch_conv(x: np.ndarray, weight, bias, stride, padding, dilation, groups, 
 
 
 def _sum_pool(x: np.ndarray, kernel, stride, padding) -> np.ndarray:
-    """Window sums, zero padding, as a depthwise conv with a ones kernel (float64: exact on counts)."""
+    """Window sums, zero padding, in float64 (exact on counts and on values on a power-of-two grid):
+    torch's average pool with divisor 1 where its padding rule allows (at most half the window; measured
+    4-70x faster), else a depthwise conv with a ones kernel."""
     kh, kw = _pair(kernel)
+    if not isinstance(padding, str):
+        ph, pw = _pair(padding)
+        if 2 * ph <= kh and 2 * pw <= kw:
+            return F.avg_pool2d(torch.from_numpy(np.ascontiguousarray(x, dtype=F64)), (kh, kw), _pair(stride),
+                                (ph, pw), count_include_pad=True, divisor_override=1).numpy()
     c = x.shape[1]
     ones = torch.ones((c, 1, kh, kw), dtype=torch.float64)
     return _torch_conv(x, ones, None, stride, padding, 1, c, 2)

@@ -3,7 +3,6 @@ dequantized weights of a quantized deploy graph, still with spikingjelly LIF nod
 object runs with the CuPy kernel on a GPU — and the file format that stores it (`q.pth`)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
 import numpy as np
@@ -48,14 +47,39 @@ def build_quantized_model(qg: Graph, cfg: SDTConfig) -> torch.nn.Module:
     return model.eval()
 
 
-@dataclass
 class QuantizedModel:
-    """What `sdt_deploy.quantize` returns: the torch model, its quantized graph, and the options."""
+    """What `sdt_deploy.quantize` returns: the torch model, its quantized graph, and the options.
 
-    model: torch.nn.Module
-    graph: Graph
-    config: SDTConfig
-    data: DataConfig
+    The torch model may be given, or (model None) is built from the graph on first use of `.model`,
+    with the `keep` parameters (the never-called talking_heads weights) copied in: an export needs
+    the graph alone, and building the model costs a float32 copy of every weight (8-768: 265 MB)."""
+
+    def __init__(self, model: Optional[torch.nn.Module], graph: Graph, config: SDTConfig, data: DataConfig,
+                 keep: Optional[Mapping[str, torch.Tensor]] = None):
+        self._model = model
+        self.graph = graph
+        self.config = config
+        self.data = data
+        self._keep = dict(keep or {})
+
+    @property
+    def model(self) -> torch.nn.Module:
+        if self._model is None:
+            model = build_quantized_model(self.graph, self.config)
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if name in self._keep:
+                        p.copy_(self._keep[name])
+            self._model = model
+        return self._model
+
+    @model.setter
+    def model(self, model: torch.nn.Module) -> None:
+        self._model = model
+
+    def __repr__(self) -> str:
+        built = "built" if self._model is not None else "not built yet"
+        return f"QuantizedModel(config={self.config!r}, graph={len(self.graph.nodes)} nodes, model {built})"
 
     def save(self, path: str) -> None:
         save_quantized(path, self)

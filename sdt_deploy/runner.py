@@ -12,6 +12,15 @@ from models import SDTConfig
 Spikes = dict  # contract name -> uint8 array [T, B, ...]
 
 
+class _SpikeTaps(dict):
+    """The model's spike records, made uint8 as they are recorded (0/1 values: lossless) -- so the float
+    activations are not all kept alive until the end of the forward pass (measured: the float64 verify
+    reference of CIFAR 2-256 at batch 16 peaked at 2.0 GB RSS, 1.6 GB of it recorded activations)."""
+
+    def __setitem__(self, name: str, value: torch.Tensor) -> None:
+        super().__setitem__(name, value.to(torch.uint8))
+
+
 def run_model(model: torch.nn.Module, x: np.ndarray, batch_size: int = 64, device: Optional[str] = None,
               record: bool = True, progress=None) -> tuple[np.ndarray, Spikes]:
     """Logits and (if `record`) every spike tensor, state reset before each batch, eval mode.
@@ -23,7 +32,7 @@ def run_model(model: torch.nn.Module, x: np.ndarray, batch_size: int = 64, devic
     logits, spikes = [], {}
     for start in range(0, x.shape[0], batch_size):
         xb = torch.from_numpy(np.ascontiguousarray(x[start:start + batch_size])).to(dev)
-        taps: Optional[dict] = {} if record else None
+        taps: Optional[dict] = _SpikeTaps() if record else None
         functional.reset_net(model)
         with torch.no_grad():
             y = model(xb, taps)

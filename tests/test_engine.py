@@ -175,3 +175,56 @@ def test_property_engine_equals_quantized_torch(cfg, seed, bits, search):
     # and the float executor on the quantized graph is the same computation again
     _, ex_spikes, _ = execute(q.graph, x, dtype=torch.float64)
     assert all(np.array_equal(ex_spikes[k], spikes[k]) for k in spikes)
+
+
+def _plain_brevitas(w: np.ndarray, bits: int):
+    """brevitas' MSE fixed-point quantizer run as a user would, on the float32 weight, unpatched: the
+    oracle for our memoized, pruned, chunked and threaded use of it."""
+    import warnings
+
+    import torch
+    from brevitas.nn import QuantLinear
+    from brevitas.quant.fixed_point import Int8WeightPerChannelFixedPointMSE
+
+    flat = torch.from_numpy(np.ascontiguousarray(w.reshape(w.shape[0], -1), dtype=np.float32))
+    layer = QuantLinear(flat.shape[1], flat.shape[0], bias=False, weight_quant=Int8WeightPerChannelFixedPointMSE,
+                        weight_bit_width=bits)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        layer.weight.copy_(flat)
+        layer.eval()
+        qw = layer.quant_weight()
+    scale = qw.scale.detach().reshape(-1).double().numpy()
+    return np.round(qw.value.detach().double().numpy() / scale[:, None]).reshape(w.shape), -np.log2(scale)
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_mse_scale_search_equals_plain_brevitas(bits, monkeypatch):
+    from sdt_deploy import quantization
+
+    rng = np.random.default_rng(bits)
+    w = rng.standard_normal((300, 3, 3, 3)) * 0.05
+    w[::7] *= rng.standard_t(2, size=(len(w[::7]), 3, 3, 3))     # heavy tails: clipping pays off there
+    w[5, 0, 0, 0] = 3.0                                             # one outlier channel
+    w[11] = 0.0                                                     # an all-zero channel
+    w[17] = 1e-3 * np.sign(rng.standard_normal((3, 3, 3)))          # all weights one magnitude
+    monkeypatch.setattr(quantization, "CHUNK_ELEMENTS", 1000)       # several blocks per weight
+    w_int, e = quantize_weight(w, bits, "mse")
+    ref_int, ref_e = _plain_brevitas(w, bits)
+    nonzero = np.any(ref_int.reshape(len(w), -1) != 0, axis=1)
+    np.testing.assert_array_equal(w_int, ref_int)
+    np.testing.assert_array_equal(e[nonzero], ref_e[nonzero])
+    # and the search did choose: some channels clip (a scale below max|w| / (2**(bits-1) - 1))
+    assert np.any(np.abs(w).reshape(len(w), -1).max(axis=1) > (2 ** (bits - 1) - 1) * np.exp2(-e.astype(float)))
+
+
+def test_distinct_scale_slots_cover_every_masked_scale():
+    from sdt_deploy.quantization import _distinct_scale_slots
+
+    scales = np.array([[1., 4., 2.], [2., 4., 2.], [2., 2., 1.], [4., 1., 1.]])
+    mask = np.array([[1, 1, 0], [1, 0, 0], [1, 1, 0], [0, 1, 0]], dtype=bool)
+    slots = _distinct_scale_slots(scales, mask)
+    # column 0: scales 1, 2 (rows 0, 1; row 3's 4 is masked out); column 1: 4, 2, 1; column 2: none
+    assert [int(s[0]) for s in slots] == [1, 0, 0]
+    assert [int(s[1]) for s in slots] == [0, 2, 3]
+    assert [int(s[2]) for s in slots] == [-1, -1, -1]

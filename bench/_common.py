@@ -1,0 +1,145 @@
+"""Shared helpers of the benchmark scripts: the machine, whole-process measurements, medians, tables.
+
+Every timed figure is a whole run (a child process for the command-line figures) after a warm-up;
+the figure reported is the median of several runs. Peak memory is the child's own peak resident set
+size as the OS accounts it (`ru_maxrss` from `os.wait4` of that child), never an estimate. The machine
+is shared, so the load average is recorded next to every measurement.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Callable, Optional, Sequence
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OUT = os.path.join(ROOT, "bench", "out")
+PYTHON = sys.executable
+SDT_DEPLOY = os.path.join(os.path.dirname(PYTHON), "sdt-deploy")
+
+
+def load_average() -> list:
+    return [round(v, 2) for v in os.getloadavg()]
+
+
+def machine() -> dict:
+    cpu = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    mem_kb = 0
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal"):
+                    mem_kb = int(line.split()[1])
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gib": round(mem_kb / 2 ** 20, 1),
+            "python": platform.python_version(), "platform": platform.platform(),
+            "date": subprocess.run(["date"], capture_output=True, text=True).stdout.strip()}
+
+
+def versions() -> dict:
+    out = {}
+    for name in ("torch", "numpy", "scipy", "onnx", "onnxruntime", "brevitas", "nir", "h5py", "spikingjelly"):
+        try:
+            from importlib.metadata import version
+
+            out[name] = version(name)
+        except Exception:  # noqa: BLE001 - a missing package is reported, not fatal
+            out[name] = "absent"
+    try:
+        import onnxscript  # noqa: F401
+
+        out["onnxscript"] = "present"
+    except ImportError:
+        out["onnxscript"] = "absent"
+    return out
+
+
+def run_child(cmd: Sequence[str], env: Optional[dict] = None, cwd: str = ROOT) -> dict:
+    """Run a command to completion: wall seconds, the child's own peak RSS (MiB, `ru_maxrss` from
+    `os.wait4` on that child), exit status, the load average before and after, output tails."""
+    load = load_average()
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(list(cmd), cwd=cwd, env={**os.environ, **(env or {})}, stdout=out, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)   # reaped here, not by Popen
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")
+    return {"seconds": seconds, "peak_rss_mib": usage.ru_maxrss / 1024, "rc": proc.returncode,
+            "load_before": load, "load_after": load_average(), "stdout": stdout, "stderr": stderr[-3000:]}
+
+
+def median(values) -> float:
+    return float(statistics.median(values))
+
+
+def timed(fn: Callable[[], object], runs: int, warmup: int = 1) -> dict:
+    """In-process timing of fn: a warm-up, then the median (and all) of `runs` runs."""
+    for _ in range(warmup):
+        fn()
+    times, loads = [], []
+    for _ in range(runs):
+        loads.append(load_average()[0])
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return {"median": median(times), "runs": times, "load1": loads}
+
+
+def interleaved(fns: dict, runs: int, warmup: int = 1) -> dict:
+    """Like `timed` for several functions taking turns: round r runs each in order, each time first once
+    untimed (a runtime's worker threads keep spinning for a while after a call -- onnxruntime's and
+    OpenMP's do -- and would otherwise slow whichever runs next), then once timed."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    out = {k: {"runs": [], "load1": []} for k in fns}
+    for _ in range(runs):
+        for k, fn in fns.items():
+            fn()
+            out[k]["load1"].append(load_average()[0])
+            t0 = time.perf_counter()
+            fn()
+            out[k]["runs"].append(time.perf_counter() - t0)
+    for v in out.values():
+        v["median"] = median(v["runs"])
+    return out
+
+
+def ratio(ours: float, theirs: float) -> float:
+    return float(ours) / float(theirs) if theirs else float("nan")
+
+
+def md_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
+    def cell(v):
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
+        return str(v)
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def save(name: str, result: dict, markdown: str) -> None:
+    os.makedirs(OUT, exist_ok=True)
+    with open(os.path.join(OUT, f"{name}.json"), "w") as f:
+        json.dump(result, f, indent=2, default=str)
+    with open(os.path.join(OUT, f"{name}.md"), "w") as f:
+        f.write(markdown + "\n")
+    print(markdown)
