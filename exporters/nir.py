@@ -166,13 +166,18 @@ def to_nir(qgraph: Graph, profile: str = "standard", dt: float = DT,
     return graph
 
 
+# nir.write's gzip at level 1 instead of its default 4: any HDF5 reader decompresses either; measured on
+# SDT-8-768's weights, twice as fast to write for a file ~15 % larger
+GZIP_LEVEL = 1
+
+
 def write_nir(qgraph: Graph, path: str, profile: str = "standard", dt: float = DT,
               time_steps: Optional[int] = None) -> nir.NIRGraph:
     """Export to a `.nir` file, written atomically (a temporary file beside `path`, renamed when
     complete). The same graph gives a byte-identical file. Returns the graph written."""
     graph = to_nir(qgraph, profile=profile, dt=dt, time_steps=time_steps)
     with atomic_write(path) as tmp:
-        nir.write(tmp, _Serialised(graph))
+        nir.write(tmp, _Serialised(graph), compression="gzip", compression_opts=GZIP_LEVEL)
     return graph
 
 
@@ -403,12 +408,12 @@ def _emit_input(b: _Builder, n: Input) -> None:
 
 def _emit_conv(b: _Builder, n: Conv) -> None:
     c_in, h, w = b.shape_in(n)
-    kh, kw = n.weight.shape[2:]
+    kh, kw = n.weight_shape[2:]
     if kh != kw or n.groups != 1:
         raise DeployError(f"{n.name}: nir 1.0.8 type-checks only square, ungrouped convolutions "
                           f"(kernel {kh}x{kw}, groups {n.groups})")
     reads_spikes = b.g[n.inputs[0]].out_kind == SPIKE
-    node = _conv(np.asarray(n.weight, dtype=F64), (h, w), n.stride, n.padding,
+    node = _conv(n.float_weight(F64), (h, w), n.stride, n.padding,
                  None if n.bias is None else np.asarray(n.bias, dtype=F64))
     b.add(n.name, node, b.feed(n), role="synapse" if reads_spikes else "encoder", w_int=n.w_int, w_exp=n.w_exp,
           b_int=n.b_int, grid=n.grid)
@@ -418,7 +423,7 @@ def _emit_conv(b: _Builder, n: Conv) -> None:
 def _emit_linear(b: _Builder, n: Linear) -> None:
     src_shape = b.shape_in(n)
     meta = dict(role="synapse", w_int=n.w_int, w_exp=n.w_exp, b_int=n.b_int, grid=n.grid)
-    weight = np.asarray(n.weight, dtype=F64)
+    weight = n.float_weight(F64)
     bias = np.zeros(weight.shape[0]) if n.bias is None else np.asarray(n.bias, dtype=F64)
     sources = b.feed(n)
     if b.profile.flat_head:

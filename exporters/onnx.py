@@ -244,9 +244,9 @@ def accumulator_bound(n: Node, bound_with_bias: np.ndarray) -> float:
 
 def lower_conv(em: Emitter, n: Conv, x: Value, ctx: StepContext) -> Value:
     conv_attrs = dict(strides=[n.stride] * 2, pads=[n.padding] * 4, group=n.groups,
-                      kernel_shape=list(n.weight.shape[2:]))
+                      kernel_shape=list(n.weight_shape[2:]))
     if not ctx.is_int:
-        w = em.const(f"{n.name}.weight", n.weight.astype(np.float32))
+        w = em.const(f"{n.name}.weight", n.float_weight().astype(np.float32))
         b = em.const(f"{n.name}.bias", n.bias.astype(np.float32))
         return Value(em.op("Conv", [x.name, w, b], f"{n.name}/out", **conv_attrs), FLOAT, n.grid)
     check_integer_operand(n, x)
@@ -257,7 +257,7 @@ def lower_conv(em: Emitter, n: Conv, x: Value, ctx: StepContext) -> Value:
 
 def lower_linear(em: Emitter, n: Linear, x: Value, ctx: StepContext) -> Value:
     if not ctx.is_int:
-        w = em.const(f"{n.name}.weight", n.weight.astype(np.float32))
+        w = em.const(f"{n.name}.weight", n.float_weight().astype(np.float32))
         b = em.const(f"{n.name}.bias", n.bias.astype(np.float32))
         return Value(em.op("Gemm", [x.name, w, b], f"{n.name}/out", transB=1), FLOAT, n.grid)
     check_integer_operand(n, x)
@@ -503,8 +503,7 @@ def to_onnx(qgraph: Graph, variant: str = "int", debug_outputs: bool = False, un
         qgraph = qgraph.graph
     check_exportable(qgraph, variant)
     build = build_unrolled if unroll else build_step
-    graph_proto = build(qgraph, variant, debug_outputs)
-    model = helper.make_model(graph_proto, opset_imports=[helper.make_opsetid("", OPSET)],
+    model = helper.make_model(build(qgraph, variant, debug_outputs), opset_imports=[helper.make_opsetid("", OPSET)],
                               producer_name="sdt-deploy", producer_version=__version__,
                               doc_string=f"Spike-Driven Transformer, {variant} variant, "
                                          f"{'all T steps unrolled' if unroll else 'one time step per call'}")
@@ -654,8 +653,12 @@ def read_metadata(model: onnx.ModelProto) -> dict:
 def write_onnx(qgraph: Graph, path: str, variant: str = "int", debug_outputs: bool = False,
                unroll: bool = False) -> onnx.ModelProto:
     """Export and write atomically (a temporary file renamed into place once complete)."""
-    model = to_onnx(qgraph, variant=variant, debug_outputs=debug_outputs, unroll=unroll)
+    model = to_onnx(qgraph, variant=variant, debug_outputs=debug_outputs, unroll=unroll, check=False)
+    data = model.SerializeToString()
+    # the checker reads these very bytes (given the ModelProto it would serialize another copy: 8-768,
+    # 66 MB more at the export's peak)
+    onnx.checker.check_model(data, full_check=True)
     with atomic_write(path) as tmp:
         with open(tmp, "wb") as f:
-            f.write(model.SerializeToString())
+            f.write(data)
     return model

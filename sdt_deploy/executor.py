@@ -78,7 +78,7 @@ def _eval(n, ins, x, T, dtype, states):
         return v
     (a,) = ins[:1]
     if isinstance(n, Conv):
-        w = torch.from_numpy(n.weight).to(dtype)
+        w = torch.from_numpy(n.float_weight()).to(dtype)
         b = None if n.bias is None else torch.from_numpy(n.bias).to(dtype)
         return _tb(lambda t: F.conv2d(t, w, b, n.stride, n.padding, 1, n.groups), a)
     if isinstance(n, BatchNorm):
@@ -106,7 +106,7 @@ def _eval(n, ins, x, T, dtype, states):
             y = y + other
         return y
     if isinstance(n, Linear):
-        w = torch.from_numpy(n.weight).to(dtype)
+        w = torch.from_numpy(n.float_weight()).to(dtype)
         b = None if n.bias is None else torch.from_numpy(n.bias).to(dtype)
         return F.linear(a, w, b)
     if isinstance(n, Readout):

@@ -15,8 +15,9 @@ with no module of their own get a descriptive suffix on the module that owns the
 Once quantized (see `quantize.py`), value-carrying nodes also hold their integer form: `w_int`/`w_exp`/
 `b_int` on synaptic nodes (weight = w_int * 2**-w_exp per output channel; bias = b_int * 2**-out_exp),
 and `grid` — the per-channel exponent g of the output (value = integer * 2**-g) — on every current.
-The float `weight`/`bias` are then exactly the dequantized values (`weight` in float32, which holds
-an 8-bit integer times a power of two exactly; float64 where it would not).
+The float `bias` is then exactly the dequantized value; the float weight is not stored but made on
+demand by `float_weight()`, exactly (float32, which holds an 8-bit integer times a power of two; float64
+where it would not).
 """
 from __future__ import annotations
 
@@ -67,12 +68,47 @@ class Input(Node):
     op: ClassVar[str] = "input"
 
 
+def dequantized_weight(w_int: np.ndarray, w_exp: np.ndarray, dtype=None) -> np.ndarray:
+    """w_int * 2**-w_exp per output channel, exactly: float32 where that holds every value exactly (an
+    8-bit integer times a power of two always does, short of float32's exponent range), float64
+    otherwise; or float64 when asked (`dtype`, for a consumer that stores float64)."""
+    scale = np.exp2(-np.asarray(w_exp, dtype=np.float64)).reshape((-1,) + (1,) * (w_int.ndim - 1))
+    if np.dtype(dtype or np.float32) == np.float64:
+        return w_int * scale            # exact: an integer below 2**53 times a power of two
+    if np.all((scale >= 2.0 ** -110) & (scale <= 2.0 ** 100)) and (
+            w_int.dtype == np.int8 or np.abs(w_int).max(initial=0) < 2 ** 24):
+        # |w_int| < 2**24 and a power of two well inside float32's normal range: every product is a
+        # float32 value, and IEEE multiplication of exact operands with a representable result is exact
+        return w_int.astype(np.float32) * scale.astype(np.float32)
+    exact = w_int * scale
+    single = exact.astype(np.float32)
+    return single if np.array_equal(single, exact) else exact
+
+
+class _Synaptic:
+    """What conv and linear nodes share: their float weight, stored (before quantization) or made from
+    the integers on demand (a quantized node stores the integers alone: SDT-8-768's float32 copy
+    would be 265 MB that an integer export never reads)."""
+
+    def float_weight(self, dtype=None) -> np.ndarray:
+        if self.weight is None and self.w_int is not None:
+            return dequantized_weight(self.w_int, self.w_exp, dtype)
+        return self.weight if dtype is None else np.asarray(self.weight, dtype=dtype)
+
+    @property
+    def weight_shape(self) -> tuple:
+        return tuple((self.weight if self.weight is not None else self.w_int).shape)
+
+    def param_count(self) -> int:
+        return int(np.prod(self.weight_shape)) + (0 if self.bias is None else int(self.bias.size))
+
+
 @dataclass
-class Conv(Node):
+class Conv(_Synaptic, Node):
     """2-D convolution `y = W * x + b`; synaptic (an accumulate per input event) when x is spikes."""
 
-    weight: np.ndarray = None           # float64 [O, I/groups, kh, kw] (float32 once quantized)
-    bias: Optional[np.ndarray] = None   # float64 [O]
+    weight: Optional[np.ndarray] = None  # float64 [O, I/groups, kh, kw]; None once quantized: float_weight()
+    bias: Optional[np.ndarray] = None    # float64 [O]
     stride: int = 1
     padding: int = 0
     groups: int = 1
@@ -81,23 +117,17 @@ class Conv(Node):
     b_int: Optional[np.ndarray] = None
     op: ClassVar[str] = "conv"
 
-    def param_count(self) -> int:
-        return int(self.weight.size + (0 if self.bias is None else self.bias.size))
-
 
 @dataclass
-class Linear(Node):
+class Linear(_Synaptic, Node):
     """`y = W x + b` over the channel vector; synaptic when x is spikes."""
 
-    weight: np.ndarray = None           # float64 [O, I] (float32 once quantized)
+    weight: Optional[np.ndarray] = None  # float64 [O, I]; None once quantized: float_weight()
     bias: Optional[np.ndarray] = None
     w_int: Optional[np.ndarray] = None
     w_exp: Optional[np.ndarray] = None
     b_int: Optional[np.ndarray] = None
     op: ClassVar[str] = "linear"
-
-    def param_count(self) -> int:
-        return int(self.weight.size + (0 if self.bias is None else self.bias.size))
 
 
 @dataclass

@@ -28,7 +28,7 @@ def build_quantized_model(qg: Graph, cfg: SDTConfig) -> torch.nn.Module:
         for n in qg.nodes:
             if isinstance(n, (Conv, Linear)):
                 m = modules[n.name]
-                m.weight.copy_(torch.from_numpy(n.weight).to(m.weight.dtype))
+                m.weight.copy_(torch.from_numpy(n.float_weight()).to(m.weight.dtype))
                 m.bias.copy_(torch.from_numpy(n.bias).to(m.bias.dtype))
             elif isinstance(n, LIF):
                 m = modules[n.name]

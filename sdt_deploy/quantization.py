@@ -372,20 +372,6 @@ def _rewrite_head_mean(g: Graph) -> Graph:
     return g.replace_nodes([_head_mean_as_sum(n, g.meta) for n in g.nodes], head_pool="sum")
 
 
-def dequantized(w_int: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """w_int * scale, exactly: float32 where that holds every value exactly (an 8-bit integer times a
-    power of two always fits, short of float32's exponent range), float64 otherwise. Half the memory of
-    float64 (8-768: 265 MB instead of 530 MB); every consumer reads the same values."""
-    if np.all((scale >= 2.0 ** -110) & (scale <= 2.0 ** 100)) and (
-            w_int.dtype == np.int8 or np.abs(w_int).max(initial=0) < 2 ** 24):
-        # |w_int| < 2**24 and a power of two well inside float32's normal range: every product is a
-        # float32 value, and IEEE multiplication of exact operands with a representable result is exact
-        return w_int.astype(np.float32) * scale.astype(np.float32)
-    exact = w_int * scale
-    single = exact.astype(np.float32)
-    return single if np.array_equal(single, exact) else exact
-
-
 def preload_brevitas() -> None:
     """Start importing brevitas on a background thread: 1.3 s, most of it the torch._dynamo that
     brevitas imports, spent while the caller loads and lowers the checkpoint instead of after."""
@@ -468,7 +454,10 @@ def _weights_ahead(nodes: Iterable, opts: QuantOptions, workers: Optional[int] =
             for n in nodes:
                 job = None
                 if isinstance(n, (Conv, Linear)):
-                    job = pool.submit(_weight_integers, n.weight, opts.weight_bits, opts.scale_search)
+                    # brevitas reads float32 (see `_brevitas_weight`); the folded float64 goes at once
+                    weight = np.ascontiguousarray(n.weight, dtype=np.float32)
+                    n = replace(n, weight=None)
+                    job = pool.submit(_weight_integers, weight, opts.weight_bits, opts.scale_search)
                 pending.append((n, job))
                 in_flight += job is not None
                 while in_flight > 2 * workers:      # the window counts weights, not nodes
@@ -502,12 +491,10 @@ def _quantize_node(n, weights, grids: dict, plif_tau: dict, head_rewrite: bool, 
             in_exp = int(in_grid[0])
         w_int, w_exp = weights.result()
         out_exp = w_exp + in_exp
-        bias = np.zeros(n.weight.shape[0]) if n.bias is None else n.bias
+        bias = np.zeros(w_int.shape[0]) if n.bias is None else n.bias
         b_int = np.round(bias * np.exp2(out_exp.astype(np.float64))).astype(np.int64)
-        shape = (-1,) + (1,) * (n.weight.ndim - 1)
-        n = replace(n, w_int=w_int, w_exp=w_exp,
-                    b_int=b_int, grid=out_exp,
-                    weight=dequantized(w_int, np.exp2(-w_exp.astype(np.float64)).reshape(shape)),
+        n = replace(n, w_int=w_int, w_exp=w_exp, b_int=b_int, grid=out_exp,
+                    weight=None,            # float_weight() makes it from the integers when asked
                     bias=b_int * np.exp2(-out_exp.astype(np.float64)))
     elif isinstance(n, LIF):
         (src,) = n.inputs

@@ -100,11 +100,11 @@ def dense_flops(g: Graph, n: Node) -> int:
     """Multiply-accumulates of one dense pass, one sample: `k_h k_w h_out w_out (c_in/groups) c_out` for
     a conv (padding taps included, as the paper's FL_Conv), `i o` for a linear; 0 for anything else."""
     if isinstance(n, Conv):
-        c_out, c_in_group, kh, kw = n.weight.shape
+        c_out, c_in_group, kh, kw = n.weight_shape
         h_out, w_out = n.shape[1:]
         return int(kh * kw * h_out * w_out * c_in_group * c_out)
     if isinstance(n, Linear):
-        o, i = n.weight.shape
+        o, i = n.weight_shape
         return int(i * o)
     return 0
 
@@ -128,7 +128,7 @@ def taps_per_input_position(size: int, k: int, stride: int, padding: int) -> np.
 def conv_fanout_map(g: Graph, n: Conv) -> np.ndarray:
     """[H, W]: the number of (output position, tap) pairs an input event at (y, x) reaches."""
     _, H, W = g[n.inputs[0]].shape
-    _, _, kh, kw = n.weight.shape
+    _, _, kh, kw = n.weight_shape
     return np.outer(taps_per_input_position(H, kh, n.stride, n.padding),
                     taps_per_input_position(W, kw, n.stride, n.padding))
 
@@ -203,15 +203,15 @@ def measured_ops_from_tally(g: Graph, tally: SpikeTally) -> dict:
             continue
         src = g[n.inputs[0]]
         if isinstance(n, Conv):
-            c_out = n.weight.shape[0]
+            c_out = n.weight_shape[0]
             if kind == KIND_SYNAPTIC:
                 o = {"ac": int(tally.fanout_events[n.name].sum()) * (c_out // n.groups)}
             else:
                 valid = int(conv_fanout_map(g, n).sum())            # (output, tap) pairs on real pixels
-                o = {"mac": valid * n.weight.shape[1] * c_out * steps}
+                o = {"mac": valid * n.weight_shape[1] * c_out * steps}
             o["bias_add"] = steps * numel(n.shape) if _has_bias(n) else 0
         elif isinstance(n, Linear):
-            o = {"ac": int(tally.nnz[src.name].sum()) * n.weight.shape[0],
+            o = {"ac": int(tally.nnz[src.name].sum()) * n.weight_shape[0],
                  "bias_add": steps * numel(n.shape) if _has_bias(n) else 0}
         elif isinstance(n, LIF):
             o = {"neuron_update": steps * numel(n.shape)}

@@ -336,8 +336,8 @@ def test_parameters_and_metadata_survive_nir_read(exported):
     for n in dev.nodes:
         if isinstance(n, (Conv, Linear)):
             node, meta = g.nodes[n.name], g.nodes[n.name].metadata
-            weight = np.asarray(node.weight).reshape(n.weight.shape)
-            assert np.array_equal(weight, n.weight)
+            weight = np.asarray(node.weight).reshape(n.weight_shape)
+            assert np.array_equal(weight, n.float_weight())
             scale = np.exp2(-np.asarray(meta["w_exp"], dtype=np.float64)).reshape((-1,) + (1,) * (weight.ndim - 1))
             assert np.array_equal(meta["w_int"] * scale, weight) and meta["w_int"].dtype == np.int8
             assert np.array_equal(np.asarray(node.bias), n.bias)
