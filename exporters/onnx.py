@@ -300,10 +300,17 @@ def lower_lif(em: Emitter, n: LIF, x: Value, ctx: StepContext) -> Value:
         h, elem = lif_float_membrane(em, n, x, ctx)
         theta = em.scalar(float(n.v_threshold), FLOAT)
     fired = em.op("GreaterOrEqual", [h, theta], f"{n.name}/fired")
-    v_next = em.op("Where", [fired, em.scalar(0, elem), h], ctx.state_out(n.name), raw_name=True)
-    ctx.states[n.name] = (v_next, elem)
     out_type = spike_dtype(ctx)
-    return Value(em.op("Cast", [fired], f"{n.name}/out", to=out_type), out_type, None)
+    spike = em.op("Cast", [fired], f"{n.name}/out", to=out_type)
+    if ctx.is_int:
+        v_next = em.op("Where", [fired, em.scalar(0, elem), h], ctx.state_out(n.name), raw_name=True)
+    else:
+        # hard reset as H * (1 - S): exact for S in {0, 1} (a fired -0.0 compares and adds as 0.0), and
+        # two cheap element-wise ops where onnxruntime's Where with a broadcast scalar took 3x their time
+        kept = em.op("Sub", [em.scalar(1.0, FLOAT), spike], f"{n.name}/kept")
+        v_next = em.op("Mul", [h, kept], ctx.state_out(n.name), raw_name=True)
+    ctx.states[n.name] = (v_next, elem)
+    return Value(spike, out_type, None)
 
 
 def lif_int_membrane(em: Emitter, n: LIF, x: Value, ctx: StepContext, rank: int) -> tuple[str, int]:
