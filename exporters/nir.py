@@ -108,7 +108,7 @@ import numpy as np
 from sdt_deploy import __version__
 from sdt_deploy.errors import DeployError
 from sdt_deploy.graph import (SPIKE, Add, And, BatchNorm, Broadcast, Conv, Graph, Input, LIF, Linear, MaxPool,
-                              Node, OrPool, Readout, SpatialMean, TokenSum)
+                              Node, OrPool, Readout, SpatialMean, TokenSum, json_default)
 from sdt_deploy.io import atomic_write
 
 DT = 1e-4
@@ -583,18 +583,6 @@ _EMIT = {Input: _emit_input, Conv: _emit_conv, Linear: _emit_linear, LIF: _emit_
 
 # ---------------------------------------------------------------- graph metadata
 
-def _json_default(o):
-    if isinstance(o, np.integer):
-        return int(o)
-    if isinstance(o, np.floating):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, tuple):
-        return list(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
 def _graph_metadata(b: _Builder) -> dict:
     meta = b.g.meta
     return {
@@ -609,7 +597,7 @@ def _graph_metadata(b: _Builder) -> dict:
         "cut": str(meta.get("cut", "")),
         "threshold_rule": "v_threshold = theta - 2**-(grid + time_steps + 1): NIR's v > v_threshold equals "
                           "spikingjelly's v >= theta for every membrane reachable in time_steps steps",
-        "sdt_config": json.dumps(meta.get("config", {}), sort_keys=True, default=_json_default),
+        "sdt_config": json.dumps(meta.get("config", {}), sort_keys=True, default=json_default),
         "sdt_graph_meta": json.dumps({k: v for k, v in meta.items() if k != "config"}, sort_keys=True,
-                                     default=_json_default),
+                                     default=json_default),
     }

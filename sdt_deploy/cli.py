@@ -65,21 +65,9 @@ def _load(ckpt: Optional[str], kw: dict, allow_config_only: bool = False):
 
 
 def _echo_json(obj) -> None:
-    click.echo(json.dumps(obj, indent=2, sort_keys=False, default=_json_default))
+    from .graph import json_default
 
-
-def _json_default(o):
-    import numpy as np
-
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, tuple):
-        return list(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+    click.echo(json.dumps(obj, indent=2, sort_keys=False, default=json_default))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

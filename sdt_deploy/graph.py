@@ -317,7 +317,7 @@ class Graph:
         return {"meta": self.meta, "nodes": [node_to_dict(n, arrays) for n in self.nodes]}
 
     def to_json(self, arrays: bool = True, indent: Optional[int] = None) -> str:
-        return json.dumps(self.to_dict(arrays), indent=indent, default=_json_default, sort_keys=True)
+        return json.dumps(self.to_dict(arrays), indent=indent, default=json_default, sort_keys=True)
 
     @classmethod
     def from_dict(cls, d: dict) -> "Graph":
@@ -328,11 +328,14 @@ class Graph:
         return cls.from_dict(json.loads(text))
 
 
-def _json_default(o):
+def json_default(o):
+    """`json.dumps(default=...)` for numpy scalars and arrays and tuples (the graph, reports, metadata)."""
     if isinstance(o, np.integer):
         return int(o)
     if isinstance(o, np.floating):
         return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
     if isinstance(o, tuple):
         return list(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")

@@ -264,9 +264,9 @@ def plot_report(rep: dict, path: str) -> None:
 
 
 def report_json(rep: dict) -> str:
-    from .cli import _json_default
+    from .graph import json_default
 
-    return json.dumps(rep, indent=2, default=_json_default)
+    return json.dumps(rep, indent=2, default=json_default)
 
 
 def write_outputs(rep: dict, json_path: Optional[str], csv_path: Optional[str], plot_path: Optional[str]) -> None:
