@@ -282,9 +282,12 @@ def _brevitas_weight(weight: np.ndarray, bits: int, search: str) -> tuple[np.nda
     for start in range(0, flat.shape[0], rows):
         block = torch.from_numpy(flat[start:start + rows])
         with torch.no_grad():
-            layer = QuantLinear(block.shape[1], block.shape[0], bias=False, weight_quant=_brevitas_quantizer(search),
+            # built with one input feature, then given the block as the weight's data: the same
+            # Parameter object (the one brevitas' scale statistics track), without the random
+            # initialisation of a full-size weight (half the construction time)
+            layer = QuantLinear(1, block.shape[0], bias=False, weight_quant=_brevitas_quantizer(search),
                                 weight_bit_width=bits, dtype=torch.float32)
-            layer.weight.copy_(block)
+            layer.weight.data = block
             layer.eval()
             _memoize_mse_grid_search(layer.weight_quant)
             qw = layer.quant_weight()
