@@ -17,6 +17,7 @@ import math
 
 import numpy as np
 
+from .errors import DeployError
 from .graph import (CURRENT, Add, Conv, Graph, Input, LIF, Linear, MaxPool, Readout, TokenSum)
 
 FLOAT32_SIGNIFICAND = 24
@@ -135,3 +136,13 @@ def print_bit_report(rep: dict, console=None) -> None:
     console.print(f"[bold]integer[/] needs {s['max_int_bits']} bits (int32 accumulators: "
                   f"{'yes' if s['int32_accumulators'] else 'no'}); [bold]float32[/] needs up to "
                   f"{s['max_float32_bits']} bits of 25. Exact side: {s['exact_side']}.")
+
+
+def check_engine_bounds(qg: Graph) -> dict:
+    """Refuse a graph whose worst-case integers need more than int64; returns the bounds per node."""
+    bounds = node_bounds(qg)
+    for name, b in bounds.items():
+        if b >= 2 ** 62:
+            raise DeployError(f"{name}: worst-case integer magnitude 2**{np.log2(b):.1f} exceeds the engine's "
+                              "int64; refusing rather than risking a wrap-around")
+    return bounds

@@ -232,8 +232,10 @@ def export(ckpt, target, output, no_quantize, no_partition, nir_profile, onnx_va
     else:
         from .api import quantize as quantize_model
 
-        graph = quantize_model(loaded, weight_bits=weight_bits, input_bits=input_bits, scale_search=scale_search).graph
-    del loaded          # the float checkpoint is not needed past here: its memory goes before the export's
+        # the float checkpoint is not needed past the quantization: each layer's weights go once quantized
+        graph = quantize_model(loaded, weight_bits=weight_bits, input_bits=input_bits, scale_search=scale_search,
+                               consume=True).graph
+    del loaded
     from .io import check_output_path
 
     for p in planned_outputs(graph, target, output, "never" if no_partition else "auto"):

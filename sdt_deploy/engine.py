@@ -29,6 +29,7 @@ from typing import Optional
 import numpy as np
 import scipy.sparse as sp
 
+from .bits import check_engine_bounds
 from .errors import DeployError
 from .graph import (Add, And, Broadcast, Conv, Graph, Input, LIF, Linear, MaxPool, OrPool, Readout, TokenSum)
 from .io import time_major
@@ -356,18 +357,6 @@ def lif_int(X: np.ndarray, theta: np.ndarray, channel_axis: int = 2, membranes: 
 def abs_max(a: np.ndarray) -> int:
     """max |a| as a Python int (no temporary array; exact at the int64 minimum too)."""
     return max(int(a.max()), -int(a.min())) if a.size else 0
-
-
-def check_engine_bounds(qg: Graph) -> dict:
-    """Refuse a graph whose worst-case integers need more than int64; returns the bounds per node."""
-    from .bits import node_bounds
-
-    bounds = node_bounds(qg)
-    for name, b in bounds.items():
-        if b >= 2 ** 62:
-            raise DeployError(f"{name}: worst-case integer magnitude 2**{np.log2(b):.1f} exceeds the engine's "
-                              "int64; refusing rather than risking a wrap-around")
-    return bounds
 
 
 def run_engine(qg: Graph, x: np.ndarray, record: bool = True, membranes: bool = False,

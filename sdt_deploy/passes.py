@@ -1,6 +1,8 @@
 """Graph passes that need no data: BatchNorm folding and the binary-spike-only dataflow check."""
 from __future__ import annotations
 
+import collections
+
 from dataclasses import replace
 from typing import Iterator
 
@@ -25,11 +27,12 @@ def fold_bn(g: Graph) -> Graph:
     return g.replace_nodes(list(fold_nodes(g)), folded=True)
 
 
-def fold_nodes(g: Graph) -> Iterator:
+def fold_nodes(g: Graph, consume: bool = False) -> Iterator:
     """The nodes of `fold_bn(g)`, made one at a time as they are consumed, so that a streaming consumer
     (`quantization.fold_and_quantize`) holds one layer's folded float64 weights at once, not the
     model's. Checks every BatchNorm before the first node is made. A conv/linear without a BatchNorm
-    passes through with its weights as float64."""
+    passes through with its weights as float64. `consume`: g is emptied here and each of its nodes
+    dropped once its folded node is made, so that nothing of g outlives its layer's turn."""
     plan: dict[str, BatchNorm] = {}
     for n in g.nodes:
         if isinstance(n, BatchNorm):
@@ -39,8 +42,14 @@ def fold_nodes(g: Graph) -> Iterator:
             plan[src] = n
     renamed = {bn.name: src for src, bn in plan.items()}
 
+    queue = collections.deque(g.nodes)
+    if consume:
+        g.nodes.clear()
+        g._index.clear()
+
     def nodes():
-        for n in g.nodes:
+        while queue:
+            n = queue.popleft()
             if isinstance(n, BatchNorm):
                 continue
             if n.name in plan:
