@@ -22,6 +22,17 @@ def _distributed() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def _leave_distributed(world: int) -> None:
+    """Destroy the process group once the last collective is done: left to the interpreter's exit,
+    gloo's threads could outlive it ("terminate called without an active exception", SIGABRT)."""
+    if world <= 1:
+        return
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def _gather(obj, world: int):
     if world == 1:
         return [obj]
@@ -151,10 +162,14 @@ def verify_command(loaded, input_path, data_dir, digits, random_n, executors: st
             print_float_report(rep)
         return 0
     rank, world = _distributed()
-    indices = shard(len(dataset), rank, world)
-    res = run_verify(loaded, dataset, names, artifacts=artifacts_by_kind(artifacts), weight_bits=weight_bits,
-                     input_bits=input_bits, batch_size=batch_size, indices=indices, progress=(rank == 0 and not as_json))
-    tallies = _gather(res.tally, world)
+    try:
+        indices = shard(len(dataset), rank, world)
+        res = run_verify(loaded, dataset, names, artifacts=artifacts_by_kind(artifacts), weight_bits=weight_bits,
+                         input_bits=input_bits, batch_size=batch_size, indices=indices,
+                         progress=(rank == 0 and not as_json))
+        tallies = _gather(res.tally, world)
+    finally:
+        _leave_distributed(world)
     if rank != 0:
         return 0
     total = Tally()
