@@ -149,7 +149,6 @@ def quantize(ckpt, output, weight_bits, input_bits, scale_search, input_range, f
     from .api import quantize as quantize_model
     from .bits import bit_report
     from .io import check_output_path
-
     from .quantization import preload_brevitas
 
     check_output_path(output, force)
