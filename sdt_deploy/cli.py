@@ -149,10 +149,8 @@ def quantize(ckpt, output, weight_bits, input_bits, scale_search, input_range, f
     from .api import quantize as quantize_model
     from .bits import bit_report
     from .io import check_output_path
-    from .quantization import preload_brevitas
 
     check_output_path(output, force)
-    preload_brevitas()
     loaded = _load(ckpt, kw)
     q = quantize_model(loaded, weight_bits=weight_bits, input_bits=input_bits, scale_search=scale_search,
                        input_range=input_range)
@@ -214,12 +212,10 @@ def export(ckpt, target, output, no_quantize, no_partition, nir_profile, onnx_va
            weight_bits, input_bits, scale_search, force, **kw):
     """Export to NIR (.nir, HDF5) or ONNX with explicit LIF state and binary spikes between layers."""
     from .export import export_graph, planned_outputs
-    from .quantization import QuantOptions, preload_brevitas
+    from .quantization import QuantOptions
 
     target = target.lower()
     QuantOptions(weight_bits=weight_bits, input_bits=input_bits, scale_search=scale_search)  # validate first
-    if not no_quantize:
-        preload_brevitas()
     loaded = _load(ckpt, kw)
     if no_quantize:
         if target != "nir":

@@ -399,21 +399,6 @@ def _rewrite_head_mean(g: Graph) -> Graph:
     return g.replace_nodes([_head_mean_as_sum(n, g.meta) for n in g.nodes], head_pool="sum")
 
 
-def preload_brevitas() -> None:
-    """Start importing brevitas on a background thread: 1.3 s, most of it the torch._dynamo that
-    brevitas imports, spent while the caller loads and lowers the checkpoint instead of after."""
-    import threading
-
-    def load():
-        try:
-            import brevitas.nn  # noqa: F401
-            import brevitas.quant.fixed_point  # noqa: F401
-        except Exception:       # the quantization itself will raise it, where it can be reported
-            pass
-
-    threading.Thread(target=load, name="import-brevitas", daemon=True).start()
-
-
 def quantize_graph(g: Graph, opts: QuantOptions) -> Graph:
     """The dyadic-quantized graph: integer fields on every node, float fields the exact dequantized values."""
     if not g.meta.get("folded"):
