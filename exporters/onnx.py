@@ -305,8 +305,9 @@ def lower_lif(em: Emitter, n: LIF, x: Value, ctx: StepContext) -> Value:
     if ctx.is_int:
         v_next = em.op("Where", [fired, em.scalar(0, elem), h], ctx.state_out(n.name), raw_name=True)
     else:
-        # hard reset as H * (1 - S): exact for S in {0, 1} (a fired -0.0 compares and adds as 0.0), and
-        # two cheap element-wise ops where onnxruntime's Where with a broadcast scalar took 3x their time
+        # hard reset as H * (1 - S): exact for S in {0, 1} (H * 1 = H; H * 0 = +0, H >= theta > 0 when
+        # it fired), two cheap element-wise ops where onnxruntime's Where with a broadcast scalar took
+        # 3x their time
         kept = em.op("Sub", [em.scalar(1.0, FLOAT), spike], f"{n.name}/kept")
         v_next = em.op("Mul", [h, kept], ctx.state_out(n.name), raw_name=True)
     ctx.states[n.name] = (v_next, elem)

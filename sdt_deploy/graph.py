@@ -312,6 +312,14 @@ class Graph:
     def copy(self) -> "Graph":
         return Graph(copy.deepcopy(self.nodes), copy.deepcopy(self.meta))
 
+    def take_nodes(self) -> list:
+        """The nodes, removed from this graph (left empty): for a pass that consumes a graph, so that the
+        graph holds none of what the pass has finished with."""
+        nodes = list(self.nodes)
+        self.nodes.clear()
+        self._index.clear()
+        return nodes
+
     # ---- serialisation ----
     def to_dict(self, arrays: bool = True) -> dict:
         return {"meta": self.meta, "nodes": [node_to_dict(n, arrays) for n in self.nodes]}

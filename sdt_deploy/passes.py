@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import collections
-
 from dataclasses import replace
 from typing import Iterator
 
@@ -42,10 +41,7 @@ def fold_nodes(g: Graph, consume: bool = False) -> Iterator:
             plan[src] = n
     renamed = {bn.name: src for src, bn in plan.items()}
 
-    queue = collections.deque(g.nodes)
-    if consume:
-        g.nodes.clear()
-        g._index.clear()
+    queue = collections.deque(g.take_nodes() if consume else g.nodes)
 
     def nodes():
         while queue:

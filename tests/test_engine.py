@@ -231,3 +231,38 @@ def test_distinct_scale_slots_cover_every_masked_scale():
     assert [int(s[0]) for s in slots] == [1, 0, 0]
     assert [int(s[1]) for s in slots] == [0, 2, 3]
     assert [int(s[2]) for s in slots] == [-1, -1, -1]
+
+
+def _integers(graph) -> dict:
+    return {n.name: (n.w_int, n.w_exp, n.b_int) for n in graph.nodes if getattr(n, "w_int", None) is not None}
+
+
+def _same_integers(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(all(np.array_equal(x, y) for x, y in zip(a[k], b[k])) for k in a)
+
+
+def test_quantization_threads_do_not_change_the_integers(monkeypatch):
+    """The layers are quantized on a thread pool: one thread and three give the same integers."""
+    from sdt_deploy import quantization
+
+    lm = loaded(case_path("plif_1111"))
+    by_threads = {}
+    for workers in (1, 3):
+        monkeypatch.setattr(quantization, "quantization_workers", lambda w=workers: w)
+        by_threads[workers] = _integers(quantize(lm).graph)
+    assert len(by_threads[1]) > 5 and _same_integers(by_threads[1], by_threads[3])
+
+
+def test_consuming_quantization_gives_the_same_graph_and_releases_the_model():
+    from sdt_deploy import load_model
+
+    path = case_path("lif_0011")
+    reference = quantize(loaded(path))
+    source = load_model(path)
+    consumed = quantize(source, consume=True)
+    assert source.model is None and not source.checkpoint.state_dict      # nothing of the float model left
+    assert _same_integers(_integers(consumed.graph), _integers(reference.graph))
+    x = case_input("lif_0011")
+    _, a = run_model(consumed.model, x)                                   # built from the graph alone
+    _, b = run_model(reference.model, x)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
