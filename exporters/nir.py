@@ -145,6 +145,16 @@ def to_nir(qgraph: Graph, profile: str = "standard", dt: float = DT,
     """The NIR graph of a quantized deploy graph (a whole model without a max-pool over currents, or a
     partition's device part). `time_steps` (default: the graph's T) is the number of steps the LIF
     thresholds are exact for."""
+    graph, _ = _build(qgraph, profile, dt, time_steps, lazy_arrays=False)
+    return graph
+
+
+def _build(qgraph: Graph, profile: str, dt: float, time_steps: Optional[int],
+           lazy_arrays: bool) -> tuple[nir.NIRGraph, dict]:
+    """(the NIR graph, {node name: function making its weight}). With `lazy_arrays` (for `write_nir`
+    alone) the graph's synaptic weights are placeholders that those functions replace as each node is
+    written, and its constant arrays read-only views (`_Builder.weight`, `_Builder.spread`); without,
+    the dictionary is empty and every array real."""
     prof = _profile(profile)
     dt = float(dt)
     if not (math.isfinite(dt) and dt > 0):
@@ -156,14 +166,14 @@ def to_nir(qgraph: Graph, profile: str = "standard", dt: float = DT,
     T = int(time_steps if time_steps is not None else qgraph.meta["time_steps"])
     if T < 1:
         raise DeployError(f"time_steps must be at least 1, got {T}")
-    b = _Builder(qgraph, prof, dt, T)
+    b = _Builder(qgraph, prof, dt, T, lazy_arrays)
     for n in qgraph.nodes:
         _EMIT[type(n)](b, n)
     graph = nir.NIRGraph(nodes=b.nodes, edges=b.edges, metadata=_graph_metadata(b), type_check=True)
     if set(graph.nodes) != set(b.nodes):   # nir adds Input/Output nodes for dangling ends
         extra = sorted(set(graph.nodes) - set(b.nodes))
         raise DeployError(f"internal: the NIR graph has dangling ends ({', '.join(extra)})")
-    return graph
+    return graph, b.weight_makers
 
 
 # nir.write's gzip at level 1 instead of its default 4: any HDF5 reader decompresses either; measured on
@@ -172,35 +182,46 @@ GZIP_LEVEL = 1
 
 
 def write_nir(qgraph: Graph, path: str, profile: str = "standard", dt: float = DT,
-              time_steps: Optional[int] = None) -> nir.NIRGraph:
+              time_steps: Optional[int] = None) -> None:
     """Export to a `.nir` file, written atomically (a temporary file beside `path`, renamed when
-    complete). The same graph gives a byte-identical file. Returns the graph written."""
-    graph = to_nir(qgraph, profile=profile, dt=dt, time_steps=time_steps)
+    complete): the graph `to_nir` makes, byte-identical for the same graph. Each synaptic weight exists
+    in float64 only while its node is written (SDT-8-768: 505 MiB of float64 weights, never all at
+    once); `to_nir` gives the graph with every weight in it."""
+    graph, makers = _build(qgraph, profile, dt, time_steps, lazy_arrays=True)
     with atomic_write(path) as tmp:
-        nir.write(tmp, _Serialised(graph), compression="gzip", compression_opts=GZIP_LEVEL)
-    return graph
+        nir.write(tmp, _Serialised(graph, makers), compression="gzip", compression_opts=GZIP_LEVEL)
 
 
 class _NodesOneByOne(dict):
     """`NIRGraph.to_dict()["nodes"]` made lazily: each node's own `to_dict()` (a deep copy of its arrays)
     while nir.write stores it, then dropped. nir's graph-level `to_dict` copies every weight twice
-    (`dataclasses.asdict` of the whole graph, then of each node again): 2 GB at once for SDT-8-768."""
+    (`dataclasses.asdict` of the whole graph, then of each node again): 2 GB at once for SDT-8-768.
+    A node with a placeholder weight is given its real weight for its `to_dict()` alone."""
 
-    def __init__(self, nodes: dict):
+    def __init__(self, nodes: dict, makers: dict):
         super().__init__()
-        self._nodes = nodes
+        self._nodes, self._makers = nodes, makers
 
     def items(self):
         for name, node in self._nodes.items():
-            yield name, node.to_dict()
+            make = self._makers.get(name)
+            if make is None:
+                yield name, node.to_dict()
+                continue
+            placeholder, node.weight = node.weight, make()
+            try:
+                d = node.to_dict()
+            finally:
+                node.weight = placeholder
+            yield name, d
 
 
 class _Serialised:
     """What nir.write reads of a graph (`to_dict()`), the same dictionary nir builds, with the nodes
     serialised one at a time (see `_NodesOneByOne`): nir's own writer, the same file."""
 
-    def __init__(self, graph: nir.NIRGraph):
-        self.graph = graph
+    def __init__(self, graph: nir.NIRGraph, makers: dict):
+        self.graph, self.makers = graph, makers
 
     def to_dict(self) -> dict:
         nodes = self.graph.nodes
@@ -209,7 +230,7 @@ class _Serialised:
             d = self.graph.to_dict()
         finally:
             self.graph.nodes = nodes
-        d["nodes"] = _NodesOneByOne(nodes)
+        d["nodes"] = _NodesOneByOne(nodes, self.makers)
         return d
 
 
@@ -273,8 +294,10 @@ class _Builder:
     the concatenation of its inputs' sources: fan-in does the sum); `shapes[name]` is that value's
     NIR shape (a [C] value lives as [C, H, W] when broadcast to every token, or as [C, 1, 1])."""
 
-    def __init__(self, g: Graph, profile: Profile, dt: float, T: int):
+    def __init__(self, g: Graph, profile: Profile, dt: float, T: int, lazy_arrays: bool = False):
         self.g, self.profile, self.dt, self.T = g, profile, dt, T
+        self.lazy_arrays = lazy_arrays
+        self.weight_makers: dict = {}
         self.nodes: dict = {}
         self.edges: list = []
         self.sources: dict = {}
@@ -302,13 +325,37 @@ class _Builder:
     def shape_in(self, n: Node, i: int = 0) -> tuple:
         return self.shapes[n.inputs[i]]
 
+    def weight(self, name: str, make, shape: tuple) -> np.ndarray:
+        """The float64 weight of node `name`: `make()`, or with `lazy_arrays` a placeholder of its shape
+        that holds no memory (a zero-strided view: nir's type check reads shapes alone), `make` kept to
+        give the real array when the node is written."""
+        if not self.lazy_arrays:
+            return make()
+        self.weight_makers[name] = make
+        return np.broadcast_to(np.zeros((), F64), tuple(int(s) for s in shape))
+
+    def spread(self, values, shape: tuple) -> np.ndarray:
+        """A float64 array of `shape` holding a value (or a per-channel vector, channels first) at every
+        position: a contiguous array, or with `lazy_arrays` a read-only view holding one copy of the
+        values (the LIF parameters of SDT-8-768 are 300 MiB in full); written, it is the same array
+        (nir's `to_dict` deep-copies a node's arrays, and a copy of a view is a full array)."""
+        v = np.asarray(values, dtype=F64)
+        if v.ndim:
+            v = v.reshape((-1,) + (1,) * (len(shape) - 1))
+        view = np.broadcast_to(v, tuple(int(s) for s in shape))
+        return view if self.lazy_arrays else np.ascontiguousarray(view)
+
+    def lif(self, shape: tuple, tau: float, v_threshold) -> nir.LIF:
+        """nir.LIF(tau, r = 1, v_leak = 0, v_threshold, v_reset = 0) over the node's NIR shape."""
+        return nir.LIF(tau=self.spread(tau, shape), r=self.spread(1.0, shape), v_leak=self.spread(0.0, shape),
+                       v_threshold=self.spread(v_threshold, shape), v_reset=self.spread(0.0, shape))
+
     def threshold(self, name: str, theta: float, shape: tuple, inputs: Sequence[str], **metadata) -> str:
         """z = sum(inputs) > theta: a Threshold, or (portable) a memoryless LIF (tau = dt)."""
         if self.profile.threshold_as_lif:
-            node = nir.LIF(tau=np.full(shape, self.dt, F64), r=np.ones(shape, F64), v_leak=np.zeros(shape, F64),
-                           v_threshold=np.full(shape, theta, F64), v_reset=np.zeros(shape, F64))
+            node = self.lif(shape, self.dt, theta)
         else:
-            node = nir.Threshold(threshold=np.full(shape, theta, F64))
+            node = nir.Threshold(threshold=self.spread(theta, shape))
         return self.add(name, node, inputs, **metadata)
 
 
@@ -324,12 +371,6 @@ def _clean_metadata(meta: dict) -> dict:
             raise DeployError(f"internal: metadata {k!r} has dtype {v.dtype}")
         out[k] = v
     return out
-
-
-def _per_channel(values: np.ndarray, shape: tuple) -> np.ndarray:
-    """A per-channel vector spread over a node's NIR shape (channels first)."""
-    v = np.asarray(values, dtype=F64).reshape((-1,) + (1,) * (len(shape) - 1))
-    return np.ascontiguousarray(np.broadcast_to(v, shape))
 
 
 def _spike_meta(n: Node) -> dict:
@@ -413,7 +454,7 @@ def _emit_conv(b: _Builder, n: Conv) -> None:
         raise DeployError(f"{n.name}: nir 1.0.8 type-checks only square, ungrouped convolutions "
                           f"(kernel {kh}x{kw}, groups {n.groups})")
     reads_spikes = b.g[n.inputs[0]].out_kind == SPIKE
-    node = _conv(n.float_weight(F64), (h, w), n.stride, n.padding,
+    node = _conv(b.weight(n.name, lambda: n.float_weight(F64), n.weight_shape), (h, w), n.stride, n.padding,
                  None if n.bias is None else np.asarray(n.bias, dtype=F64))
     b.add(n.name, node, b.feed(n), role="synapse" if reads_spikes else "encoder", w_int=n.w_int, w_exp=n.w_exp,
           b_int=n.b_int, grid=n.grid)
@@ -423,19 +464,21 @@ def _emit_conv(b: _Builder, n: Conv) -> None:
 def _emit_linear(b: _Builder, n: Linear) -> None:
     src_shape = b.shape_in(n)
     meta = dict(role="synapse", w_int=n.w_int, w_exp=n.w_exp, b_int=n.b_int, grid=n.grid)
-    weight = n.float_weight(F64)
-    bias = np.zeros(weight.shape[0]) if n.bias is None else np.asarray(n.bias, dtype=F64)
+    out_features, in_features = n.weight_shape
+    bias = np.zeros(out_features) if n.bias is None else np.asarray(n.bias, dtype=F64)
     sources = b.feed(n)
     if b.profile.flat_head:
         if len(src_shape) == 3:       # [C, 1, 1] -> [C]
             sources = (b.add(f"{n.name}.flatten", nir.Flatten(input_type=np.asarray(src_shape, dtype=np.int64),
                                                               start_dim=0, end_dim=-1), sources, role="flatten"),)
+        weight = b.weight(n.name, lambda: n.float_weight(F64), (out_features, in_features))
         b.add(n.name, nir.Affine(weight=weight, bias=bias), sources, **meta)
         b.value(n.name, (n.name,), n.shape)
     else:                             # 1x1 Conv2d on [C, 1, 1]: no Flatten for importers that mis-map it
         if src_shape[1:] != (1, 1):
             raise DeployError(f"{n.name}: the portable head expects a [C, 1, 1] input, got {list(src_shape)}")
-        b.add(n.name, _conv(weight[:, :, None, None], (1, 1), bias=bias), sources, **meta)
+        weight = b.weight(n.name, lambda: n.float_weight(F64)[:, :, None, None], (out_features, in_features, 1, 1))
+        b.add(n.name, _conv(weight, (1, 1), bias=bias), sources, **meta)
         b.value(n.name, (n.name,), tuple(n.shape) + (1, 1))
 
 
@@ -460,8 +503,7 @@ def _emit_lif(b: _Builder, n: LIF) -> None:
         exp = np.int64(grid[top] + b.T + 1)
     # tau = 2*dt makes dt/tau exactly 0.5; a float export keeps a PLIF's trained tau (tau * dt)
     tau = 2.0 * b.dt if not float_export else float(n.tau) * b.dt
-    node = nir.LIF(tau=np.full(shape, tau, F64), r=np.ones(shape, F64), v_leak=np.zeros(shape, F64),
-                   v_threshold=_per_channel(v_th, shape), v_reset=np.zeros(shape, F64))
+    node = b.lif(shape, tau, v_th)
     b.add(n.name, node, b.feed(n), role="neuron", grid=grid, theta_int=theta_int, threshold_exp=exp,
           **_spike_meta(n))
     b.value(n.name, (n.name,), shape)

@@ -37,6 +37,7 @@ from typing import Iterable, Optional
 import numpy as np
 import torch
 
+from .brevitas_import import import_brevitas
 from .configs import DataConfig
 from .errors import DeployError
 from .graph import (CURRENT, Add, Conv, Graph, Input, LIF, Linear, MaxPool, Readout, SpatialMean, TokenSum)
@@ -66,6 +67,7 @@ class QuantOptions:
 # ---------------------------------------------------------------- weights (brevitas)
 
 def _brevitas_quantizer(search: str):
+    import_brevitas()
     from brevitas.quant.fixed_point import Int8WeightPerChannelFixedPoint, Int8WeightPerChannelFixedPointMSE
 
     return Int8WeightPerChannelFixedPointMSE if search == "mse" else Int8WeightPerChannelFixedPoint
@@ -118,6 +120,7 @@ def _prune_mse_grid_search(proxy) -> None:
     not tabulated falls back to brevitas' evaluation, so the choice is brevitas' whatever the grid
     (tests compare with brevitas run plainly). Searches of another kind (fibonacci, bipolar) are left
     alone."""
+    import_brevitas()
     from brevitas.core.stats.stats_op import MSE
 
     mses = [m for m in proxy.modules() if isinstance(m, MSE)]
@@ -276,6 +279,7 @@ def _brevitas_weight(weight: np.ndarray, bits: int, search: str) -> tuple[np.nda
     SDT-8-768 and every test model), while brevitas' temporaries stay in reused heap memory instead of
     fresh pages (measured on SDT-8-768: 10.7 s -> 7.6 s, the difference page faults); each block's
     values become int8 at once."""
+    import_brevitas()
     from brevitas.nn import QuantLinear
 
     flat = np.ascontiguousarray(weight.reshape(weight.shape[0], -1), dtype=np.float32)
@@ -408,11 +412,14 @@ def quantize_graph(g: Graph, opts: QuantOptions) -> Graph:
 
 def fold_and_quantize(g: Graph, opts: QuantOptions, consume: bool = False) -> Graph:
     """`quantize_graph(fold_bn(g), opts)`, the same graph, folding each layer just before it is quantized:
-    one layer's folded float64 weights exist at a time instead of the whole model's (8-768: 530 MB)."""
+    one layer's folded weights exist at a time instead of the whole model's (8-768: 530 MB in float64)."""
     from .passes import fold_nodes
 
     layers = _synaptic_count(g)
-    return _quantize_nodes(fold_nodes(g, consume), {**g.meta, "folded": True}, opts, layers)
+    # folded straight into float32, what brevitas reads (`_brevitas_weight`): the same values as the
+    # float64 fold rounded afterwards
+    return _quantize_nodes(fold_nodes(g, consume, weight_dtype=np.float32), {**g.meta, "folded": True}, opts,
+                           layers)
 
 
 def _synaptic_count(g: Graph) -> int:
@@ -424,6 +431,7 @@ def _quantize_nodes(nodes: Iterable, meta: dict, opts: QuantOptions, layers: int
     progress bar over the `layers` weights on a terminal (none when stderr is not one)."""
     from tqdm import tqdm
 
+    import_brevitas()   # here, before the worker threads: the import is bound to the GIL anyway
     head_rewrite = meta.get("head_pool", "mean") == "mean"
     if head_rewrite:
         meta = {**meta, "head_pool": "sum"}

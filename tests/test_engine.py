@@ -9,7 +9,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import ALL_CASES, case_input, case_path, loaded, quantized, small_configs
+from conftest import ALL_CASES, ROOT, case_input, case_path, loaded, quantized, small_configs
 from sdt_deploy import quantize
 from sdt_deploy.bits import bit_report
 from sdt_deploy.engine import lif_int, run_engine, synaptic_conv
@@ -266,3 +266,58 @@ def test_consuming_quantization_gives_the_same_graph_and_releases_the_model():
     _, a = run_model(consumed.model, x)                                   # built from the graph alone
     _, b = run_model(reference.model, x)
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_streamed_float32_fold_gives_the_integers_of_the_float64_fold():
+    """`quantize` folds each layer just before quantizing it, straight into float32; the integers must
+    be those of the whole model folded in float64 first (`fold_bn`) and then quantized."""
+    from sdt_deploy.lower import lower
+    from sdt_deploy.passes import fold_bn
+    from sdt_deploy.quantization import fold_and_quantize, quantize_graph
+
+    for name in ("mlp1_0101", "plif_dvs_0000"):
+        lm = loaded(case_path(name))
+        opts = QuantOptions(data=lm.resolved.data)
+        whole = quantize_graph(fold_bn(lower(lm.model)), opts)
+        streamed = fold_and_quantize(lower(lm.model), opts)
+        assert len(_integers(whole)) > 5 and _same_integers(_integers(streamed), _integers(whole)), name
+
+
+_QUANTIZE_IN_A_FRESH_PROCESS = """
+import sys
+import numpy as np
+import torch
+plain = sys.argv[2] == "plain"
+if plain:
+    import brevitas.nn                          # as a user would: torch._dynamo comes with it
+from sdt_deploy.quantization import quantize_weight
+w = np.random.default_rng(7).standard_normal((96, 3, 3, 3)) * 0.05
+w[3] *= 20.0
+w_int, e = quantize_weight(w, 4, "mse")
+assert ("torch._dynamo" in sys.modules) == plain, sorted(m for m in sys.modules if "_dynamo" in m)[:3]
+import brevitas
+assert plain or brevitas.is_dynamo_compiling is torch.compiler.is_compiling
+assert plain or "_dynamo" not in vars(torch)    # no stand-in left behind: torch's lazy import is back
+import torch._dynamo                            # the real module is still there for whoever asks
+assert hasattr(torch._dynamo, "config") and callable(torch._dynamo.is_compiling)
+np.savez(sys.argv[1], w_int=w_int, e=e)
+"""
+
+
+def test_brevitas_imported_without_torch_dynamo_quantizes_the_same(tmp_path):
+    """`sdt_deploy.brevitas_import` keeps torch's compiler stack out of brevitas' import (0.85 s of an
+    export); in fresh processes, the integers equal those of brevitas imported the plain way, and
+    torch._dynamo still imports afterwards."""
+    import subprocess
+    import sys
+
+    out = {}
+    for how in ("shim", "plain"):
+        path = tmp_path / f"{how}.npz"
+        proc = subprocess.run([sys.executable, "-c", _QUANTIZE_IN_A_FRESH_PROCESS, str(path), how],
+                              capture_output=True, text=True, timeout=300, cwd=str(ROOT))
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        out[how] = np.load(path)
+    assert np.array_equal(out["shim"]["w_int"], out["plain"]["w_int"])
+    assert np.array_equal(out["shim"]["e"], out["plain"]["e"])
+    assert np.any(out["plain"]["w_int"] != 0)

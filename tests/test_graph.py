@@ -11,7 +11,7 @@ from sdt_deploy.errors import DeployError
 from sdt_deploy.executor import execute
 from sdt_deploy.graph import (BatchNorm, Conv, Graph, Input, LIF, Linear, Readout, SpatialMean, SPIKE, CURRENT)
 from sdt_deploy.lower import lower
-from sdt_deploy.passes import check, fold_bn
+from sdt_deploy.passes import check, fold_bn, fold_bn_params
 from sdt_deploy.runner import run_model
 from sdt_deploy.synth import random_inputs, random_model
 
@@ -67,6 +67,25 @@ def test_fold_bn_matches_a_hand_computation():
     # scale = gamma / sqrt(var + eps) = [3/2, 0.5/0.5]
     np.testing.assert_allclose(c.weight.reshape(-1), [2.0 * 1.5, -1.0 * 1.0])
     np.testing.assert_allclose(c.bias, [1.0 + (1.0 - 0.5) * 1.5, -1.0 + (0.0 - 2.0) * 1.0])
+
+
+def test_fold_into_float32_is_the_float64_fold_rounded_once():
+    """The quantizer has BatchNorm folded straight into float32 (what brevitas reads): the values must be
+    the float64 fold's, each rounded once -- not a float32 product, which differs."""
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((64, 8, 3, 3)).astype(np.float32)
+    gamma, beta = rng.uniform(0.2, 3.0, 64), rng.standard_normal(64)
+    mean, var = rng.standard_normal(64), rng.uniform(0.01, 4.0, 64)
+    bn = BatchNorm("bn", ("c",), (64, 4, 4), weight=gamma, bias=beta, mean=mean, var=var, eps=1e-5)
+    w64, b64 = fold_bn_params(w, None, bn)
+    w32, b32 = fold_bn_params(w, None, bn, weight_dtype=np.float32)
+    scale = gamma / np.sqrt(var + 1e-5)                                       # float64, by hand
+    by_hand = (w.astype(np.float64) * scale[:, None, None, None]).astype(np.float32)
+    assert w64.dtype == np.float64 and w32.dtype == np.float32
+    assert np.array_equal(w32, by_hand) and np.array_equal(w64.astype(np.float32), w32)
+    assert np.array_equal(b32, b64) and b32.dtype == np.float64
+    single_product = w * scale.astype(np.float32)[:, None, None, None]
+    assert not np.array_equal(single_product, w32)      # so the check above can tell the two apart
 
 
 def test_check_names_a_current_feeding_a_conv():

@@ -351,6 +351,30 @@ def test_parameters_and_metadata_survive_nir_read(exported):
                 assert np.all(th[c] == float(exact)) and Fraction(float(exact)) == exact, (n.name, c)
 
 
+@pytest.mark.parametrize("profile", ["standard", "portable"])
+@pytest.mark.parametrize("name", ["mlp1_0101", "plif_dvs_0000"])
+def test_written_file_holds_every_array_of_the_graph_to_nir_builds(name, profile, exported):
+    """write_nir makes each node's weights and LIF parameters only while that node is written; read back
+    by stock nir.read, every float array of every node is the one `to_nir` builds in memory (same
+    dtype, shape and values), and so is the integer metadata."""
+    _, read, dev, _ = exported(name, profile)
+    built = to_nir(dev, profile=profile)
+    assert set(read.nodes) == set(built.nodes) and sorted(read.edges) == sorted(built.edges)
+    compared = 0
+    for key, node in built.nodes.items():
+        want, got = node.to_dict(), read.nodes[key].to_dict()
+        for field, value in want.items():
+            if isinstance(value, np.ndarray) and value.dtype.kind == "f":
+                back = np.asarray(got[field])
+                assert (back.dtype, back.shape) == (value.dtype, value.shape), (key, field)
+                assert np.array_equal(back, value), (key, field)
+                compared += value.size
+        for field, value in node.metadata.items():
+            if isinstance(value, np.ndarray):
+                assert np.array_equal(np.asarray(read.nodes[key].metadata[field]), value), (key, field)
+    assert compared > 10_000
+
+
 def test_graph_computes_the_same_without_any_metadata(exported):
     """The metadata is for hardware back ends and for naming; the computation does not depend on it."""
     _, g, _, x = exported("dvs_tet_t10")
