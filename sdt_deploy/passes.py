@@ -35,12 +35,12 @@ def fold_bn(g: Graph) -> Graph:
 
 def fold_nodes(g: Graph, consume: bool = False, weight_dtype=np.float64) -> Iterator:
     """The nodes of `fold_bn(g)`, made one at a time as they are consumed, so that a streaming consumer
-    (`quantization.fold_and_quantize`) holds one layer's folded float64 weights at once, not the
-    model's. Checks every BatchNorm before the first node is made. A conv/linear without a BatchNorm
-    passes through with its weights as `weight_dtype`. `consume`: g is emptied here and each of its nodes
-    dropped once its folded node is made, so that nothing of g outlives its layer's turn.
-    `weight_dtype`: of the folded weights (biases stay float64); float32 for a consumer that reads
-    nothing finer (brevitas: `quantization._brevitas_weight`)."""
+    (`quantization.fold_and_quantize`) holds one layer's folded weights at once, not the model's.
+    Checks every BatchNorm before the first node is made. `weight_dtype`: of the folded weights, and of
+    a conv/linear without a BatchNorm, which passes through (biases are float64 either way); float32
+    for a consumer that reads nothing finer (brevitas: `quantization._brevitas_weight`). `consume`: g
+    is emptied here and each of its nodes dropped once its folded node is made, so that nothing of g
+    outlives its layer's turn."""
     plan: dict[str, BatchNorm] = {}
     for n in g.nodes:
         if isinstance(n, BatchNorm):
