@@ -321,3 +321,33 @@ def test_brevitas_imported_without_torch_dynamo_quantizes_the_same(tmp_path):
     assert np.array_equal(out["shim"]["w_int"], out["plain"]["w_int"])
     assert np.array_equal(out["shim"]["e"], out["plain"]["e"])
     assert np.any(out["plain"]["w_int"] != 0)
+
+
+_BREVITAS_NEEDING_MORE_OF_DYNAMO = """
+import sys
+import torch
+from sdt_deploy import brevitas_import
+plain = brevitas_import._import_modules
+
+def wants_more():                       # a brevitas that reads torch._dynamo.config at import
+    torch._dynamo.config
+    plain()
+
+brevitas_import._import_modules = wants_more
+brevitas_import.import_brevitas()
+import brevitas.nn
+assert "torch._dynamo" in sys.modules and hasattr(torch._dynamo, "config")
+assert brevitas.is_dynamo_compiling is torch._dynamo.is_compiling      # imported anew, the plain way
+assert hasattr(brevitas.nn, "QuantLinear")
+"""
+
+
+def test_brevitas_needing_more_of_torch_dynamo_is_imported_the_plain_way():
+    """Should a brevitas release read more of torch._dynamo at import than `is_compiling`, the stand-in
+    is dropped and brevitas imported again with the real module (in a fresh process)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _BREVITAS_NEEDING_MORE_OF_DYNAMO], capture_output=True,
+                          text=True, timeout=300, cwd=str(ROOT))
+    assert proc.returncode == 0, proc.stderr[-2000:]
