@@ -13,7 +13,8 @@ on its grid), event-driven, counting the operations it performs.
 - the encoder (the only layer reading a real value) is a dense integer convolution: its multiply-
   accumulates are counted per valid (non-padding) tap;
 - a LIF is `H = (V + X) >> 1` (arithmetic shift: floor), `S = H >= theta`, `V = H * (1 - S)`, on its
-  channel's grid; contributions on a coarser grid are shifted left first (exact).
+  channel's grid; contributions on a coarser grid are shifted left first (exact); a large layer's
+  samples are updated on the same threads.
 
 Because floor((floor(a) + n) / 2) = floor((a + n) / 2) for integer n, the integer state is the floor of
 the exact state and every threshold decision matches the float model's exactly (DESIGN.md §4).
@@ -126,6 +127,7 @@ def int16_plan(w_int: np.ndarray) -> Optional[list]:
 
 
 PARALLEL_MIN_WORK = 1 << 22     # inputs x outputs of a layer below which it runs on one thread
+PARALLEL_MIN_NEURONS = 1 << 20  # neurons x steps of a LIF below which it runs on one thread
 _POOLS: dict = {}
 
 
@@ -354,6 +356,25 @@ def lif_int(X: np.ndarray, theta: np.ndarray, channel_axis: int = 2, membranes: 
     return out, peak
 
 
+def lif_int_parallel(X: np.ndarray, theta: np.ndarray, threads: int):
+    """`lif_int` with the samples (axis 1) split over threads where the layer is large enough: every
+    neuron's state is its own, so the spikes are the same; the peak is the largest of the parts'."""
+    B = X.shape[1]
+    parts = min(threads, B) if X.size >= PARALLEL_MIN_NEURONS else 1
+    if parts <= 1:
+        return lif_int(X, theta)
+    out = np.empty_like(X, dtype=np.uint8)     # X's memory layout, as `lif_int` keeps it
+    cuts = np.linspace(0, B, parts + 1).astype(int)
+
+    def part(a: int, b: int) -> int:
+        spikes, peak = lif_int(X[:, a:b], theta)
+        out[:, a:b] = spikes
+        return peak
+
+    jobs = [_pool(parts).submit(part, a, b) for a, b in zip(cuts[:-1], cuts[1:])]
+    return out, max(job.result() for job in jobs)
+
+
 def abs_max(a: np.ndarray) -> int:
     """max |a| as a Python int (no temporary array; exact at the int64 minimum too)."""
     return max(int(a.max()), -int(a.min())) if a.size else 0
@@ -411,7 +432,8 @@ def run_engine(qg: Graph, x: np.ndarray, record: bool = True, membranes: bool = 
             src_grid = in_grids[0] if in_grids[0] is not None else np.zeros(n.shape[0], dtype=INT)
             X = _shift_left(np.asarray(ins[0], dtype=width(n.name, 2)), n.grid - src_grid)
             trace: Optional[list] = [] if membranes else None
-            y, peak = lif_int(X, n.theta_int, membranes=trace)
+            y, peak = lif_int_parallel(X, n.theta_int, threads) if trace is None else \
+                lif_int(X, n.theta_int, membranes=trace)
             observed[n.name] = max(peak, abs_max(X))
             ops[n.name] = {"neuron_updates": int(X.size), "spikes": int(y.sum(dtype=INT))}
             if membranes:

@@ -351,3 +351,24 @@ def test_brevitas_needing_more_of_torch_dynamo_is_imported_the_plain_way():
     proc = subprocess.run([sys.executable, "-c", _BREVITAS_NEEDING_MORE_OF_DYNAMO], capture_output=True,
                           text=True, timeout=300, cwd=str(ROOT))
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("name", ["lif_0011", "plif_dvs_0000"])
+def test_engine_threads_split_every_layer_without_changing_anything(name, monkeypatch):
+    """The engine splits a large layer's samples over threads (the event additions and the LIF
+    updates). With the size limit at 0 every layer is split: the result equals one thread's in every
+    spike, integer, count and observed bound, and the torch model's spikes."""
+    from sdt_deploy import engine
+
+    q = quantized(case_path(name))
+    x = np.concatenate([case_input(name)] * 3)[:5]             # 5 samples over 3 threads: uneven parts
+    one = run_engine(q.graph, x, threads=1)
+    monkeypatch.setattr(engine, "PARALLEL_MIN_WORK", 0)
+    monkeypatch.setattr(engine, "PARALLEL_MIN_NEURONS", 0)
+    split = run_engine(q.graph, x, threads=3)
+    assert one.spikes.keys() == split.spikes.keys()
+    assert all(np.array_equal(one.spikes[k], split.spikes[k]) for k in one.spikes)
+    assert np.array_equal(one.logits_int, split.logits_int)
+    assert one.ops == split.ops and one.observed == split.observed
+    _, spikes = reference(q, x)
+    assert all(np.array_equal(split.spikes[k], spikes[k]) for k in spikes)
