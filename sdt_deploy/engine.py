@@ -162,18 +162,23 @@ def _add_event_rows(Y: np.ndarray, rows: np.ndarray, cols: np.ndarray, w_cols: n
         Y += sp.csr_matrix((ones, cols, indptr), shape=(M, n_in)) @ w_cols
 
 
+def _over_samples(fn, n: int, parts: int) -> list:
+    """[fn(a, b)] for the sample ranges [a, b) that split n samples into `parts`, on the engine's
+    threads when there are several (each sample's integers are its own: the split changes nothing)."""
+    if parts <= 1:
+        return [fn(0, n)]
+    cuts = np.linspace(0, n, parts + 1).astype(int)
+    jobs = [_pool(parts).submit(fn, a, b) for a, b in zip(cuts[:-1], cuts[1:])]
+    return [job.result() for job in jobs]
+
+
 def _in_blocks(fn, S: np.ndarray, Y: np.ndarray, rows_per_sample: int, threads: int) -> int:
     """fn(S_block, Y_block) over blocks of the samples (axis 0 of S) and their output rows, in parallel
     threads when the layer is large enough; returns the sum of fn's results. Every output row belongs to
     one sample, so each is summed exactly as in one block (same integers, in the same order)."""
     N = S.shape[0]
     parts = min(threads, N) if S.size * Y.shape[1] >= PARALLEL_MIN_WORK else 1
-    if parts <= 1:
-        return fn(S, Y)
-    cuts = np.linspace(0, N, parts + 1).astype(int)
-    jobs = [_pool(parts).submit(fn, S[a:b], Y[a * rows_per_sample:b * rows_per_sample])
-            for a, b in zip(cuts[:-1], cuts[1:])]
-    return sum(job.result() for job in jobs)
+    return sum(_over_samples(lambda a, b: fn(S[a:b], Y[a * rows_per_sample:b * rows_per_sample]), N, parts))
 
 
 _WEIGHT_PLANS: dict = {}
@@ -335,13 +340,15 @@ def heads_or_pool_np(a: np.ndarray, heads: int) -> np.ndarray:
     return pooled.transpose(0, 1, 2, 4, 3).reshape(T, B, C, H, W)
 
 
-def lif_int(X: np.ndarray, theta: np.ndarray, channel_axis: int = 2, membranes: Optional[list] = None):
-    """Integer LIF over T: H = (V + X) >> 1, S = H >= theta, V = H * (1 - S)."""
+def lif_int(X: np.ndarray, theta: np.ndarray, channel_axis: int = 2, membranes: Optional[list] = None,
+            out: Optional[np.ndarray] = None):
+    """Integer LIF over T: H = (V + X) >> 1, S = H >= theta, V = H * (1 - S). Returns (spikes uint8, the
+    largest |H|); the spikes go into `out` where given."""
     shape = [1] * (X.ndim - 1)
     shape[channel_axis - 1] = -1
     th = theta.astype(X.dtype).reshape(shape)
     V = np.zeros_like(X[0])                     # X's dtype and memory layout (see synaptic_conv)
-    out = np.empty_like(X, dtype=np.uint8)
+    out = np.empty_like(X, dtype=np.uint8) if out is None else out
     peak = 0
     for t in range(X.shape[0]):
         H = V + X[t]
@@ -357,22 +364,13 @@ def lif_int(X: np.ndarray, theta: np.ndarray, channel_axis: int = 2, membranes: 
 
 
 def lif_int_parallel(X: np.ndarray, theta: np.ndarray, threads: int):
-    """`lif_int` with the samples (axis 1) split over threads where the layer is large enough: every
-    neuron's state is its own, so the spikes are the same; the peak is the largest of the parts'."""
+    """`lif_int` of [T, B, ...] with the samples (axis 1) split over threads where the layer is large
+    enough: every neuron's state is its own, so the spikes are the same; the peak is the parts' largest."""
     B = X.shape[1]
     parts = min(threads, B) if X.size >= PARALLEL_MIN_NEURONS else 1
-    if parts <= 1:
-        return lif_int(X, theta)
     out = np.empty_like(X, dtype=np.uint8)     # X's memory layout, as `lif_int` keeps it
-    cuts = np.linspace(0, B, parts + 1).astype(int)
-
-    def part(a: int, b: int) -> int:
-        spikes, peak = lif_int(X[:, a:b], theta)
-        out[:, a:b] = spikes
-        return peak
-
-    jobs = [_pool(parts).submit(part, a, b) for a, b in zip(cuts[:-1], cuts[1:])]
-    return out, max(job.result() for job in jobs)
+    peaks = _over_samples(lambda a, b: lif_int(X[:, a:b], theta, out=out[:, a:b])[1], B, parts)
+    return out, max(peaks)
 
 
 def abs_max(a: np.ndarray) -> int:

@@ -337,7 +337,7 @@ def _one_heap_for_new_threads():
     but made every weight fault its temporaries in again (0.4 s of a 3.8 s export). One shared heap
     lets each thread reuse what the other freed: ~700 MiB at the faster time (measured, 4 runs each).
     The limit applies only to arenas made while it is set (a thread keeps its heap), so it is lifted
-    again afterwards to glibc's default for 64-bit (8 per CPU). No effect off glibc."""
+    again afterwards (`arena_max_after`). No effect off glibc."""
     mallopt = _libc("mallopt")
     if mallopt is None or mallopt(M_ARENA_MAX, 1) != 1:
         yield
@@ -345,7 +345,17 @@ def _one_heap_for_new_threads():
     try:
         yield
     finally:
-        mallopt(M_ARENA_MAX, 8 * (os.cpu_count() or 1))
+        mallopt(M_ARENA_MAX, arena_max_after(os.environ))
+
+
+def arena_max_after(environ) -> int:
+    """The arena limit to restore: the user's own (MALLOC_ARENA_MAX, or glibc.malloc.arena_max in
+    GLIBC_TUNABLES, both read by glibc at start-up), else glibc's default for 64-bit, 8 per CPU."""
+    tunables = dict(item.partition("=")[::2] for item in environ.get("GLIBC_TUNABLES", "").split(":") if item)
+    for value in (tunables.get("glibc.malloc.arena_max"), environ.get("MALLOC_ARENA_MAX")):
+        if value and value.strip().isdigit() and int(value) > 0:
+            return int(value)
+    return 8 * (os.cpu_count() or 1)
 
 
 def _return_freed_memory() -> None:

@@ -372,3 +372,17 @@ def test_engine_threads_split_every_layer_without_changing_anything(name, monkey
     assert one.ops == split.ops and one.observed == split.observed
     _, spikes = reference(q, x)
     assert all(np.array_equal(split.spikes[k], spikes[k]) for k in spikes)
+
+
+def test_arena_limit_restored_after_quantization_is_the_users_own():
+    """The quantizer limits glibc's heaps while its threads start; afterwards the limit goes back to
+    what the user set (MALLOC_ARENA_MAX, or glibc.malloc.arena_max in GLIBC_TUNABLES), else glibc's
+    64-bit default of 8 per CPU."""
+    import os
+
+    from sdt_deploy.quantization import arena_max_after
+
+    assert arena_max_after({"MALLOC_ARENA_MAX": "2"}) == 2
+    assert arena_max_after({"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=9:glibc.malloc.arena_max=3"}) == 3
+    assert arena_max_after({"MALLOC_ARENA_MAX": "lots"}) == 8 * os.cpu_count()
+    assert arena_max_after({}) == 8 * os.cpu_count()
