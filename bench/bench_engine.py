@@ -32,12 +32,12 @@ sys.path.insert(0, C.ROOT)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from sdt_deploy import synth  # noqa: E402
+from sdt_deploy.data import synth  # noqa: E402
 from sdt_deploy.api import quantize  # noqa: E402
-from sdt_deploy.bits import bit_report  # noqa: E402
-from sdt_deploy.configs import resolve  # noqa: E402
-from sdt_deploy.engine import run_engine  # noqa: E402
-from sdt_deploy.runner import run_model  # noqa: E402
+from sdt_deploy.quant.bits import bit_report  # noqa: E402
+from sdt_deploy.files.configs import resolve  # noqa: E402
+from sdt_deploy.run.integer_engine import run_engine  # noqa: E402
+from sdt_deploy.run.torch_runner import run_model  # noqa: E402
 
 CONFIG = "cifar10/2_256_300E_t4"
 SCALES = (1.0, 0.8, 0.6, 0.4, 0.2, 0.0, -0.3, -0.6)

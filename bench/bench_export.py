@@ -29,9 +29,9 @@ def make_checkpoint(path: str) -> None:
     import torch
 
     from models import build_model
-    from sdt_deploy import synth
-    from sdt_deploy.checkpoint import save_original_format
-    from sdt_deploy.configs import resolve
+    from sdt_deploy.data import synth
+    from sdt_deploy.files.checkpoint import save_original_format
+    from sdt_deploy.files.configs import resolve
 
     cfg = resolve(yaml_path=CONFIG).config
     torch.manual_seed(0)
@@ -55,7 +55,7 @@ def main() -> None:
         "ours_nir": [C.SDT_DEPLOY, "export", ckpt, "--target", "nir", "-o", out("sdt_8_768.nir"), "--force"],
     }
     baseline_cmd = [C.PYTHON, "-c", "import torch, onnx, nir, sdt_deploy.cli, sdt_deploy.api, exporters.onnx, "
-                                    "exporters.nir; from sdt_deploy.brevitas_import import import_brevitas; "
+                                    "exporters.nir; from sdt_deploy.quant.brevitas_import import import_brevitas; "
                                     "import_brevitas()"]     # brevitas as the export imports it
     runs = {k: [] for k in commands}
     for round_ in range(a.runs + 1):                   # round 0 is the warm-up

@@ -35,12 +35,12 @@ import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
 
 from exporters.onnx import write_onnx  # noqa: E402
-from sdt_deploy import synth  # noqa: E402
+from sdt_deploy.data import synth  # noqa: E402
 from sdt_deploy.api import quantize  # noqa: E402
-from sdt_deploy.bits import bit_report  # noqa: E402
-from sdt_deploy.configs import resolve  # noqa: E402
-from sdt_deploy.onnx_run import open_onnx  # noqa: E402
-from sdt_deploy.runner import run_model  # noqa: E402
+from sdt_deploy.quant.bits import bit_report  # noqa: E402
+from sdt_deploy.files.configs import resolve  # noqa: E402
+from sdt_deploy.run.onnx_runner import open_onnx  # noqa: E402
+from sdt_deploy.run.torch_runner import run_model  # noqa: E402
 
 CASES = (("cifar10/2_256_300E_t4", 1, 16, 15), ("cifar10/2_256_300E_t4", 32, 16, 5),
          ("imagenet/8_512_300E_t4", 1, 4, 5))        # config, batch, calibration images, timed rounds

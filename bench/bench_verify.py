@@ -26,9 +26,9 @@ CONFIG = "cifar10/2_256_300E_t4"
 
 def make_checkpoint(path: str) -> None:
     sys.path.insert(0, C.ROOT)
-    from sdt_deploy import synth
-    from sdt_deploy.checkpoint import save_original_format
-    from sdt_deploy.configs import resolve
+    from sdt_deploy.data import synth
+    from sdt_deploy.files.checkpoint import save_original_format
+    from sdt_deploy.files.configs import resolve
 
     cfg = resolve(yaml_path=CONFIG).config
     save_original_format(path, synth.random_model(cfg, seed=0), synth.checkpoint_args(cfg))
@@ -37,9 +37,9 @@ def make_checkpoint(path: str) -> None:
 def torch_alone(ckpt: str, n: int) -> None:
     """The child process of the comparison: the original torch model on the same random images."""
     sys.path.insert(0, C.ROOT)
-    from sdt_deploy.checkpoint import load_model
-    from sdt_deploy.runner import run_model
-    from sdt_deploy.synth import random_inputs
+    from sdt_deploy.files.checkpoint import load_model
+    from sdt_deploy.run.torch_runner import run_model
+    from sdt_deploy.data.synth import random_inputs
 
     loaded = load_model(ckpt)
     run_model(loaded.model, random_inputs(loaded.config, n, seed=0), batch_size=16, record=False)

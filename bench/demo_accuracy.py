@@ -17,8 +17,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from sdt_deploy import load_model, quantize  # noqa: E402
-from sdt_deploy.data import digits_split  # noqa: E402
-from sdt_deploy.runner import predictions, run_model  # noqa: E402
+from sdt_deploy.data.digits import digits_split  # noqa: E402
+from sdt_deploy.run.torch_runner import predictions, run_model  # noqa: E402
 
 
 def accuracy(model, x, y) -> float:

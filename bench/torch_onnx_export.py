@@ -21,7 +21,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 from models import build_model  # noqa: E402
-from sdt_deploy.configs import resolve  # noqa: E402
+from sdt_deploy.files.configs import resolve  # noqa: E402
 
 
 def main() -> None:

@@ -107,9 +107,9 @@ import numpy as np
 
 from sdt_deploy import __version__
 from sdt_deploy.errors import DeployError
-from sdt_deploy.graph import (SPIKE, Add, And, BatchNorm, Broadcast, Conv, Graph, Input, LIF, Linear, MaxPool,
+from sdt_deploy.ir.graph import (SPIKE, Add, And, BatchNorm, Broadcast, Conv, Graph, Input, LIF, Linear, MaxPool,
                               Node, OrPool, Readout, SpatialMean, TokenSum, json_default)
-from sdt_deploy.io import atomic_write
+from sdt_deploy.files.atomic import atomic_write
 
 DT = 1e-4
 OUTPUT = "output"

@@ -74,11 +74,11 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from sdt_deploy import __version__
-from sdt_deploy.bits import channel_bounds
+from sdt_deploy.quant.bits import channel_bounds
 from sdt_deploy.errors import DeployError
-from sdt_deploy.graph import (Add, And, Broadcast, Conv, Graph, Input, LIF, Linear, MaxPool, Node, OrPool,
+from sdt_deploy.ir.graph import (Add, And, Broadcast, Conv, Graph, Input, LIF, Linear, MaxPool, Node, OrPool,
                               Readout, TokenSum)
-from sdt_deploy.io import atomic_write
+from sdt_deploy.files.atomic import atomic_write
 
 OPSET = 21
 IR_VERSION = 10

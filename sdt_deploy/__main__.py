@@ -1,4 +1,4 @@
 """`python -m sdt_deploy ...` (also what `torchrun -m sdt_deploy verify ...` starts on every rank)."""
-from .cli import entry
+from sdt_deploy.cli.app import entry
 
 entry()

@@ -5,14 +5,14 @@ from typing import Optional, Union
 
 from models import SpikeDrivenTransformer
 
-from .checkpoint import LoadedModel, load_model
-from .bits import check_engine_bounds
-from .configs import DataConfig
-from .graph import Graph
-from .lower import lower
-from .passes import fold_bn
-from .qmodel import QuantizedModel
-from .quantization import QuantOptions, fold_and_quantize
+from sdt_deploy.files.checkpoint import LoadedModel, load_model
+from sdt_deploy.quant.bits import check_engine_bounds
+from sdt_deploy.files.configs import DataConfig
+from sdt_deploy.ir.graph import Graph
+from sdt_deploy.ir.lower import lower
+from sdt_deploy.ir.passes import fold_bn
+from sdt_deploy.quant.qmodel import QuantizedModel
+from sdt_deploy.quant.contract import QuantOptions, fold_and_quantize
 
 Source = Union[str, LoadedModel, SpikeDrivenTransformer]
 
@@ -23,8 +23,8 @@ def _loaded(source: Source) -> LoadedModel:
     if isinstance(source, str):
         return load_model(source)
     if isinstance(source, SpikeDrivenTransformer):
-        from .checkpoint import Checkpoint
-        from .configs import Resolved
+        from sdt_deploy.files.checkpoint import Checkpoint
+        from sdt_deploy.files.configs import Resolved
 
         return LoadedModel(source, Resolved(source.cfg, DataConfig(), {}), Checkpoint("", {}, "none"))
     raise TypeError(f"expected a checkpoint path, a LoadedModel or an SDT model, got {type(source).__name__}")

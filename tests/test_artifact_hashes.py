@@ -10,7 +10,7 @@ import os
 import pytest
 
 from conftest import DEMO_CKPT, FIXTURE_CKPT, ORACLE, ROOT
-from sdt_deploy.cli import main
+from sdt_deploy.cli.app import main
 
 CASES = {
     "demo": DEMO_CKPT,

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from conftest import DEMO_CKPT, oracle_path, oracle_ref
-from sdt_deploy.checkpoint import load_checkpoint, load_model
-from sdt_deploy.cli import main
+from sdt_deploy.files.checkpoint import load_checkpoint, load_model
+from sdt_deploy.cli.app import main
 from sdt_deploy.errors import DeployError
 
 CASE = "lif_0011"
@@ -28,7 +28,7 @@ def save(path, obj) -> str:
 
 
 def spikes_of(path, **kw):
-    from sdt_deploy.runner import run_model
+    from sdt_deploy.run.torch_runner import run_model
 
     lm = load_model(path, **kw)
     return run_model(lm.model, oracle_ref(CASE)["input"])[1]

@@ -5,8 +5,8 @@ import pytest
 
 from conftest import SHARED
 from models import ConfigError, SDTConfig, build_model, parameter_count
-from sdt_deploy.cli import main
-from sdt_deploy.configs import PUBLISHED, model_keys, read_yaml, resolve
+from sdt_deploy.cli.app import main
+from sdt_deploy.files.configs import PUBLISHED, model_keys, read_yaml, resolve
 from sdt_deploy.errors import DeployError
 
 # Parameter counts computed by the ORIGINAL code (BICLab/Spike-Driven-Transformer 3faa822,

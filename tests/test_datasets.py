@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from models import SDTConfig
-from sdt_deploy.configs import DataConfig
-from sdt_deploy.datasets import eval_transform, open_dataset, shard
+from sdt_deploy.files.configs import DataConfig
+from sdt_deploy.data.datasets import eval_transform, open_dataset, shard
 from sdt_deploy.errors import DeployError
 
 CFG = SDTConfig(img_size=16, dim=16, num_heads=2, pooling_stat="0011", num_classes=10)

@@ -11,14 +11,14 @@ from hypothesis import strategies as st
 
 from conftest import ALL_CASES, ROOT, case_input, case_path, loaded, quantized, small_configs
 from sdt_deploy import quantize
-from sdt_deploy.bits import bit_report
-from sdt_deploy.engine import lif_int, run_engine, synaptic_conv
+from sdt_deploy.quant.bits import bit_report
+from sdt_deploy.run.integer_engine import lif_int, run_engine, synaptic_conv
 from sdt_deploy.errors import DeployError
-from sdt_deploy.executor import execute
-from sdt_deploy.graph import LIF
-from sdt_deploy.quantization import QuantOptions, quantize_weight
-from sdt_deploy.runner import run_model
-from sdt_deploy.synth import random_inputs, random_model
+from sdt_deploy.run.float_executor import execute
+from sdt_deploy.ir.graph import LIF
+from sdt_deploy.quant.contract import QuantOptions, quantize_weight
+from sdt_deploy.run.torch_runner import run_model
+from sdt_deploy.data.synth import random_inputs, random_model
 
 
 def reference(q, x):
@@ -203,7 +203,7 @@ def _plain_brevitas(w: np.ndarray, bits: int):
 
 @pytest.mark.parametrize("bits", [8, 4, 2])
 def test_mse_scale_search_equals_plain_brevitas(bits, monkeypatch):
-    from sdt_deploy import quantization
+    from sdt_deploy.quant import contract as quantization
 
     rng = np.random.default_rng(bits)
     w = rng.standard_normal((300, 3, 3, 3)) * 0.05
@@ -222,7 +222,7 @@ def test_mse_scale_search_equals_plain_brevitas(bits, monkeypatch):
 
 
 def test_distinct_scale_slots_cover_every_masked_scale():
-    from sdt_deploy.quantization import _distinct_scale_slots
+    from sdt_deploy.quant.contract import _distinct_scale_slots
 
     scales = np.array([[1., 4., 2.], [2., 4., 2.], [2., 2., 1.], [4., 1., 1.]])
     mask = np.array([[1, 1, 0], [1, 0, 0], [1, 1, 0], [0, 1, 0]], dtype=bool)
@@ -243,7 +243,7 @@ def _same_integers(a: dict, b: dict) -> bool:
 
 def test_quantization_threads_do_not_change_the_integers(monkeypatch):
     """The layers are quantized on a thread pool: one thread and three give the same integers."""
-    from sdt_deploy import quantization
+    from sdt_deploy.quant import contract as quantization
 
     lm = loaded(case_path("plif_1111"))
     by_threads = {}
@@ -271,9 +271,9 @@ def test_consuming_quantization_gives_the_same_graph_and_releases_the_model():
 def test_streamed_float32_fold_gives_the_integers_of_the_float64_fold():
     """`quantize` folds each layer just before quantizing it, straight into float32; the integers must
     be those of the whole model folded in float64 first (`fold_bn`) and then quantized."""
-    from sdt_deploy.lower import lower
-    from sdt_deploy.passes import fold_bn
-    from sdt_deploy.quantization import fold_and_quantize, quantize_graph
+    from sdt_deploy.ir.lower import lower
+    from sdt_deploy.ir.passes import fold_bn
+    from sdt_deploy.quant.contract import fold_and_quantize, quantize_graph
 
     for name in ("mlp1_0101", "plif_dvs_0000"):
         lm = loaded(case_path(name))
@@ -290,7 +290,7 @@ import torch
 plain = sys.argv[2] == "plain"
 if plain:
     import brevitas.nn                          # as a user would: torch._dynamo comes with it
-from sdt_deploy.quantization import quantize_weight
+from sdt_deploy.quant.contract import quantize_weight
 w = np.random.default_rng(7).standard_normal((96, 3, 3, 3)) * 0.05
 w[3] *= 20.0
 w_int, e = quantize_weight(w, 4, "mse")
@@ -326,7 +326,7 @@ def test_brevitas_imported_without_torch_dynamo_quantizes_the_same(tmp_path):
 _BREVITAS_NEEDING_MORE_OF_DYNAMO = """
 import sys
 import torch
-from sdt_deploy import brevitas_import
+from sdt_deploy.quant import brevitas_import
 plain = brevitas_import._import_modules
 
 def wants_more():                       # a brevitas that reads torch._dynamo.config at import
@@ -358,7 +358,7 @@ def test_engine_threads_split_every_layer_without_changing_anything(name, monkey
     """The engine splits a large layer's samples over threads (the event additions and the LIF
     updates). With the size limit at 0 every layer is split: the result equals one thread's in every
     spike, integer, count and observed bound, and the torch model's spikes."""
-    from sdt_deploy import engine
+    from sdt_deploy.run import integer_engine as engine
 
     q = quantized(case_path(name))
     x = np.concatenate([case_input(name)] * 3)[:5]             # 5 samples over 3 threads: uneven parts
@@ -380,7 +380,7 @@ def test_arena_limit_restored_after_quantization_is_the_users_own():
     64-bit default of 8 per CPU."""
     import os
 
-    from sdt_deploy.quantization import arena_max_after
+    from sdt_deploy.quant.contract import arena_max_after
 
     assert arena_max_after({"MALLOC_ARENA_MAX": "2"}) == 2
     assert arena_max_after({"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=9:glibc.malloc.arena_max=3"}) == 3

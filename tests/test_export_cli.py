@@ -14,7 +14,7 @@ import onnxruntime as ort
 import pytest
 
 from conftest import case_input, oracle_path
-from sdt_deploy.cli import main
+from sdt_deploy.cli.app import main
 
 CASE = "lif_0011"
 
@@ -60,7 +60,7 @@ def test_export_onnx_runs_in_onnxruntime(tmp_path, variant):
     onnx.checker.check_model(model, full_check=True)
     meta = {p.key: p.value for p in model.metadata_props}
     assert meta["sdt_deploy.variant"] == variant and json.loads(meta["sdt_deploy.config"])["dim"] == 32
-    from sdt_deploy.onnx_run import run_onnx
+    from sdt_deploy.run.onnx_runner import run_onnx
 
     res = run_onnx(str(out), case_input(CASE))
     assert res.logits.shape == (3, 5)
@@ -158,8 +158,8 @@ def test_quantize_writes_a_loadable_model(tmp_path, capsys):
     assert main(["quantize", oracle_path(CASE), "-o", str(out), "--weight-bits", "4"]) == 0
     assert "int4 weights" in capsys.readouterr().out
     from sdt_deploy import load_model
-    from sdt_deploy.engine import run_engine
-    from sdt_deploy.runner import run_model
+    from sdt_deploy.run.integer_engine import run_engine
+    from sdt_deploy.run.torch_runner import run_model
 
     lm = load_model(str(out))
     assert lm.checkpoint.layout == "quantized" and lm.quantized_graph.meta["weight_bits"] == 4

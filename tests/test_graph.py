@@ -5,15 +5,15 @@ import torch
 
 from conftest import ALL_CASES, case_input, case_path, loaded
 from models import SDTConfig, build_model, parameter_count
-from sdt_deploy.cli import main
-from sdt_deploy.configs import PUBLISHED, resolve
+from sdt_deploy.cli.app import main
+from sdt_deploy.files.configs import PUBLISHED, resolve
 from sdt_deploy.errors import DeployError
-from sdt_deploy.executor import execute
-from sdt_deploy.graph import (BatchNorm, Conv, Graph, Input, LIF, Linear, Readout, SpatialMean, SPIKE, CURRENT)
-from sdt_deploy.lower import lower
-from sdt_deploy.passes import check, fold_bn, fold_bn_params
-from sdt_deploy.runner import run_model
-from sdt_deploy.synth import random_inputs, random_model
+from sdt_deploy.run.float_executor import execute
+from sdt_deploy.ir.graph import (BatchNorm, Conv, Graph, Input, LIF, Linear, Readout, SpatialMean, SPIKE, CURRENT)
+from sdt_deploy.ir.lower import lower
+from sdt_deploy.ir.passes import check, fold_bn, fold_bn_params
+from sdt_deploy.run.torch_runner import run_model
+from sdt_deploy.data.synth import random_inputs, random_model
 
 
 def _events(cfg):
@@ -44,7 +44,7 @@ FOLD_MAX_LOGIT_DIFF = 1e-3
 
 @pytest.mark.parametrize("name", ALL_CASES)
 def test_fold_bn_agreement_is_measured_and_pinned(name):
-    from sdt_deploy.compare import agreement
+    from sdt_deploy.verify.compare import agreement
 
     lm = loaded(case_path(name))
     folded = fold_bn(lower(lm.model))

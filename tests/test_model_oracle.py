@@ -11,8 +11,8 @@ import torch
 from conftest import (FIXTURE_CKPT, FIXTURE_INPUT, ORACLE_CASES, fixture_ref, loaded, needs_shared, oracle_path,
                       oracle_ref)
 from models import spike_names
-from sdt_deploy.cli import main
-from sdt_deploy.runner import run_model, to_original_hooks
+from sdt_deploy.cli.app import main
+from sdt_deploy.run.torch_runner import run_model, to_original_hooks
 
 
 def assert_matches_original(cfg, logits, spikes, ref):
@@ -95,7 +95,7 @@ def test_runs_on_cpu_without_cupy():
         "import sys; sys.modules['cupy'] = None\n"
         "import numpy as np\n"
         "from models import SDTConfig, build_model, cupy_available\n"
-        "from sdt_deploy.runner import run_model\n"
+        "from sdt_deploy.run.torch_runner import run_model\n"
         "assert not cupy_available()\n"
         "m = build_model(SDTConfig(img_size=16, dim=16, depth=1, num_heads=2, pooling_stat='0011', num_classes=3))\n"
         "y, s = run_model(m, np.zeros((1, 3, 16, 16), np.float32))\n"

@@ -19,14 +19,14 @@ from conftest import ALL_CASES, case_input, case_path, quantized
 
 from exporters.nir import DT, OUTPUT, float32_threshold, to_nir, write_nir
 from models.sdt import heads_or_pool
-from sdt_deploy.engine import run_engine
+from sdt_deploy.run.integer_engine import run_engine
 from sdt_deploy.errors import DeployError
-from sdt_deploy.executor import execute
-from sdt_deploy.graph import LIF, Conv, Graph, Input, Linear, OrPool, Readout
-from sdt_deploy.lower import spike_tensor_names
-from sdt_deploy.nir_interp import nir_input, nir_layer_spikes, run_nir, run_snntorch, torch_threads
-from sdt_deploy.partition import split_at_current_maxpool
-from sdt_deploy.runner import run_model
+from sdt_deploy.run.float_executor import execute
+from sdt_deploy.ir.graph import LIF, Conv, Graph, Input, Linear, OrPool, Readout
+from sdt_deploy.ir.lower import spike_tensor_names
+from sdt_deploy.run.nir_interpreter import nir_input, nir_layer_spikes, run_nir, run_snntorch, torch_threads
+from sdt_deploy.ir.partition import split_at_current_maxpool
+from sdt_deploy.run.torch_runner import run_model
 
 FIXTURE_BATCH = 2          # the fixture (256 dims, 8x8 tokens) is the slow one: a subset of its batch
 _memo: dict = {}

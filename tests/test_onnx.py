@@ -20,13 +20,13 @@ from conftest import ALL_CASES, case_input, case_path, quantized
 
 import sdt_deploy
 from exporters.onnx import IR_VERSION, OPSET, read_metadata, to_onnx, write_onnx
-from sdt_deploy.engine import run_engine
+from sdt_deploy.run.integer_engine import run_engine
 from sdt_deploy.errors import DeployError
-from sdt_deploy.executor import execute
-from sdt_deploy.graph import LIF, Graph, Input
-from sdt_deploy.onnx_run import open_onnx, run_onnx
-from sdt_deploy.partition import split_at_current_maxpool
-from sdt_deploy.runner import run_model
+from sdt_deploy.run.float_executor import execute
+from sdt_deploy.ir.graph import LIF, Graph, Input
+from sdt_deploy.run.onnx_runner import open_onnx, run_onnx
+from sdt_deploy.ir.partition import split_at_current_maxpool
+from sdt_deploy.run.torch_runner import run_model
 
 VARIANTS = ("int", "float")
 FLOATS = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}

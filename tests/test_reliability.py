@@ -8,10 +8,10 @@ from hypothesis import strategies as st
 
 from conftest import case_path, loaded, small_configs
 from sdt_deploy import quantize
-from sdt_deploy.datasets import ArrayDataset
+from sdt_deploy.data.datasets import ArrayDataset
 from sdt_deploy.errors import DeployError
-from sdt_deploy.synth import random_inputs, random_model
-from sdt_deploy.verify import run_verify
+from sdt_deploy.data.synth import random_inputs, random_model
+from sdt_deploy.verify.verifier import run_verify
 
 EXECUTORS = ["torch", "engine", "onnx-int", "onnx-float", "nir"]
 

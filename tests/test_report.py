@@ -14,9 +14,9 @@ import torch.nn.functional as F
 
 from conftest import (DEMO_CKPT, FIXTURE_CKPT, FIXTURE_INPUT, needs_shared, oracle_path, oracle_ref,
                       quantized)
-from sdt_deploy.energy import load_energy_table, table_from_mapping
+from sdt_deploy.report.energy import load_energy_table, table_from_mapping
 from sdt_deploy.errors import DeployError
-from sdt_deploy.report import operation_report
+from sdt_deploy.report.counting import operation_report
 
 FP32 = load_energy_table("45nm-fp32")
 
@@ -31,7 +31,7 @@ def _case(name: str):
 
 
 def _demo_input() -> np.ndarray:
-    from sdt_deploy.data import digits_split
+    from sdt_deploy.data.digits import digits_split
 
     cfg = quantized(str(DEMO_CKPT)).config
     return digits_split("test", img_size=cfg.img_size, channels=cfg.in_channels).x[:6]
@@ -85,7 +85,7 @@ def _one_by_one_inputs(cfg) -> dict:
 
 @pytest.mark.parametrize("case", [FIXTURE_CASE, "dvs_tet_t10", "mlp1_0101"])
 def test_one_by_one_convs_and_head_acs_equal_input_events_times_c_out(case):
-    from sdt_deploy.runner import run_model
+    from sdt_deploy.run.torch_runner import run_model
 
     q, x = _case(case)
     _, spikes = run_model(q.model, x)                  # the quantized torch model, not the engine
@@ -121,7 +121,7 @@ def brute_force_acs(S: np.ndarray, k: int, pad: int, c_out: int) -> int:
 
 
 def test_padded_conv_counts_match_brute_force_on_a_small_model():
-    from sdt_deploy.runner import run_model
+    from sdt_deploy.run.torch_runner import run_model
 
     q, x = _case("lif_0011")                          # pooling 0011: 3x3 convs at 16x16, 8x8 and 4x4
     _, spikes = run_model(q.model, x)
@@ -143,7 +143,7 @@ def test_padded_conv_counts_match_brute_force_on_a_small_model():
 
 
 def test_event_fanout_by_hand():
-    from sdt_deploy.report import taps_per_input_position
+    from sdt_deploy.report.counting import taps_per_input_position
 
     # 3 positions, k 3, pad 1: an edge input is read by 2 (output, tap) pairs, the middle one by 3
     assert taps_per_input_position(3, 3, 1, 1).tolist() == [2, 3, 2]
@@ -161,9 +161,9 @@ def test_event_fanout_by_hand():
 
 def test_paper_energy_of_sdt_8_512_by_hand():
     from models import SDTConfig, build_model
-    from sdt_deploy.configs import PUBLISHED, model_keys
-    from sdt_deploy.lower import lower
-    from sdt_deploy.report import paper_convention, paper_energy_pj
+    from sdt_deploy.files.configs import PUBLISHED, model_keys
+    from sdt_deploy.ir.lower import lower
+    from sdt_deploy.report.counting import paper_convention, paper_energy_pj
 
     cfg = SDTConfig(**model_keys(PUBLISHED["imagenet/8_512_300E_t4"]))
     assert (cfg.dim, cfg.depth, cfg.img_size, cfg.time_steps, cfg.pooling_stat) == (512, 8, 224, 4, "1111")
@@ -208,7 +208,7 @@ def test_paper_energy_of_sdt_8_512_by_hand():
 
 
 def test_vanilla_attention_ops_of_sdt_8_512_block_by_hand():
-    from sdt_deploy.report import vanilla_attention_ops
+    from sdt_deploy.report.counting import vanilla_attention_ops
 
     N, D, h = 14 * 14, 512, 8
     ops = vanilla_attention_ops(N, D, h)
@@ -221,7 +221,7 @@ def test_vanilla_attention_ops_of_sdt_8_512_block_by_hand():
 @pytest.mark.parametrize("case", [FIXTURE_CASE, DEMO_CASE, "dvs_tet_t10", "gesture_t16", "mlp1_0101",
                                   "odd_1001_t1", "plif_1111"])
 def test_measured_total_equals_the_engine_counter(case):
-    from sdt_deploy.engine import run_engine
+    from sdt_deploy.run.integer_engine import run_engine
 
     q, x = _case(case)
     rep = _report(case)                                # computed over uneven batches 1, 2, rest
@@ -260,7 +260,7 @@ def test_measured_energy_by_hand_on_the_fixture():
 # ---- 5. firing rates: weighted by samples, any T ----
 
 def _tiny_graph():
-    from sdt_deploy.graph import Conv, Graph, Input, LIF
+    from sdt_deploy.ir.graph import Conv, Graph, Input, LIF
 
     w = np.ones((3, 2, 1, 1))
     return Graph([Input("input", (), (2, 4, 4)), Conv("c0", ("input",), (2, 4, 4), weight=np.ones((2, 2, 1, 1))),
@@ -269,7 +269,7 @@ def _tiny_graph():
 
 
 def test_firing_rates_weight_samples_not_batches_by_hand():
-    from sdt_deploy.report import firing_rates, measured_ops_from_tally, tally_spikes
+    from sdt_deploy.report.counting import firing_rates, measured_ops_from_tally, tally_spikes
 
     g, T = _tiny_graph(), 10
     one = np.zeros((T, 1, 2, 4, 4), np.uint8)
@@ -284,7 +284,7 @@ def test_firing_rates_weight_samples_not_batches_by_hand():
 
 
 def test_firing_rates_over_uneven_batches_with_t10_match_the_dumped_spikes():
-    from sdt_deploy.runner import run_model
+    from sdt_deploy.run.torch_runner import run_model
 
     q, x = _case("dvs_tet_t10")                        # T = 10 event frames, 3 samples
     assert x.shape[1] == 10
@@ -348,7 +348,7 @@ def small_input(tmp_path):
 def _invoke(args):
     from click.testing import CliRunner
 
-    from sdt_deploy.report_cmd import report
+    from sdt_deploy.cli.report import report
 
     return CliRunner().invoke(report, args)
 
@@ -372,7 +372,7 @@ def test_report_command_writes_json_csv_plot(tmp_path, small_input):
 
 
 def test_report_command_refuses_existing_outputs_before_any_work(tmp_path, small_input, monkeypatch):
-    import sdt_deploy.report_cmd as rc
+    import sdt_deploy.cli.report as rc
 
     existing = tmp_path / "r.json"
     existing.write_text("{}")
@@ -404,7 +404,7 @@ def test_report_command_inputs(tmp_path):
 
 
 def test_report_command_reads_a_dataset_folder(tmp_path):
-    pytest.importorskip("sdt_deploy.datasets")
+    pytest.importorskip("sdt_deploy.data.datasets")
     from PIL import Image
 
     rng = np.random.default_rng(0)

@@ -13,11 +13,11 @@ import pytest
 from onnx import numpy_helper
 
 from conftest import DEMO_CKPT, FIXTURE_CKPT, case_input, case_path, loaded, needs_shared, quantized
-from sdt_deploy.cli import main
-from sdt_deploy.datasets import ArrayDataset
-from sdt_deploy.engine import run_engine
-from sdt_deploy.export import export_graph
-from sdt_deploy.verify import ALL_EXECUTORS, run_verify
+from sdt_deploy.cli.app import main
+from sdt_deploy.data.datasets import ArrayDataset
+from sdt_deploy.run.integer_engine import run_engine
+from exporters.bundle import export_graph
+from sdt_deploy.verify.verifier import ALL_EXECUTORS, run_verify
 
 EVERY = [e for e in ALL_EXECUTORS if e != "cupy"]
 
@@ -48,7 +48,7 @@ def test_every_executor_agrees_on_the_fixture():
 
 @pytest.mark.skipif(not DEMO_CKPT.exists(), reason="demo checkpoint not built yet")
 def test_every_executor_agrees_on_the_demo():
-    from sdt_deploy.data import digits_split
+    from sdt_deploy.data.digits import digits_split
 
     assert verify_all(str(DEMO_CKPT), digits_split("test").x[:3]).ok
 
@@ -212,7 +212,7 @@ def test_one_nir_threshold_off_is_caught(exported, tmp_path, capsys):
 
 def test_engine_divergence_reports_both_membranes(monkeypatch):
     """A wrong engine (threshold off by one on the integer grid) is diagnosed with both membranes."""
-    from sdt_deploy import verify as V
+    import sdt_deploy.verify.verifier as V
 
     real = V.run_engine
 

@@ -1,0 +1,80 @@
+"""`sdt-deploy demo`: the whole toolchain on the shipped demo checkpoint, end to end.
+
+load -> accuracy of the float model on the held-out digits -> quantize (int8) -> export NIR (partitioned
+at the stem's real-valued max-pool) and ONNX (int and float) -> verify every executor against the
+quantized torch model on those very files -> operation / energy report (table, JSON, CSV, PNG).
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import click
+
+from sdt_deploy.files.checkpoint import load_model
+from sdt_deploy.errors import DeployError
+
+
+def _accuracy(model, x, y) -> float:
+    from sdt_deploy.run.torch_runner import predictions, run_model
+
+    logits, _ = run_model(model, x, batch_size=120, record=False)
+    return 100.0 * float((predictions(logits) == y).mean())
+
+
+def run_demo(checkpoint: str, out_dir: str, force: bool = False, verify_samples: int = 32) -> dict:
+    from sdt_deploy.api import quantize
+    from sdt_deploy.data.digits import digits_split
+    from sdt_deploy.data.datasets import ArrayDataset
+    from exporters.bundle import export_graph, planned_outputs
+    from sdt_deploy.files.atomic import check_output_path
+    from sdt_deploy.verify.verifier import run_verify
+    from sdt_deploy.cli.verify import describe_divergence, print_result
+
+    out_dir = os.path.abspath(out_dir)
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not force:
+        raise DeployError(f"output folder {out_dir!r} is not empty (use --force to overwrite its files)")
+    os.makedirs(out_dir, exist_ok=True)
+    t0 = time.time()
+    loaded = load_model(checkpoint)
+    cfg = loaded.config
+    test = digits_split("test", img_size=cfg.img_size, channels=cfg.in_channels)
+    click.echo(f"[1/5] {os.path.basename(checkpoint)}: SDT dim {cfg.dim}, depth {cfg.depth}, T {cfg.time_steps}, "
+               f"{cfg.img_size}x{cfg.img_size}; {len(test.y)} held-out digits")
+    acc_float = _accuracy(loaded.model, test.x, test.y)
+    q = quantize(loaded)
+    acc_int8 = _accuracy(q.model, test.x, test.y)
+    q_path = os.path.join(out_dir, "demo_int8.pth")
+    check_output_path(q_path, True)
+    q.save(q_path)
+    click.echo(f"[2/5] top-1: float {acc_float:.2f}%, int8 (dyadic, spikingjelly) {acc_int8:.2f}% -> {q_path}")
+    files = {}
+    for target, name, variant in (("nir", "demo.nir", "float"), ("onnx", "demo_int.onnx", "int"),
+                                  ("onnx", "demo_float.onnx", "float")):
+        path = os.path.join(out_dir, name)
+        for p in planned_outputs(q.graph, target, path, "auto"):
+            check_output_path(p, True)
+        res = export_graph(q.graph, target, path, onnx_variant=variant, debug_outputs=(target == "onnx"), force=True)
+        files[name] = res.files
+        if res.message:
+            click.echo(f"      note: {res.message}")
+    click.echo("[3/5] exported: " + ", ".join(os.path.basename(f) for fs in files.values() for f in fs))
+    ds = ArrayDataset(test.x[:verify_samples], test.y[:verify_samples])
+    artifacts = {"nir": os.path.join(out_dir, "demo.nir"), "onnx-int": os.path.join(out_dir, "demo_int.onnx"),
+                 "onnx-float": os.path.join(out_dir, "demo_float.onnx")}
+    res = run_verify(loaded, ds, ["torch", "cupy", "engine", "onnx-int", "onnx-float", "nir"], artifacts=artifacts)
+    click.echo(f"[4/5] verify on {verify_samples} digits, every spike of every layer, against the quantized "
+               "torch model:")
+    print_result(res)
+    if not res.ok:
+        raise DeployError("demo verification failed: " + describe_divergence(res.tally.first))
+    click.echo(f"      OK: every spike of every layer equal in {', '.join(res.executors)}"
+               + (f" ({', '.join(f'{k} skipped: {v}' for k, v in res.skipped.items())})" if res.skipped else ""))
+    from sdt_deploy.cli.report import report_command
+
+    click.echo("[5/5] operations and energy:")
+    report_command(checkpoint, digits=verify_samples, json_path=os.path.join(out_dir, "report.json"),
+                   csv_path=os.path.join(out_dir, "report.csv"), plot_path=os.path.join(out_dir, "report.png"),
+                   force=True)
+    click.echo(f"done in {time.time() - t0:.0f}s; everything is in {out_dir}")
+    return {"float": acc_float, "int8": acc_int8, "verify_ok": res.ok}

@@ -1,0 +1,6 @@
+"""Data the toolchain ships or makes without any download: the demo checkpoint, scikit-learn's digits,
+dataset folders read with the original evaluation transform, synthetic calibrated models."""
+import os
+
+DEMO_CHECKPOINT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets",
+                               "demo_sdt_digits.pth")

@@ -1,0 +1,55 @@
+"""Cutting a deploy graph in two where an exact spiking encoding ends.
+
+The stem's max-pool over currents (`patch_embed.maxpool3`, present in every published config) has no
+exact NIR encoding. `split_at_current_maxpool` cuts the graph right after it: the *host* part computes
+the stem up to and including that pool (exported to ONNX), the *device* part starts with an Input node
+carrying the pool's output `x_feat` (a current on the pool's grid, passed as its exact float value) and
+holds everything from the residual stream on (exported to NIR).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from sdt_deploy.errors import DeployError
+from sdt_deploy.ir.graph import Graph, Input, MaxPool
+
+
+@dataclass
+class Partition:
+    host: Graph            # input -> ... -> the current max-pool (its output is the graph's output)
+    device: Graph          # Input(<cut>) -> ... -> readout
+    cut: str               # name of the node whose output crosses from host to device
+
+
+def current_maxpools(g: Graph) -> list[str]:
+    return [n.name for n in g.of_type(MaxPool)]
+
+
+def split_at_current_maxpool(g: Graph) -> Optional[Partition]:
+    """None when the graph has no max-pool over currents (then it needs no partition)."""
+    pools = current_maxpools(g)
+    if not pools:
+        return None
+    if len(pools) > 1:
+        raise DeployError(f"cannot partition: several max-pools over currents ({', '.join(pools)})")
+    cut = pools[0]
+    names = [n.name for n in g.nodes]
+    i = names.index(cut)
+    host_nodes = g.nodes[: i + 1]
+    host_names = set(names[: i + 1])
+    device_nodes = []
+    pool = g[cut]
+    device_nodes.append(Input(cut, (), tuple(pool.shape), grid=pool.grid, bits=None))
+    for n in g.nodes[i + 1:]:
+        for src in n.inputs:
+            if src in host_names and src != cut:
+                raise DeployError(f"cannot partition at {cut}: {n.name} also reads {src} from the stem")
+        device_nodes.append(n)
+    from sdt_deploy.quant.bits import channel_bounds
+
+    host_meta = {**g.meta, "partition": "host", "cut": cut}
+    device_meta = {**g.meta, "partition": "device", "cut": cut}
+    if g.meta.get("quantized"):
+        device_meta["cut_bound"] = channel_bounds(g)[cut].tolist()
+    return Partition(Graph(list(host_nodes), host_meta), Graph(device_nodes, device_meta), cut)

@@ -1,0 +1,97 @@
+"""Graph passes that need no data: BatchNorm folding and the binary-spike-only dataflow check."""
+from __future__ import annotations
+
+import collections
+from dataclasses import replace
+from typing import Iterator
+
+import numpy as np
+
+from sdt_deploy.errors import DeployError
+from sdt_deploy.ir.graph import CURRENT, SYNAPTIC, BatchNorm, Conv, Graph, Input, Linear
+
+
+def fold_bn_params(weight: np.ndarray, bias, bn: BatchNorm,
+                   weight_dtype=np.float64) -> tuple[np.ndarray, np.ndarray]:
+    """W' = W * gamma / sqrt(var + eps);  b' = beta + (b - mean) * gamma / sqrt(var + eps), in float64.
+
+    `weight_dtype` float32: W' computed in float64 and rounded once to float32 as it is written (numpy
+    casts the float64 products chunk by chunk into the output), the same values as the float64 W'
+    rounded afterwards, without a float64 copy of the weight and of W' (one pass instead of three)."""
+    scale = bn.weight.astype(np.float64) / np.sqrt(bn.var.astype(np.float64) + bn.eps)
+    b = np.zeros(weight.shape[0]) if bias is None else bias.astype(np.float64)
+    w = np.empty(np.shape(weight), dtype=weight_dtype)
+    # float32 x float64 runs numpy's float64 loop: the product is the float64 one either way
+    np.multiply(weight, scale.reshape((-1,) + (1,) * (w.ndim - 1)), out=w, casting="same_kind")
+    return w, bn.bias.astype(np.float64) + (b - bn.mean.astype(np.float64)) * scale
+
+
+def fold_bn(g: Graph) -> Graph:
+    """Fold every BatchNorm into the conv/linear that feeds it; no BatchNorm survives.
+
+    The folded node keeps the conv's name; consumers of the BatchNorm now read the conv."""
+    return g.replace_nodes(list(fold_nodes(g)), folded=True)
+
+
+def fold_nodes(g: Graph, consume: bool = False, weight_dtype=np.float64) -> Iterator:
+    """The nodes of `fold_bn(g)`, made one at a time as they are consumed, so that a streaming consumer
+    (`quantization.fold_and_quantize`) holds one layer's folded weights at once, not the model's.
+    Checks every BatchNorm before the first node is made. `weight_dtype`: of the folded weights, and of
+    a conv/linear without a BatchNorm, which passes through (biases are float64 either way); float32
+    for a consumer that reads nothing finer (brevitas: `quantization._brevitas_weight`). `consume`: g
+    is emptied here and each of its nodes dropped once its folded node is made, so that nothing of g
+    outlives its layer's turn."""
+    plan: dict[str, BatchNorm] = {}
+    for n in g.nodes:
+        if isinstance(n, BatchNorm):
+            (src,) = n.inputs
+            if src in plan or not isinstance(g[src], (Conv, Linear)) or len(g.consumers(src)) != 1:
+                raise DeployError(f"cannot fold {n.name}: it does not follow a conv/linear with a single consumer")
+            plan[src] = n
+    renamed = {bn.name: src for src, bn in plan.items()}
+
+    queue = collections.deque(g.take_nodes() if consume else g.nodes)
+
+    def nodes():
+        while queue:
+            n = queue.popleft()
+            if isinstance(n, BatchNorm):
+                continue
+            if n.name in plan:
+                w, b = fold_bn_params(n.weight, n.bias, plan[n.name], weight_dtype)
+                n = replace(n, weight=w, bias=b)
+            elif isinstance(n, (Conv, Linear)) and (n.weight.dtype != weight_dtype or
+                                                    (n.bias is not None and n.bias.dtype != np.float64)):
+                n = replace(n, weight=n.weight.astype(weight_dtype),
+                            bias=None if n.bias is None else n.bias.astype(np.float64))
+            if any(i in renamed for i in n.inputs):
+                n = replace(n, inputs=tuple(renamed.get(i, i) for i in n.inputs))
+            yield n
+    return nodes()
+
+
+def synaptic_exceptions(g: Graph) -> list[str]:
+    """Synaptic nodes (conv, linear) that read a current: allowed only for the encoder, which reads the
+    image itself. Returns the allowed exceptions; raises naming the first node that breaks the rule."""
+    allowed = []
+    for n in g.nodes:
+        if not isinstance(n, SYNAPTIC):
+            continue
+        for src in n.inputs:
+            p = g[src]
+            if p.out_kind != CURRENT:
+                continue
+            if isinstance(p, Input):
+                allowed.append(n.name)
+                continue
+            raise DeployError(f"binary-spike dataflow broken: {n.name} ({n.op}) reads the current "
+                              f"{src} ({p.op}); only the encoder may read a real value")
+    return allowed
+
+
+def check(g: Graph) -> dict:
+    """The binary-spike-only dataflow check: returns the list of exceptions, by name."""
+    exceptions = synaptic_exceptions(g)
+    bn_left = [n.name for n in g.of_type(BatchNorm)]
+    return {"ok": True, "encoder_exceptions": exceptions, "batchnorm": bn_left,
+            "synaptic_nodes": sum(isinstance(n, SYNAPTIC) for n in g.nodes)}

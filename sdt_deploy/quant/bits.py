@@ -1,0 +1,148 @@
+"""Bit-width analysis of a quantized deploy graph.
+
+For every current and every LIF: its grid, the worst-case magnitude of its integer (from the weights,
+the input range and T — every input spiking, every weight adding up with the same sign), and what that
+means for the two arithmetic sides of the contract:
+
+- the integer side: bits needed for the integer (sign included; a LIF's V + X, formed before the
+  halving, counts twice its bound); int32 suffices up to 32, the engine uses int64 and refuses at 63;
+- the float32 side: the exact value of a LIF's H has one more fractional bit per time step (tau = 2
+  halves), so float32 — the quantized PyTorch model on CPU or with the CuPy kernel — represents every
+  value exactly only while `bits(bound) + T < 25` (24-bit significand). Where a layer passes that, float32
+  may round and the integer engine is the exact side; `verify` then uses float64 for the torch reference.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from sdt_deploy.errors import DeployError
+from sdt_deploy.ir.graph import (CURRENT, Add, Conv, Graph, Input, LIF, Linear, MaxPool, Readout, TokenSum)
+
+FLOAT32_SIGNIFICAND = 24
+
+
+def _bits(bound: float) -> int:
+    """Signed bits to hold integers of magnitude <= bound."""
+    return int(math.ceil(math.log2(bound + 1))) + 1 if bound > 0 else 1
+
+
+def node_bounds(qg: Graph) -> dict:
+    """Worst-case |integer| per node (max over channels), for currents and LIF states."""
+    return {k: float(v.max()) for k, v in channel_bounds(qg).items()}
+
+
+def channel_bounds(qg: Graph) -> dict:
+    """Worst-case |integer| per channel for every current node and every LIF state."""
+    b: dict[str, np.ndarray] = {}
+    for n in qg.nodes:
+        src = [qg[i] for i in n.inputs]
+        if isinstance(n, Input) and n.bits is None:   # a partition's cut: the bound it had in the whole graph
+            b[n.name] = np.asarray(qg.meta["cut_bound"], dtype=np.float64)
+        elif isinstance(n, Input):
+            b[n.name] = np.full(n.shape[0], float(2 ** (n.bits - 1)))
+        elif isinstance(n, (Conv, Linear)):
+            # sum of |w_int| per output channel (int8 widened to int16, which holds |-128|, not float64:
+            # a quarter of the memory traffic on 66M weights)
+            w = n.w_int.reshape(n.w_int.shape[0], -1)
+            w = np.abs(w.astype(np.int16 if w.dtype == np.int8 else np.float64)).sum(axis=1, dtype=np.float64)
+            if src[0].out_kind == CURRENT:   # encoder: the input's largest integer times every tap
+                acc = w * float(b[src[0].name].max())
+            else:                            # spikes: every input spiking
+                acc = w
+            b[n.name] = acc + np.abs(n.b_int.astype(np.float64))
+        elif isinstance(n, MaxPool):
+            b[n.name] = b[src[0].name]
+        elif isinstance(n, TokenSum):
+            tokens = int(np.prod(src[0].shape[1:]))
+            b[n.name] = (b[src[0].name] if src[0].out_kind == CURRENT else np.ones(n.shape[0])) * tokens
+        elif isinstance(n, Add):
+            total = np.zeros(n.shape[0])
+            for s in src:
+                total += b[s.name] * np.exp2(n.grid - s.grid)
+            b[n.name] = total
+        elif isinstance(n, LIF):
+            if src[0].out_kind == CURRENT:
+                xb = b[src[0].name] * np.exp2(n.grid - src[0].grid)
+            else:
+                xb = np.exp2(n.grid.astype(np.float64))
+            # |H| <= max(|V|, |X|) by induction (H is the mean of V and X; reset gives 0)
+            b[n.name] = np.maximum(xb, n.theta_int.astype(np.float64))
+        elif isinstance(n, Readout):
+            b[n.name] = b[src[0].name]
+    return b
+
+
+def bit_report(qg: Graph, observed: dict | None = None) -> dict:
+    """Per layer: grid range, worst-case bound and bits, float32 exactness; overall verdicts."""
+    T = int(qg.meta["time_steps"])
+    bounds = channel_bounds(qg)
+    layers = []
+    for n in qg.nodes:
+        if n.name not in bounds or isinstance(n, (Input, Readout)):
+            continue
+        bound = float(bounds[n.name].max())
+        lif = isinstance(n, LIF)
+        # the integer LIF forms V + X (up to twice the bound) before halving it
+        int_bits = _bits(2 * bound if lif else bound)
+        # a LIF's exact H carries T more fractional bits; other currents are exact integers on their grid
+        f32_bits = _bits(bound) + (T if lif else 0)
+        row = {"name": n.name, "op": n.op, "grid_min": int(np.min(n.grid)), "grid_max": int(np.max(n.grid)),
+               "bound": bound, "int_bits": int_bits, "float32_bits": f32_bits,
+               "float32_exact": f32_bits <= FLOAT32_SIGNIFICAND + 1, "fits_int32": int_bits <= 32}
+        if observed and n.name in observed:
+            obs = float(observed[n.name])
+            row["observed"] = obs
+            row["observed_bits"] = _bits(obs)
+            row["observed_float32_bits"] = _bits(obs) + (T if isinstance(n, LIF) else 0)
+        layers.append(row)
+    worst_f32 = max(r["float32_bits"] for r in layers)
+    worst_int = max(r["int_bits"] for r in layers)
+    summary = {
+        "time_steps": T,
+        "max_int_bits": worst_int,
+        "max_float32_bits": worst_f32,
+        "float32_exact": all(r["float32_exact"] for r in layers),
+        "int32_accumulators": worst_int <= 32,
+        "engine_int64_ok": worst_int <= 63,
+        "exact_side": ("both: float32 and the integer engine are exact"
+                       if all(r["float32_exact"] for r in layers) else
+                       "the integer engine (int64) is exact; float32 may round in the layers marked, so the "
+                       "torch reference runs in float64 there"),
+    }
+    return {"summary": summary, "layers": layers}
+
+
+def float32_exact(qg: Graph) -> bool:
+    return bit_report(qg)["summary"]["float32_exact"]
+
+
+def print_bit_report(rep: dict, console=None) -> None:
+    from rich.table import Table
+
+    from sdt_deploy.console import console as _console
+
+    console = console or _console()
+    t = Table(title=f"bit widths (T = {rep['summary']['time_steps']})")
+    for col in ("layer", "op", "grid", "worst |int|", "int bits", "float32 bits", "float32 exact", "observed bits"):
+        t.add_column(col, no_wrap=(col == "layer"))
+    for r in rep["layers"]:
+        grid = f"2^-{r['grid_min']}" if r["grid_min"] == r["grid_max"] else f"2^-{r['grid_min']}..2^-{r['grid_max']}"
+        t.add_row(r["name"], r["op"], grid, f"{r['bound']:.4g}", str(r["int_bits"]), str(r["float32_bits"]),
+                  "yes" if r["float32_exact"] else "[red]no[/]", str(r.get("observed_bits", "")))
+    console.print(t)
+    s = rep["summary"]
+    console.print(f"[bold]integer[/] needs {s['max_int_bits']} bits (int32 accumulators: "
+                  f"{'yes' if s['int32_accumulators'] else 'no'}); [bold]float32[/] needs up to "
+                  f"{s['max_float32_bits']} bits of 25. Exact side: {s['exact_side']}.")
+
+
+def check_engine_bounds(qg: Graph) -> dict:
+    """Refuse a graph whose worst-case integers need more than int64; returns the bounds per node."""
+    bounds = node_bounds(qg)
+    for name, b in bounds.items():
+        if b >= 2 ** 62:
+            raise DeployError(f"{name}: worst-case integer magnitude 2**{np.log2(b):.1f} exceeds the engine's "
+                              "int64; refusing rather than risking a wrap-around")
+    return bounds

@@ -1,0 +1,123 @@
+"""The quantized PyTorch model: the `models` SDT in its folded form carrying the exactly representable
+dequantized weights of a quantized deploy graph, still with spikingjelly LIF nodes — so the very same
+object runs with the CuPy kernel on a GPU — and the file format that stores it (`q.pth`)."""
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional
+
+import numpy as np
+import torch
+
+from models import InputQuantizer, SDTConfig, build_model
+
+from sdt_deploy import __version__
+from sdt_deploy.files.checkpoint import QUANTIZED_FORMAT, Checkpoint, LoadedModel
+from sdt_deploy.files.configs import DataConfig, Resolved
+from sdt_deploy.errors import DeployError
+from sdt_deploy.ir.graph import Conv, Graph, Input, LIF, Linear
+from sdt_deploy.files.atomic import atomic_write
+
+
+def build_quantized_model(qg: Graph, cfg: SDTConfig) -> torch.nn.Module:
+    """A folded SDT (conv biases, no BatchNorm, token *sum* before head_lif) holding qg's values."""
+    if not qg.meta.get("quantized"):
+        raise DeployError("build_quantized_model needs a quantized graph")
+    model = build_model(cfg, folded=True, head_pool="sum")
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for n in qg.nodes:
+            if isinstance(n, (Conv, Linear)):
+                m = modules[n.name]
+                m.weight.copy_(torch.from_numpy(n.float_weight()).to(m.weight.dtype))
+                m.bias.copy_(torch.from_numpy(n.bias).to(m.bias.dtype))
+            elif isinstance(n, LIF):
+                m = modules[n.name]
+                if float(m.v_threshold) != float(n.v_threshold):
+                    raise DeployError(f"{n.name}: graph threshold {n.v_threshold} differs from the model's "
+                                      f"{m.v_threshold}")
+                if hasattr(m, "w"):
+                    m.w.fill_(float(n.plif_w))
+        for name, m in modules.items():
+            if hasattr(m, "w") and name not in qg:   # PLIFs the forward never calls
+                m.w.fill_(0.0)
+            if name.endswith("talking_heads") and isinstance(m, torch.nn.Conv1d):
+                m.weight.zero_()                    # never called in forward
+        inp = qg.input
+        model.input_quant = InputQuantizer(int(inp.grid[0]), int(inp.bits))
+    return model.eval()
+
+
+class QuantizedModel:
+    """What `sdt_deploy.quantize` returns: the torch model, its quantized graph, and the options.
+
+    The torch model may be given, or (model None) is built from the graph on first use of `.model`,
+    with the `keep` parameters (the never-called talking_heads weights) copied in: an export needs
+    the graph alone, and building the model costs a float32 copy of every weight (8-768: 265 MB)."""
+
+    def __init__(self, model: Optional[torch.nn.Module], graph: Graph, config: SDTConfig, data: DataConfig,
+                 keep: Optional[Mapping[str, torch.Tensor]] = None):
+        self._model = model
+        self.graph = graph
+        self.config = config
+        self.data = data
+        self._keep = dict(keep or {})
+
+    @property
+    def model(self) -> torch.nn.Module:
+        if self._model is None:
+            model = build_quantized_model(self.graph, self.config)
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if name in self._keep:
+                        p.copy_(self._keep[name])
+            self._model = model
+        return self._model
+
+    @model.setter
+    def model(self, model: torch.nn.Module) -> None:
+        self._model = model
+
+    def __repr__(self) -> str:
+        built = "built" if self._model is not None else "not built yet"
+        return f"QuantizedModel(config={self.config!r}, graph={len(self.graph.nodes)} nodes, model {built})"
+
+    def save(self, path: str) -> None:
+        save_quantized(path, self)
+
+
+def save_quantized(path: str, q: QuantizedModel) -> None:
+    payload = {
+        "format": QUANTIZED_FORMAT,
+        "format_version": 1,
+        "tool_version": __version__,
+        "config": q.config.to_dict(),
+        "data": {"dataset": q.data.dataset, "mean": list(q.data.mean), "std": list(q.data.std),
+                 "crop_pct": q.data.crop_pct, "interpolation": q.data.interpolation},
+        "graph": q.graph.to_json(arrays=True),
+        "state_dict": q.model.state_dict(),
+    }
+    with atomic_write(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def model_from_quantized_file(ck: Checkpoint, flags: Optional[Mapping[str, Any]] = None) -> LoadedModel:
+    extra = ck.extra
+    if extra.get("format_version") != 1:
+        raise DeployError(f"checkpoint {ck.path!r}: unknown quantized format version {extra.get('format_version')!r}")
+    if flags:
+        raise DeployError(f"checkpoint {ck.path!r}: a quantized file fixes its configuration; "
+                          f"drop the flags {', '.join(sorted(flags))}")
+    try:
+        cfg = SDTConfig(**extra["config"])
+        data = DataConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in extra["data"].items()})
+        graph = Graph.from_json(extra["graph"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DeployError(f"checkpoint {ck.path!r}: damaged quantized file ({exc})") from None
+    model = build_quantized_model(graph, cfg)
+    resolved = Resolved(cfg, data, {k: "quantized file" for k in cfg.to_dict()})
+    return LoadedModel(model, resolved, ck, quantized_graph=graph)
+
+
+def input_grid_of(qg: Graph) -> tuple[int, int]:
+    inp: Input = qg.input
+    return int(np.asarray(inp.grid).flat[0]), int(inp.bits)

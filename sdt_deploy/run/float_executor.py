@@ -1,0 +1,114 @@
+"""The float executor: the executable meaning of a deploy graph.
+
+It runs the graph node by node on [T, B, ...] tensors with torch's kernels, each LIF stepping through
+T with its membrane as explicit state. The arithmetic of every node is spikingjelly's / torch's own
+(convolutions on the time-flattened batch, eval BatchNorm, `v + (x - v) / tau`), so on an unfolded
+graph it reproduces the torch model bit for bit, and on a quantized graph it is exact by construction.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from models.sdt import InputQuantizer, heads_or_pool
+
+from sdt_deploy.ir.graph import (Add, And, BatchNorm, Broadcast, Conv, Graph, Input, LIF, Linear, MaxPool, OrPool,
+                    Readout, SpatialMean, TokenSum)
+from sdt_deploy.files.arrays import time_major
+
+
+def lif_run(node: LIF, x: torch.Tensor, states: Optional[dict] = None) -> torch.Tensor:
+    """spikingjelly's multi-step LIF on [T, ...], float arithmetic exactly as its torch backend does it."""
+    v = torch.zeros_like(x[0])
+    th = float(node.v_threshold)
+    sig = torch.sigmoid(torch.tensor(node.plif_w, dtype=x.dtype)) if node.plif_w is not None else None
+    out = []
+    for t in range(x.shape[0]):
+        if sig is None:
+            h = v + (x[t] - (v - node.v_reset)) / node.tau
+        else:
+            h = v + (x[t] - (v - node.v_reset)) * sig
+        s = (h - th >= 0).to(x.dtype)
+        v = (1.0 - s) * h + s * node.v_reset
+        out.append(s)
+        if states is not None:
+            states.setdefault(node.name, []).append(h)
+    return torch.stack(out)
+
+
+def _tb(fn, v: torch.Tensor) -> torch.Tensor:
+    """Apply a 4-D op to [T, B, C, H, W] through the time-flattened batch, as the model does."""
+    y = fn(v.flatten(0, 1))
+    return y.reshape(v.shape[:2] + y.shape[1:])
+
+
+def execute(g: Graph, x: np.ndarray, dtype: torch.dtype = torch.float32, record: bool = True,
+            membranes: bool = False) -> tuple[np.ndarray, dict, dict]:
+    """Run the graph on x ([B,C,H,W] repeated over T, or [B,T,C,H,W]).
+
+    Returns (logits, spikes, membranes): logits as the read-out gives them, spikes as uint8 [T,B,...]
+    keyed by node name (every spike-kind node), and — with `membranes` — each LIF's H per step."""
+    T = x.shape[1] if x.ndim == 5 else int(g.meta["time_steps"])
+    values: dict[str, torch.Tensor] = {}
+    spikes: dict[str, np.ndarray] = {}
+    states: Optional[dict] = {} if membranes else None
+    remaining = {n.name: sum(n.name in m.inputs for m in g.nodes) for n in g.nodes}
+    for n in g.nodes:
+        ins = [values[i] for i in n.inputs]
+        y = _eval(n, ins, x, T, dtype, states)
+        values[n.name] = y
+        if record and n.out_kind == "spike":
+            spikes[n.name] = y.to(torch.uint8).numpy()
+        for i in n.inputs:  # free what no later node reads
+            remaining[i] -= 1
+            if remaining[i] == 0 and i != g.output.name:
+                values.pop(i, None)
+    mem = {k: torch.stack(v).numpy() for k, v in states.items()} if membranes else {}
+    return values[g.output.name].numpy(), spikes, mem
+
+
+def _eval(n, ins, x, T, dtype, states):
+    if isinstance(n, Input):
+        v = torch.from_numpy(np.array(time_major(x, T), dtype=np.float32)).to(dtype)
+        if n.grid is not None and n.bits is not None:   # bits None: already on its grid (a cut's input)
+            v = InputQuantizer(int(np.asarray(n.grid).flat[0]), int(n.bits))(v)
+        return v
+    (a,) = ins[:1]
+    if isinstance(n, Conv):
+        w = torch.from_numpy(n.float_weight()).to(dtype)
+        b = None if n.bias is None else torch.from_numpy(n.bias).to(dtype)
+        return _tb(lambda t: F.conv2d(t, w, b, n.stride, n.padding, 1, n.groups), a)
+    if isinstance(n, BatchNorm):
+        p = {k: torch.from_numpy(getattr(n, k)).to(dtype) for k in ("weight", "bias", "mean", "var")}
+        return _tb(lambda t: F.batch_norm(t, p["mean"], p["var"], p["weight"], p["bias"], False, 0.0, n.eps), a)
+    if isinstance(n, LIF):
+        return lif_run(n, a, states)
+    if isinstance(n, And):
+        return ins[0] * ins[1]
+    if isinstance(n, OrPool):
+        if n.layout == "heads":
+            return heads_or_pool(a, n.heads)
+        return _tb(lambda t: F.max_pool2d(t, n.kernel, n.stride, n.padding), a)
+    if isinstance(n, MaxPool):
+        return _tb(lambda t: F.max_pool2d(t, n.kernel, n.stride, n.padding), a)
+    if isinstance(n, TokenSum):
+        return a.flatten(3).sum(3)
+    if isinstance(n, SpatialMean):
+        return a.flatten(3).mean(3)
+    if isinstance(n, Broadcast):
+        return a[..., None, None].expand(a.shape + tuple(n.shape[1:])).contiguous()
+    if isinstance(n, Add):
+        y = ins[0]
+        for other in ins[1:]:
+            y = y + other
+        return y
+    if isinstance(n, Linear):
+        w = torch.from_numpy(n.float_weight()).to(dtype)
+        b = None if n.bias is None else torch.from_numpy(n.bias).to(dtype)
+        return F.linear(a, w, b)
+    if isinstance(n, Readout):
+        return a if n.mode == "per_step" else a.mean(0)
+    raise TypeError(f"no float semantics for node {n.name} ({n.op})")

@@ -1,0 +1,72 @@
+"""Running an exported `.nir` artifact as a deployment would: the host stem (ONNX, when the export was
+partitioned — its manifest says so) feeding the NIR graph, stepped by the project's NIR interpreter.
+Spikes come back under the layer names, logits through the read-out the export records."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from sdt_deploy.errors import DeployError
+from exporters.bundle import read_manifest
+from sdt_deploy.run.nir_interpreter import load_graph, nir_input, nir_layer_spikes, run_nir
+
+
+@dataclass
+class NirArtifact:
+    path: str
+    graph: object                      # nir.NIRGraph, read back with nir.read
+    manifest: Optional[dict]
+    host: Optional[object] = None      # onnx_run.OnnxSession of the stem
+
+    @property
+    def changed_since_export(self) -> list:
+        return list((self.manifest or {}).get("changed_since_export", []))
+
+
+def open_nir_artifact(path: str) -> NirArtifact:
+    if not os.path.exists(path):
+        raise DeployError(f"NIR artifact {path!r}: no such file")
+    try:
+        graph = load_graph(path)
+    except DeployError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - nir.read / h5py fail in many ways on a foreign file
+        raise DeployError(f"NIR artifact {path!r}: not readable by nir.read ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0][:120] if str(exc) else ''})") from None
+    manifest = read_manifest(path)
+    host = None
+    if manifest is not None:
+        from sdt_deploy.run.onnx_runner import open_onnx
+
+        host = open_onnx(os.path.join(os.path.dirname(os.path.abspath(path)), manifest["host"]["file"]))
+    return NirArtifact(path, graph, manifest, host)
+
+
+def _readout(graph, per_step: np.ndarray) -> np.ndarray:
+    meta = graph.metadata if isinstance(graph.metadata, dict) else {}
+    per_step = per_step.reshape(per_step.shape[:3])            # [T, B, K] (the portable head is [K, 1, 1])
+    if str(meta.get("readout", "mean")) == "per_step":
+        return per_step.astype(np.float32)
+    return (per_step.sum(0) / per_step.shape[0]).astype(np.float32)
+
+
+def run_artifact(art: NirArtifact, x: np.ndarray) -> tuple[dict, np.ndarray]:
+    """(spikes by layer name, logits) of the artifact on model inputs x ([B,C,H,W] or [B,T,C,H,W])."""
+    spikes: dict = {}
+    feed = x
+    if art.host is not None:
+        stem = art.host.run(x)
+        spikes.update(stem.spikes)
+        feed = np.ascontiguousarray(np.asarray(stem.logits, dtype=np.float64).swapaxes(0, 1))   # [B, T, ...]
+    outputs, nir_spikes = run_nir(art.graph, nir_input(art.graph, feed))
+    spikes.update(nir_layer_spikes(art.graph, nir_spikes))
+    if len(outputs) != 1:
+        raise DeployError(f"{art.path}: expected one NIR output, found {len(outputs)}")
+    return spikes, _readout(art.graph, next(iter(outputs.values())))
+
+
+def run_nir_artifact(path: str, x: np.ndarray, _graph=None) -> tuple[dict, np.ndarray]:
+    return run_artifact(open_nir_artifact(path), x)
