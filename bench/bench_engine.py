@@ -1,14 +1,15 @@
-"""The integer engine (`sdt_deploy.engine.run_engine`) on the CPU: throughput beside the quantized torch
+"""The integer engine (`sdt_deploy.run.integer_engine.run_engine`) on the CPU: throughput beside the quantized torch
 model, additions (ACs) per second, and how its time follows the firing rate.
 
     python bench/bench_engine.py [--quick]
 
-CIFAR 2-256 (32x32, T = 4), random weights calibrated with `sdt_deploy.synth.random_model` (seed 0),
+CIFAR 2-256 (32x32, T = 4), random weights calibrated with `sdt_deploy.data.synth.random_model` (seed 0),
 standard-normal images (seed 5). Both sides compute the logits of all T steps (`record=False`: no
 spike tensors handed back); the engine also counts every operation it performs, as it always does.
 Both are timed with 1 and with 2 threads (torch: intra-op threads; the engine: `run_engine(threads=)`,
-samples split over threads, scipy's CSR kernel releasing the GIL). Medians of several runs after a warm-up. Spike check: the engine's spikes against the torch
-model's (float64 where the bit analysis does not guarantee float32), every layer, step and sample.
+samples split over threads, scipy's CSR kernel releasing the GIL). Medians of several runs after a
+warm-up. Spike check: the engine's spikes against the torch model's (float64 where the bit analysis
+does not guarantee float32), every layer, step and sample.
 
 Firing sweep: every BatchNorm beta of the calibrated model scaled by s (1.0 down to -0.6; lower betas,
 fewer spikes), each model quantized and run by the engine (batch 8); time against the measured mean
@@ -32,10 +33,10 @@ sys.path.insert(0, C.ROOT)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from sdt_deploy.data import synth  # noqa: E402
 from sdt_deploy.api import quantize  # noqa: E402
-from sdt_deploy.quant.bits import bit_report  # noqa: E402
+from sdt_deploy.data import synth  # noqa: E402
 from sdt_deploy.files.configs import resolve  # noqa: E402
+from sdt_deploy.quant.bits import bit_report  # noqa: E402
 from sdt_deploy.run.integer_engine import run_engine  # noqa: E402
 from sdt_deploy.run.torch_runner import run_model  # noqa: E402
 

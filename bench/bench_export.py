@@ -84,7 +84,8 @@ def main() -> None:
         x = med[k]["peak_rss_mib"] / ckpt_mib
         rows.append([f"{label} export, peak RSS (MiB)", med[k]["peak_rss_mib"], med["torch_onnx"]["peak_rss_mib"],
                      C.ratio(med[k]["peak_rss_mib"], med["torch_onnx"]["peak_rss_mib"]),
-                     f"<= 3x checkpoint ({3 * ckpt_mib:.0f} MiB)", f"{'yes' if x <= 3 else 'no'} ({x:.2f}x checkpoint)"])
+                     f"<= 3x checkpoint ({3 * ckpt_mib:.0f} MiB)",
+                     f"{'yes' if x <= 3 else 'no'} ({x:.2f}x checkpoint)"])
     rows.append(["output file (MiB)", f"{sizes['ours_onnx']:.0f} (onnx int) / {sizes['ours_nir']:.0f} (nir)",
                  sizes["torch_onnx"], "-", "-", "-"])
     md = C.md_table(["figure", "ours", "torch.onnx.export", "ours / theirs", "target", "met?"], rows)

@@ -35,10 +35,10 @@ import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
 
 from exporters.onnx import write_onnx  # noqa: E402
-from sdt_deploy.data import synth  # noqa: E402
 from sdt_deploy.api import quantize  # noqa: E402
-from sdt_deploy.quant.bits import bit_report  # noqa: E402
+from sdt_deploy.data import synth  # noqa: E402
 from sdt_deploy.files.configs import resolve  # noqa: E402
+from sdt_deploy.quant.bits import bit_report  # noqa: E402
 from sdt_deploy.run.onnx_runner import open_onnx  # noqa: E402
 from sdt_deploy.run.torch_runner import run_model  # noqa: E402
 
@@ -91,7 +91,8 @@ def main() -> None:
             # the spike check: every LIF (and AND/OR) tensor, every step, every sample
             torch.set_num_threads(1)
             _, ref = run_model(q.model, x, batch_size=batch)
-            checks = {(v, lvl): spike_check(ref, open_onnx(paths[(v, True)], session_options=session_options(1, lvl)).run(x))
+            checks = {(v, lvl): spike_check(ref, open_onnx(paths[(v, True)],
+                                                           session_options=session_options(1, lvl)).run(x))
                       for v in ("float", "int") for lvl in LEVELS}
             f32 = bit_report(q.graph)["summary"]["float32_exact"]
             for threads in (1, 2):
@@ -117,8 +118,9 @@ def main() -> None:
                                     "optimization": level, "torch": t_torch, "onnxruntime": t_ort,
                                     "throughput_ratio": r, "spike_check": check, "float32_exact_by_bound": f32})
                     print(rows[-1], flush=True)
-    md = C.md_table(["config", "batch", "threads", "ONNX variant", "ort optimisation", "torch img/s", "onnxruntime img/s",
-                     "ratio (ort / torch)", "target", "met?", "spikes identical", "load (1 min)"], rows)
+    md = C.md_table(["config", "batch", "threads", "ONNX variant", "ort optimisation", "torch img/s",
+                     "onnxruntime img/s", "ratio (ort / torch)", "target", "met?", "spikes identical",
+                     "load (1 min)"], rows)
     md += ("\n\nimg/s = batch / median seconds of a whole forward pass (T = 4 steps). Spike check: every spike "
            "tensor of the debug-output export vs the torch model's recorded spikes (mismatching spikes in "
            "brackets).")

@@ -37,9 +37,9 @@ def make_checkpoint(path: str) -> None:
 def torch_alone(ckpt: str, n: int) -> None:
     """The child process of the comparison: the original torch model on the same random images."""
     sys.path.insert(0, C.ROOT)
+    from sdt_deploy.data.synth import random_inputs
     from sdt_deploy.files.checkpoint import load_model
     from sdt_deploy.run.torch_runner import run_model
-    from sdt_deploy.data.synth import random_inputs
 
     loaded = load_model(ckpt)
     run_model(loaded.model, random_inputs(loaded.config, n, seed=0), batch_size=16, record=False)
@@ -70,8 +70,8 @@ def main() -> None:
             t = C.run_child(alone, env=env)
             if t["rc"] != 0:
                 raise SystemExit(f"torch alone failed: {t['stderr']}")
-            print(label, i, f"verify {r['seconds']:.1f} s ok={doc['ok']} {doc['seconds']}; torch alone {t['seconds']:.1f} s",
-                  flush=True)
+            print(label, i, f"verify {r['seconds']:.1f} s ok={doc['ok']} {doc['seconds']}; "
+                  f"torch alone {t['seconds']:.1f} s", flush=True)
             if i:
                 runs.append({"wall": r["seconds"], "peak_rss_mib": r["peak_rss_mib"], "ok": doc["ok"],
                              "seconds": doc["seconds"], "load1": r["load_before"][0]})
@@ -84,7 +84,8 @@ def main() -> None:
             rows.append([label, f"executor {ex}", a.n / sec, "-", "-", "-"])
         rows.append([label, "whole `verify` command", a.n / med_wall, a.n / med_alone,
                      C.ratio(a.n / med_wall, a.n / med_alone),
-                     f"all ok: {all(x['ok'] for x in runs)}; peak RSS {C.median(x['peak_rss_mib'] for x in runs):.0f} MiB; "
+                     f"all ok: {all(x['ok'] for x in runs)}; "
+                     f"peak RSS {C.median(x['peak_rss_mib'] for x in runs):.0f} MiB; "
                      f"load {[x['load1'] for x in runs]}"])
     md = C.md_table(["threads", "figure", "ours img/s", "torch model alone img/s", "ratio", "notes"], rows)
     md += (f"\n\n{a.n} random images, batch 16, median of {a.runs} runs after a warm-up. `torch model alone`: a "

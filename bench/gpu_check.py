@@ -26,8 +26,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from sdt_deploy import load_model, quantize  # noqa: E402
-from sdt_deploy.quant.bits import bit_report  # noqa: E402
 from sdt_deploy.data.digits import digits_split  # noqa: E402
+from sdt_deploy.quant.bits import bit_report  # noqa: E402
 from sdt_deploy.run.integer_engine import run_engine  # noqa: E402
 from sdt_deploy.run.torch_runner import run_model  # noqa: E402
 from sdt_deploy.verify.verifier import cuda_skip_reason, deterministic_cuda  # noqa: E402

@@ -58,14 +58,14 @@ without any metadata. Node metadata adds the integer form for hardware back ends
 `w_exp`, `b_int`, `grid` (output grid: value = integer * 2**-grid) on synaptic nodes; `grid`,
 `theta_int`, `threshold_exp` on LIFs; `grid`/`bits` on the input; `role` everywhere, and
 `sdt_layer`/`sdt_shape` on every node that carries one of the torch model's spike tensors (see
-`sdt_deploy.nir_interp.nir_layer_spikes`). Graph metadata: `dt`, `time_steps`, `profile`, `readout`,
+`sdt_deploy.run.nir_interpreter.nir_layer_spikes`). Graph metadata: `dt`, `time_steps`, `profile`, `readout`,
 `input`, `partition`/`cut`, the SDT config and the deploy graph's meta (JSON strings).
 
 The input
 ---------
 A whole graph's `Input` is the image (or event frame) *already on the input grid*: the host computes
 `round_half_even(x * 2**grid)`, saturated to `bits` signed bits, times 2**-grid (the input node's
-metadata holds `grid` and `bits`; `sdt_deploy.nir_interp.nir_input` does it). A partition's device part
+metadata holds `grid` and `bits`; `sdt_deploy.run.nir_interpreter.nir_input` does it). A partition's device part
 starts at the cut (`patch_embed.maxpool3`, the stem's max-pool over currents, which has no exact NIR
 encoding): its input is the host part's output, exactly on the node's per-channel `grid`.
 
@@ -92,7 +92,7 @@ v_threshold per LIF node; and maps NIR `Flatten(start_dim)` to torch's, whose di
   reads currents besides the encoder, and it holds no learned weight), `head_lif` on [C, 1, 1], `head`
   as a 1x1 Conv2d -> `Output` [K, 1, 1] (no Flatten).
 - dt must be 1e-4.
-snntorch runs float32: it is exact where the numbers fit 24 bits (see `sdt_deploy.bits`), as the torch
+snntorch runs float32: it is exact where the numbers fit 24 bits (see `sdt_deploy.quant.bits`), as the torch
 model itself.
 """
 from __future__ import annotations
@@ -107,9 +107,26 @@ import numpy as np
 
 from sdt_deploy import __version__
 from sdt_deploy.errors import DeployError
-from sdt_deploy.ir.graph import (SPIKE, Add, And, BatchNorm, Broadcast, Conv, Graph, Input, LIF, Linear, MaxPool,
-                              Node, OrPool, Readout, SpatialMean, TokenSum, json_default)
 from sdt_deploy.files.atomic import atomic_write
+from sdt_deploy.ir.graph import (
+    LIF,
+    SPIKE,
+    Add,
+    And,
+    BatchNorm,
+    Broadcast,
+    Conv,
+    Graph,
+    Input,
+    Linear,
+    MaxPool,
+    Node,
+    OrPool,
+    Readout,
+    SpatialMean,
+    TokenSum,
+    json_default,
+)
 
 DT = 1e-4
 OUTPUT = "output"
@@ -271,18 +288,18 @@ def _profile(name: str) -> Profile:
 
 
 def _check_exportable(g: Graph) -> None:
-    if not (g.meta.get("quantized") or g.meta.get("float_export")):
-        raise DeployError("NIR export needs a quantized graph (its exact thresholds come from the integer grids), "
-                          "or a float graph prepared by sdt_deploy.nir_float.float_nir_graph")
     for n in g.nodes:
         if isinstance(n, MaxPool):
             raise DeployError(f"{n.name} is a max-pool over currents, which has no exact NIR encoding; partition "
-                              "the graph first (sdt_deploy.partition.split_at_current_maxpool) and export its "
-                              "device part")
+                              "the graph first (exporters.bundle.partition) and export its device part")
         if isinstance(n, (BatchNorm, SpatialMean)):
             raise DeployError(f"{n.name} ({n.op}) should have been removed by fold_bn/quantize")
         if type(n) not in _EMIT:
             raise DeployError(f"{n.name}: no NIR encoding for a {n.op} node")
+        if isinstance(n, LIF) and (n.theta_int is None or n.grid is None):
+            raise DeployError(f"{n.name}: NIR export needs every threshold on a grid (the exact thresholds come "
+                              "from it): quantize the graph, or prepare a float graph with "
+                              "sdt_deploy.quant.float_export.float_nir_graph")
 
 
 # ---------------------------------------------------------------- the builder
@@ -483,10 +500,8 @@ def _emit_linear(b: _Builder, n: Linear) -> None:
 
 
 def _emit_lif(b: _Builder, n: LIF) -> None:
-    float_export = bool(b.g.meta.get("float_export"))
-    if n.v_reset != 0.0 or (not float_export and (n.tau != 2.0 or n.plif_w not in (None, 0.0))):
-        raise DeployError(f"{n.name}: NIR export needs tau = 2 and v_reset = 0 (got tau = {n.tau}, "
-                          f"v_reset = {n.v_reset}); quantize the graph first")
+    if n.v_reset != 0.0:
+        raise DeployError(f"{n.name}: NIR export needs v_reset = 0 (got {n.v_reset})")
     shape = b.shape_in(n)
     grid = np.asarray(n.grid, dtype=np.int64)
     theta_int = np.asarray(n.theta_int, dtype=np.int64)
@@ -501,8 +516,9 @@ def _emit_lif(b: _Builder, n: LIF) -> None:
         lowered = lif_threshold(theta_int[top:top + 1], grid[top:top + 1], b.T)[0]
         v_th = np.full(grid.shape, float32_threshold(float(n.v_threshold), lowered))
         exp = np.int64(grid[top] + b.T + 1)
-    # tau = 2*dt makes dt/tau exactly 0.5; a float export keeps a PLIF's trained tau (tau * dt)
-    tau = 2.0 * b.dt if not float_export else float(n.tau) * b.dt
+    # tau * dt: a quantized graph's tau is 2, and 2*dt makes dt/tau exactly 0.5; a float export keeps a
+    # PLIF's trained tau
+    tau = float(n.tau) * b.dt
     node = b.lif(shape, tau, v_th)
     b.add(n.name, node, b.feed(n), role="neuron", grid=grid, theta_int=theta_int, threshold_exp=exp,
           **_spike_meta(n))

@@ -15,7 +15,7 @@ outputs  `logits`             float variant: float32 [batch, K], this step's log
 A graph that does not end in a Readout (a partition's host: the stem up to the current max-pool)
 outputs `output` (float32 values) or `output_int` (integers on the output node's per-channel grid)
 instead. The state starts at zero; the caller carries `v_out` into the next call's `v_in`, and does the
-read-out over T (mean, or per step with TET). `sdt_deploy.onnx_run.run_onnx` does exactly that.
+read-out over T (mean, or per step with TET). `sdt_deploy.run.onnx_runner.run_onnx` does exactly that.
 
 `unroll=True` puts all T steps in the graph instead: input `<input>` float32 [batch, T, C, H, W] (the
 model's event-frame layout; repeat an image T times), state starting at zero inside, no state inputs
@@ -37,7 +37,7 @@ common grid by an integer `Mul` by 2**shift per channel. The LIF is the floor-sh
 A - (A & 1) is even and the truncating integer `Div` is exact on it: H = floor(A / 2) for negative A
 too (a bare `Div(A, 2)` would round toward zero and break the contract). The current max-pool of the
 stem is Pad(int min) + strided Slices + Max (onnxruntime's MaxPool has no int32 kernel). Each current
-and state is int32 where its worst-case bound (`sdt_deploy.bits.channel_bounds`) fits, int64 where not
+and state is int32 where its worst-case bound (`sdt_deploy.quant.bits.channel_bounds`) fits, int64 where not
 (never a wrap-around); an accumulator that cannot fit ConvInteger's int32, or a bound beyond int64, is
 refused with a `DeployError` naming the layer.
 
@@ -74,19 +74,31 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from sdt_deploy import __version__
-from sdt_deploy.quant.bits import channel_bounds
 from sdt_deploy.errors import DeployError
-from sdt_deploy.ir.graph import (Add, And, Broadcast, Conv, Graph, Input, LIF, Linear, MaxPool, Node, OrPool,
-                              Readout, TokenSum)
+from sdt_deploy.files.artifacts import ONNX_META_PREFIX, STATE_IN, STATE_OUT
 from sdt_deploy.files.atomic import atomic_write
+from sdt_deploy.ir.graph import (
+    LIF,
+    Add,
+    And,
+    Broadcast,
+    Conv,
+    Graph,
+    Input,
+    Linear,
+    MaxPool,
+    Node,
+    OrPool,
+    Readout,
+    TokenSum,
+)
+from sdt_deploy.quant.bits import channel_bounds
 
 OPSET = 21
 IR_VERSION = 10
 VARIANTS = ("int", "float")
-STATE_IN = "v_in."
-STATE_OUT = "v_out."
 BATCH = "batch"
-META = "sdt_deploy."
+META = ONNX_META_PREFIX
 
 INT8, UINT8, INT32, INT64, FLOAT = (TensorProto.INT8, TensorProto.UINT8, TensorProto.INT32, TensorProto.INT64,
                                     TensorProto.FLOAT)
@@ -432,36 +444,34 @@ class StepResult:
     spikes: dict            # spike layer -> Value (variant's spike type)
 
 
+# each node type's lowering: fn(emitter, node, its input values, context) -> the node's value
+LOWER = {
+    Conv: lambda em, n, ins, ctx: lower_conv(em, n, ins[0], ctx),
+    Linear: lambda em, n, ins, ctx: lower_linear(em, n, ins[0], ctx),
+    LIF: lambda em, n, ins, ctx: lower_lif(em, n, ins[0], ctx),
+    And: lambda em, n, ins, ctx: lower_and(em, n, ins[0], ins[1], ctx),
+    OrPool: lambda em, n, ins, ctx: lower_orpool(em, n, ins[0], ctx),
+    MaxPool: lambda em, n, ins, ctx: lower_maxpool(em, n, ins[0], ctx),
+    TokenSum: lambda em, n, ins, ctx: lower_tokensum(em, n, ins[0], ctx),
+    Broadcast: lambda em, n, ins, ctx: lower_broadcast(em, n, ins[0], ctx),
+    Add: lower_add,
+    Readout: lambda em, n, ins, ctx: ins[0],
+}
+
+
 def lower_step(em: Emitter, g: Graph, frame: Value, ctx: StepContext) -> StepResult:
     """Every node of the graph for one time step, the Input already lowered to `frame`."""
     vals: dict[str, Value] = {}
     spikes: dict[str, Value] = {}
     for n in g.nodes:
-        ins = [vals[i] for i in n.inputs]
         if isinstance(n, Input):
             y = frame
-        elif isinstance(n, Conv):
-            y = lower_conv(em, n, ins[0], ctx)
-        elif isinstance(n, Linear):
-            y = lower_linear(em, n, ins[0], ctx)
-        elif isinstance(n, LIF):
-            y = lower_lif(em, n, ins[0], ctx)
-        elif isinstance(n, And):
-            y = lower_and(em, n, ins[0], ins[1], ctx)
-        elif isinstance(n, OrPool):
-            y = lower_orpool(em, n, ins[0], ctx)
-        elif isinstance(n, MaxPool):
-            y = lower_maxpool(em, n, ins[0], ctx)
-        elif isinstance(n, TokenSum):
-            y = lower_tokensum(em, n, ins[0], ctx)
-        elif isinstance(n, Broadcast):
-            y = lower_broadcast(em, n, ins[0], ctx)
-        elif isinstance(n, Add):
-            y = lower_add(em, n, ins, ctx)
-        elif isinstance(n, Readout):
-            y = ins[0]
         else:
-            raise DeployError(f"the ONNX export has no rule for {n.name} ({n.op}); fold BatchNorm and quantize first")
+            rule = LOWER.get(type(n))
+            if rule is None:
+                raise DeployError(f"the ONNX export has no rule for {n.name} ({n.op}); fold BatchNorm and quantize "
+                                  "first")
+            y = rule(em, n, [vals[i] for i in n.inputs], ctx)
         vals[n.name] = y
         if n.out_kind == "spike" and not isinstance(n, Broadcast):
             spikes[n.name] = y
@@ -506,10 +516,8 @@ def finish_output(em: Emitter, v: Value, name: str, spike: bool) -> str:
 
 def to_onnx(qgraph: Graph, variant: str = "int", debug_outputs: bool = False, unroll: bool = False,
             check: bool = True) -> onnx.ModelProto:
-    """The ONNX model of a quantized deploy graph (or sub-graph; or a QuantizedModel), see the module
-    docstring. `check` runs onnx's full checker (type and shape inference included) on the result."""
-    if not isinstance(qgraph, Graph) and isinstance(getattr(qgraph, "graph", None), Graph):
-        qgraph = qgraph.graph
+    """The ONNX model of a quantized deploy graph (or sub-graph), see the module docstring. `check` runs
+    onnx's full checker (type and shape inference included) on the result."""
     check_exportable(qgraph, variant)
     build = build_unrolled if unroll else build_step
     model = onnx.ModelProto(ir_version=IR_VERSION,   # onnx >= 1.23 would write 14, refused by onnxruntime 1.31

@@ -5,7 +5,7 @@ The public functions are imported lazily, so that `import sdt_deploy` (and the c
 stays cheap and an interrupt during start-up ends as cleanly as one later on."""
 __version__ = "0.1.0"
 
-_LAZY = {"deploy_graph": "api", "quantize": "api", "load_model": "files.checkpoint", "run_onnx": "run.onnx_runner",
+_LAZY = {"deploy_graph": "api", "quantize": "api", "load_model": "api", "run_onnx": "run.onnx_runner",
          "run_engine": "run.integer_engine", "run_verify": "verify.verifier"}
 
 __all__ = ["__version__", *_LAZY]

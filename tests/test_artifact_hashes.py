@@ -9,8 +9,9 @@ import os
 
 import pytest
 
-from conftest import DEMO_CKPT, FIXTURE_CKPT, ORACLE, ROOT
 from sdt_deploy.cli.app import main
+
+from conftest import DEMO_CKPT, FIXTURE_CKPT, ORACLE, ROOT
 
 CASES = {
     "demo": DEMO_CKPT,

@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import DEMO_CKPT, oracle_path, oracle_ref
-from sdt_deploy.files.checkpoint import load_checkpoint, load_model
+from sdt_deploy.api import load_model
 from sdt_deploy.cli.app import main
 from sdt_deploy.errors import DeployError
+from sdt_deploy.files.checkpoint import load_checkpoint
+
+from conftest import DEMO_CKPT, oracle_path, oracle_ref
 
 CASE = "lif_0011"
 
@@ -122,12 +124,14 @@ def _bad_files(tmp_path):
     missing = dict(sd)
     missing.pop("block.0.attn.k_conv.weight")
     paths["missing key"] = save(tmp_path / "missing.pth", {**ck, "state_dict": missing})
-    paths["extra key"] = save(tmp_path / "extra.pth", {**ck, "state_dict": {**sd, "block.0.attn.bogus": torch.zeros(3)}})
+    extra = {**sd, "block.0.attn.bogus": torch.zeros(3)}
+    paths["extra key"] = save(tmp_path / "extra.pth", {**ck, "state_dict": extra})
     misshaped = {**sd, "block.0.mlp.fc1_conv.weight": torch.zeros(64, 32, 1, 1)}
     paths["mis-shaped"] = save(tmp_path / "misshaped.pth", {**ck, "state_dict": misshaped})
     nan = {**sd, "block.0.attn.q_conv.weight": sd["block.0.attn.q_conv.weight"].clone().fill_(float("nan"))}
     paths["NaN weight"] = save(tmp_path / "nan.pth", {**ck, "state_dict": nan})
-    inf = {**sd, "patch_embed.proj_bn.running_mean": torch.full_like(sd["patch_embed.proj_bn.running_mean"], float("inf"))}
+    mean = sd["patch_embed.proj_bn.running_mean"]
+    inf = {**sd, "patch_embed.proj_bn.running_mean": torch.full_like(mean, float("inf"))}
     paths["Inf BN stat"] = save(tmp_path / "inf.pth", {**ck, "state_dict": inf})
     neg = {**sd, "patch_embed.rpe_bn.running_var": -sd["patch_embed.rpe_bn.running_var"]}
     paths["negative variance"] = save(tmp_path / "neg.pth", {**ck, "state_dict": neg})

@@ -3,11 +3,12 @@ import json
 
 import pytest
 
-from conftest import SHARED
 from models import ConfigError, SDTConfig, build_model, parameter_count
 from sdt_deploy.cli.app import main
-from sdt_deploy.files.configs import PUBLISHED, model_keys, read_yaml, resolve
 from sdt_deploy.errors import DeployError
+from sdt_deploy.files.configs import PUBLISHED, model_keys, read_yaml, resolve
+
+from conftest import SHARED
 
 # Parameter counts computed by the ORIGINAL code (BICLab/Spike-Driven-Transformer 3faa822,
 # `sum(p.numel() for p in model.parameters())` on SpikeDrivenTransformer built as train.py builds it)

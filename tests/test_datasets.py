@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from models import SDTConfig
-from sdt_deploy.files.configs import DataConfig
 from sdt_deploy.data.datasets import eval_transform, open_dataset, shard
 from sdt_deploy.errors import DeployError
+from sdt_deploy.files.configs import DataConfig
 
 CFG = SDTConfig(img_size=16, dim=16, num_heads=2, pooling_stat="0011", num_classes=10)
 DATA = DataConfig(dataset="torch/cifar10", mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), crop_pct=1.0)
@@ -55,7 +55,8 @@ def test_imagenet_val_layout_and_center_crop(tmp_path):
 
     for wnid in ("n01", "n02"):
         (tmp_path / "val" / wnid).mkdir(parents=True)
-        Image.new("RGB", (40, 20), (255, 0, 0) if wnid == "n01" else (0, 0, 255)).save(tmp_path / "val" / wnid / "a.JPEG")
+        colour = (255, 0, 0) if wnid == "n01" else (0, 0, 255)
+        Image.new("RGB", (40, 20), colour).save(tmp_path / "val" / wnid / "a.JPEG")
     data = DataConfig(dataset="imagenet", crop_pct=0.8)
     ds = open_dataset(str(tmp_path), CFG, data)
     x, y = ds.batch([0, 1])

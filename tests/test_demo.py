@@ -4,10 +4,11 @@ import json
 
 import pytest
 
-from conftest import DEMO_CKPT, loaded, quantized
 from sdt_deploy.cli.app import main
 from sdt_deploy.data.digits import digits_split
 from sdt_deploy.run.torch_runner import predictions, run_model
+
+from conftest import DEMO_CKPT, loaded, quantized
 
 pytestmark = pytest.mark.skipif(not DEMO_CKPT.exists(), reason="demo checkpoint not built yet")
 

@@ -9,16 +9,18 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import ALL_CASES, ROOT, case_input, case_path, loaded, quantized, small_configs
 from sdt_deploy import quantize
-from sdt_deploy.quant.bits import bit_report
-from sdt_deploy.run.integer_engine import lif_int, run_engine, synaptic_conv
-from sdt_deploy.errors import DeployError
-from sdt_deploy.run.float_executor import execute
-from sdt_deploy.ir.graph import LIF
-from sdt_deploy.quant.contract import QuantOptions, quantize_weight
-from sdt_deploy.run.torch_runner import run_model
 from sdt_deploy.data.synth import random_inputs, random_model
+from sdt_deploy.errors import DeployError
+from sdt_deploy.ir.graph import LIF
+from sdt_deploy.quant.bits import bit_report
+from sdt_deploy.quant.contract import QuantOptions, quantize_weight
+from sdt_deploy.run.float_executor import execute
+from sdt_deploy.run.integer_engine import run_engine, synaptic_conv
+from sdt_deploy.run.lif import integer_lif
+from sdt_deploy.run.torch_runner import run_model
+
+from conftest import ALL_CASES, ROOT, case_input, case_path, loaded, quantized, small_configs
 
 
 def reference(q, x):
@@ -83,7 +85,7 @@ def test_integer_lif_equals_spikingjelly_on_the_grid(xs, theta, grid):
     node = MultiStepLIFNode(tau=2.0, v_threshold=theta, detach_reset=True)
     X = torch.tensor(xs, dtype=torch.float64) / 2 ** grid
     expected = node(X[:, None]).numpy()[:, 0].astype(np.uint8)
-    got, _ = lif_int(np.array(xs, dtype=np.int64)[:, None], np.array([int(theta * 2 ** grid)]), channel_axis=1)
+    got, _ = integer_lif(np.array(xs, dtype=np.int64)[:, None], np.array([int(theta * 2 ** grid)]), channel_axis=1)
     np.testing.assert_array_equal(got[:, 0], expected)
 
 
@@ -91,7 +93,7 @@ def test_integer_lif_hand_computation():
     # theta 1 on grid 2**-1 (theta_int 2); X = 1.5, -1.5, 2.5 -> ints 3, -3, 5
     # H1 = floor(3/2) = 1 (<2, 0.75 exact); H2 = floor((1-3)/2) = -1 (-0.375 exact -> floor -0.5);
     # H3 = floor((-1+5)/2) = 2 >= 2 fires (exact 1.0625)
-    s, _ = lif_int(np.array([[3], [-3], [5]]), np.array([2]), channel_axis=1)
+    s, _ = integer_lif(np.array([[3], [-3], [5]]), np.array([2]), channel_axis=1)
     assert s[:, 0].tolist() == [0, 0, 1]
 
 
@@ -103,7 +105,7 @@ def test_synaptic_conv_adds_only_spiking_columns():
     ref = torch.nn.functional.conv2d(torch.from_numpy(S).double(), torch.from_numpy(w.astype(np.float64)), padding=1)
     np.testing.assert_array_equal(out, ref.numpy().astype(np.int64))
     brute = 0
-    for n, c, y, x in zip(*np.nonzero(S)):
+    for _, _, y, x in zip(*np.nonzero(S)):
         for ky in range(3):
             for kx in range(3):
                 yo, xo = y - ky + 1, x - kx + 1
@@ -116,7 +118,8 @@ def test_plif_decay_is_snapped_to_one_half_and_reported():
     taus = q.graph.meta["plif_tau"]
     assert taus and all(1.89 <= t <= 2.01 for t in taus.values())
     assert all(n.tau == 2.0 and n.plif_w == 0.0 for n in q.graph.of_type(LIF))
-    assert all(float(m.w.detach()) == 0.0 for m in q.model.modules() if hasattr(m, "w") and isinstance(m.w, torch.nn.Parameter))
+    assert all(float(m.w.detach()) == 0.0 for m in q.model.modules()
+               if hasattr(m, "w") and isinstance(m.w, torch.nn.Parameter))
 
 
 def test_dequantized_weights_are_exactly_representable():
@@ -203,7 +206,7 @@ def _plain_brevitas(w: np.ndarray, bits: int):
 
 @pytest.mark.parametrize("bits", [8, 4, 2])
 def test_mse_scale_search_equals_plain_brevitas(bits, monkeypatch):
-    from sdt_deploy.quant import contract as quantization
+    from sdt_deploy.quant import brevitas_backend
 
     rng = np.random.default_rng(bits)
     w = rng.standard_normal((300, 3, 3, 3)) * 0.05
@@ -211,7 +214,7 @@ def test_mse_scale_search_equals_plain_brevitas(bits, monkeypatch):
     w[5, 0, 0, 0] = 3.0                                             # one outlier channel
     w[11] = 0.0                                                     # an all-zero channel
     w[17] = 1e-3 * np.sign(rng.standard_normal((3, 3, 3)))          # all weights one magnitude
-    monkeypatch.setattr(quantization, "CHUNK_ELEMENTS", 1000)       # several blocks per weight
+    monkeypatch.setattr(brevitas_backend, "CHUNK_ELEMENTS", 1000)       # several blocks per weight
     w_int, e = quantize_weight(w, bits, "mse")
     ref_int, ref_e = _plain_brevitas(w, bits)
     nonzero = np.any(ref_int.reshape(len(w), -1) != 0, axis=1)
@@ -222,7 +225,7 @@ def test_mse_scale_search_equals_plain_brevitas(bits, monkeypatch):
 
 
 def test_distinct_scale_slots_cover_every_masked_scale():
-    from sdt_deploy.quant.contract import _distinct_scale_slots
+    from sdt_deploy.quant.brevitas_backend import _distinct_scale_slots
 
     scales = np.array([[1., 4., 2.], [2., 4., 2.], [2., 2., 1.], [4., 1., 1.]])
     mask = np.array([[1, 1, 0], [1, 0, 0], [1, 1, 0], [0, 1, 0]], dtype=bool)
@@ -243,12 +246,12 @@ def _same_integers(a: dict, b: dict) -> bool:
 
 def test_quantization_threads_do_not_change_the_integers(monkeypatch):
     """The layers are quantized on a thread pool: one thread and three give the same integers."""
-    from sdt_deploy.quant import contract as quantization
+    from sdt_deploy.quant import brevitas_backend
 
     lm = loaded(case_path("plif_1111"))
     by_threads = {}
     for workers in (1, 3):
-        monkeypatch.setattr(quantization, "quantization_workers", lambda w=workers: w)
+        monkeypatch.setattr(brevitas_backend, "quantization_workers", lambda w=workers: w)
         by_threads[workers] = _integers(quantize(lm).graph)
     assert len(by_threads[1]) > 5 and _same_integers(by_threads[1], by_threads[3])
 
@@ -380,7 +383,7 @@ def test_arena_limit_restored_after_quantization_is_the_users_own():
     64-bit default of 8 per CPU."""
     import os
 
-    from sdt_deploy.quant.contract import arena_max_after
+    from sdt_deploy.quant.brevitas_backend import arena_max_after
 
     assert arena_max_after({"MALLOC_ARENA_MAX": "2"}) == 2
     assert arena_max_after({"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=9:glibc.malloc.arena_max=3"}) == 3

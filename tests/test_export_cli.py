@@ -13,8 +13,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from conftest import case_input, oracle_path
 from sdt_deploy.cli.app import main
+
+from conftest import case_input, oracle_path
 
 CASE = "lif_0011"
 
@@ -162,10 +163,10 @@ def test_quantize_writes_a_loadable_model(tmp_path, capsys):
     from sdt_deploy.run.torch_runner import run_model
 
     lm = load_model(str(out))
-    assert lm.checkpoint.layout == "quantized" and lm.quantized_graph.meta["weight_bits"] == 4
+    assert lm.checkpoint.layout == "quantized" and lm.graph.meta["weight_bits"] == 4
     x = case_input(CASE)
     _, spikes = run_model(lm.model, x)
-    r = run_engine(lm.quantized_graph, x)
+    r = run_engine(lm.graph, x)
     assert all(np.array_equal(spikes[k], r.spikes[k]) for k in spikes)
     # the quantized file is a checkpoint like any other: run --quantize equals run on it
     assert main(["run", str(out), "--input", _save(tmp_path, x)]) == 0

@@ -3,17 +3,18 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ALL_CASES, case_input, case_path, loaded
 from models import SDTConfig, build_model, parameter_count
 from sdt_deploy.cli.app import main
-from sdt_deploy.files.configs import PUBLISHED, resolve
+from sdt_deploy.data.synth import random_inputs, random_model
 from sdt_deploy.errors import DeployError
-from sdt_deploy.run.float_executor import execute
-from sdt_deploy.ir.graph import (BatchNorm, Conv, Graph, Input, LIF, Linear, Readout, SpatialMean, SPIKE, CURRENT)
+from sdt_deploy.files.configs import PUBLISHED, resolve
+from sdt_deploy.ir.graph import CURRENT, LIF, SPIKE, BatchNorm, Conv, Graph, Input, Linear, Readout, SpatialMean
 from sdt_deploy.ir.lower import lower
 from sdt_deploy.ir.passes import check, fold_bn, fold_bn_params
+from sdt_deploy.run.float_executor import execute
 from sdt_deploy.run.torch_runner import run_model
-from sdt_deploy.data.synth import random_inputs, random_model
+
+from conftest import ALL_CASES, case_input, case_path, loaded
 
 
 def _events(cfg):

@@ -8,11 +8,20 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import (FIXTURE_CKPT, FIXTURE_INPUT, ORACLE_CASES, fixture_ref, loaded, needs_shared, oracle_path,
-                      oracle_ref)
 from models import spike_names
 from sdt_deploy.cli.app import main
 from sdt_deploy.run.torch_runner import run_model, to_original_hooks
+
+from conftest import (
+    FIXTURE_CKPT,
+    FIXTURE_INPUT,
+    ORACLE_CASES,
+    fixture_ref,
+    loaded,
+    needs_shared,
+    oracle_path,
+    oracle_ref,
+)
 
 
 def assert_matches_original(cfg, logits, spikes, ref):

@@ -15,18 +15,19 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ALL_CASES, case_input, case_path, quantized
 
+from exporters.bundle import partition
 from exporters.nir import DT, OUTPUT, float32_threshold, to_nir, write_nir
 from models.sdt import heads_or_pool
-from sdt_deploy.run.integer_engine import run_engine
 from sdt_deploy.errors import DeployError
-from sdt_deploy.run.float_executor import execute
 from sdt_deploy.ir.graph import LIF, Conv, Graph, Input, Linear, OrPool, Readout
 from sdt_deploy.ir.lower import spike_tensor_names
+from sdt_deploy.run.float_executor import execute
+from sdt_deploy.run.integer_engine import run_engine
 from sdt_deploy.run.nir_interpreter import nir_input, nir_layer_spikes, run_nir, run_snntorch, torch_threads
-from sdt_deploy.ir.partition import split_at_current_maxpool
 from sdt_deploy.run.torch_runner import run_model
+
+from conftest import ALL_CASES, case_input, case_path, quantized
 
 FIXTURE_BATCH = 2          # the fixture (256 dims, 8x8 tokens) is the slow one: a subset of its batch
 _memo: dict = {}
@@ -67,7 +68,7 @@ def device_part(name: str):
     """(graph that goes to NIR, host output [B, T, ...] or None when the whole graph is exported)."""
     def make():
         g = quantized(case_path(name)).graph
-        p = split_at_current_maxpool(g)
+        p = partition(g)
         if p is None:
             return g, None
         host, _, _ = execute(p.host, case_batch(name))          # [T, B, C, H, W], exactly on the grid
@@ -284,7 +285,7 @@ def test_synapses_are_fed_by_spikes_only(name, profile, exported):
         assert profile == "portable" and set(np.unique(w)) <= {0.0, 1.0} and diagonal \
             and not np.any(node.bias), f"{n} applies weights to a current from {srcs}"
         structural.append(n)
-    whole = split_at_current_maxpool(quantized(case_path(name)).graph) is None
+    whole = partition(quantized(case_path(name)).graph) is None
     assert encoders == (["patch_embed.proj_conv"] if whole else [])
     assert structural == (["head_sum"] if profile == "portable" else [])
     # and the file holds a node for every conv and linear layer of the deploy graph

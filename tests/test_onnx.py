@@ -16,17 +16,17 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto
 
-from conftest import ALL_CASES, case_input, case_path, quantized
-
 import sdt_deploy
+from exporters.bundle import partition
 from exporters.onnx import IR_VERSION, OPSET, read_metadata, to_onnx, write_onnx
-from sdt_deploy.run.integer_engine import run_engine
 from sdt_deploy.errors import DeployError
-from sdt_deploy.run.float_executor import execute
 from sdt_deploy.ir.graph import LIF, Graph, Input
+from sdt_deploy.run.float_executor import execute
+from sdt_deploy.run.integer_engine import run_engine
 from sdt_deploy.run.onnx_runner import open_onnx, run_onnx
-from sdt_deploy.ir.partition import split_at_current_maxpool
 from sdt_deploy.run.torch_runner import run_model
+
+from conftest import ALL_CASES, case_input, case_path, quantized
 
 VARIANTS = ("int", "float")
 FLOATS = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}
@@ -285,7 +285,7 @@ def test_two_exports_are_byte_identical(variant, unroll, tmp_path):
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("case", ALL_CASES)
 def test_host_partition_exports_and_runs(case, variant):
-    p = split_at_current_maxpool(quantized(case_path(case)).graph)
+    p = partition(quantized(case_path(case)).graph)
     if p is None:
         pytest.skip(f"{case} has no max-pool over currents (pooling_stat ends in 0): nothing to partition")
     x = batch_of(case)
@@ -300,7 +300,7 @@ def test_host_partition_exports_and_runs(case, variant):
 def test_device_partition_runs_from_the_cut():
     """The other side of the cut (an Input with bits None, on-grid floats) exports too."""
     case = "lif_0011"
-    p = split_at_current_maxpool(quantized(case_path(case)).graph)
+    p = partition(quantized(case_path(case)).graph)
     feat, _, _ = execute(p.host, batch_of(case))
     x = np.ascontiguousarray(feat.swapaxes(0, 1))             # [B, T, C, H, W]
     eng = run_engine(p.device, x)

@@ -6,12 +6,13 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import case_path, loaded, small_configs
 from sdt_deploy import quantize
 from sdt_deploy.data.datasets import ArrayDataset
-from sdt_deploy.errors import DeployError
 from sdt_deploy.data.synth import random_inputs, random_model
+from sdt_deploy.errors import DeployError
 from sdt_deploy.verify.verifier import run_verify
+
+from conftest import case_path, loaded, small_configs
 
 EXECUTORS = ["torch", "engine", "onnx-int", "onnx-float", "nir"]
 
@@ -34,17 +35,11 @@ def test_fuzz_export_then_verify_is_exact_or_a_clear_error(cfg, seed, kind, bits
     model = random_model(cfg, seed=seed, calibration=4)
     x = _inputs(cfg, kind, seed + 1)
     try:
-        res = run_verify(model_loaded(model), ArrayDataset(x), EXECUTORS, weight_bits=bits)
+        res = run_verify(quantize(model, weight_bits=bits), ArrayDataset(x), EXECUTORS)
     except DeployError as exc:                       # allowed: a clear, single-line refusal
         assert str(exc) and "\n" not in str(exc)
         return
     assert res.ok, res.tally.first
-
-
-def model_loaded(model):
-    from sdt_deploy.api import _loaded
-
-    return _loaded(model)
 
 
 def test_overflowing_weights_are_refused_naming_the_layer():

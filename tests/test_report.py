@@ -12,11 +12,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import (DEMO_CKPT, FIXTURE_CKPT, FIXTURE_INPUT, needs_shared, oracle_path, oracle_ref,
-                      quantized)
-from sdt_deploy.report.energy import load_energy_table, table_from_mapping
 from sdt_deploy.errors import DeployError
-from sdt_deploy.report.counting import operation_report
+from sdt_deploy.report.energy import load_energy_table, table_from_mapping
+from sdt_deploy.report.measure import operation_report
+
+from conftest import DEMO_CKPT, FIXTURE_CKPT, FIXTURE_INPUT, needs_shared, oracle_path, oracle_ref, quantized
 
 FP32 = load_energy_table("45nm-fp32")
 
@@ -260,7 +260,7 @@ def test_measured_energy_by_hand_on_the_fixture():
 # ---- 5. firing rates: weighted by samples, any T ----
 
 def _tiny_graph():
-    from sdt_deploy.ir.graph import Conv, Graph, Input, LIF
+    from sdt_deploy.ir.graph import LIF, Conv, Graph, Input
 
     w = np.ones((3, 2, 1, 1))
     return Graph([Input("input", (), (2, 4, 4)), Conv("c0", ("input",), (2, 4, 4), weight=np.ones((2, 2, 1, 1))),
@@ -380,7 +380,7 @@ def test_report_command_refuses_existing_outputs_before_any_work(tmp_path, small
     def no_work(*a, **k):
         raise AssertionError("the model was loaded before the outputs were checked")
 
-    monkeypatch.setattr(rc, "_load_model", no_work)
+    monkeypatch.setattr(rc, "open_model", no_work)
     res = _invoke([oracle_path("lif_0011"), "--input", small_input, "--json", str(existing)])
     assert isinstance(res.exception, DeployError) and "exists" in str(res.exception)
     assert existing.read_text() == "{}"

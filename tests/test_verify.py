@@ -12,18 +12,20 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from conftest import DEMO_CKPT, FIXTURE_CKPT, case_input, case_path, loaded, needs_shared, quantized
+from exporters.bundle import export_graph
 from sdt_deploy.cli.app import main
 from sdt_deploy.data.datasets import ArrayDataset
 from sdt_deploy.run.integer_engine import run_engine
-from exporters.bundle import export_graph
-from sdt_deploy.verify.verifier import ALL_EXECUTORS, run_verify
+from sdt_deploy.verify.executors import ALL_EXECUTORS
+from sdt_deploy.verify.verifier import run_verify
+
+from conftest import DEMO_CKPT, FIXTURE_CKPT, case_input, case_path, needs_shared, quantized
 
 EVERY = [e for e in ALL_EXECUTORS if e != "cupy"]
 
 
 def verify_all(path, x):
-    res = run_verify(loaded(path), ArrayDataset(x), list(ALL_EXECUTORS))
+    res = run_verify(quantized(path), ArrayDataset(x), list(ALL_EXECUTORS))
     assert res.skipped.get("cupy")             # no GPU here: skipped with its reason, not silently
     assert set(res.executors) == set(EVERY)
     return res
@@ -96,7 +98,8 @@ def _tie(q, x, lif_name):
 def exported(tmp_path_factory):
     q = quantized(case_path(CASE))
     d = tmp_path_factory.mktemp("artifacts")
-    for kind, target, variant in (("onnx-int", "onnx", "int"), ("onnx-float", "onnx", "float"), ("nir", "nir", "float")):
+    for kind, target, variant in (("onnx-int", "onnx", "int"), ("onnx-float", "onnx", "float"),
+                                  ("nir", "nir", "float")):
         suffix = ".nir" if target == "nir" else ".onnx"
         export_graph(q.graph, target, str(d / f"m.{kind}{suffix}"), onnx_variant=variant, debug_outputs=True)
     return q, d
@@ -212,7 +215,7 @@ def test_one_nir_threshold_off_is_caught(exported, tmp_path, capsys):
 
 def test_engine_divergence_reports_both_membranes(monkeypatch):
     """A wrong engine (threshold off by one on the integer grid) is diagnosed with both membranes."""
-    import sdt_deploy.verify.verifier as V
+    import sdt_deploy.verify.executors as V
 
     real = V.run_engine
 
@@ -223,7 +226,7 @@ def test_engine_divergence_reports_both_membranes(monkeypatch):
         return real(g, x, **kw)
 
     monkeypatch.setattr(V, "run_engine", broken)
-    res = run_verify(loaded(case_path(CASE)), ArrayDataset(case_input(CASE)), ["torch", "engine"])
+    res = run_verify(quantized(case_path(CASE)), ArrayDataset(case_input(CASE)), ["torch", "engine"])
     first = res.tally.first
     assert not res.ok and first["layer"] == LIF_NAME and first["executor"] == "engine"
     assert first["reference_H"] >= first["theta"]       # the reference fired on (at least) the threshold

@@ -3,6 +3,7 @@
 load -> accuracy of the float model on the held-out digits -> quantize (int8) -> export NIR (partitioned
 at the stem's real-valued max-pool) and ONNX (int and float) -> verify every executor against the
 quantized torch model on those very files -> operation / energy report (table, JSON, CSV, PNG).
+The checkpoint is loaded once and quantized once; every step after that takes the quantized model.
 """
 from __future__ import annotations
 
@@ -11,8 +12,23 @@ import time
 
 import click
 
-from sdt_deploy.files.checkpoint import load_model
+from sdt_deploy.data import DEMO_CHECKPOINT
 from sdt_deploy.errors import DeployError
+
+
+@click.command()
+@click.option("--out", "out_dir", default="sdt-deploy-demo", show_default=True, type=click.Path(file_okay=False),
+              help="folder for the quantized model, the exports and the report")
+@click.option("--checkpoint", default=None, type=click.Path(dir_okay=False),
+              help="another checkpoint instead of the shipped demo")
+@click.option("--force", is_flag=True, help="overwrite files in a non-empty --out folder")
+def demo(out_dir, checkpoint, force):
+    """The whole toolchain on the shipped demo checkpoint: accuracy, quantize, export NIR and ONNX,
+    verify every executor on the exported files, report operations and energy."""
+    checkpoint = checkpoint or DEMO_CHECKPOINT
+    if not os.path.exists(checkpoint):
+        raise DeployError(f"demo checkpoint {checkpoint!r} is missing")
+    run_demo(checkpoint, out_dir, force=force)
 
 
 def _accuracy(model, x, y) -> float:
@@ -23,20 +39,25 @@ def _accuracy(model, x, y) -> float:
 
 
 def run_demo(checkpoint: str, out_dir: str, force: bool = False, verify_samples: int = 32) -> dict:
-    from sdt_deploy.api import quantize
-    from sdt_deploy.data.digits import digits_split
-    from sdt_deploy.data.datasets import ArrayDataset
     from exporters.bundle import export_graph, planned_outputs
+    from sdt_deploy.api import float_source, load_model, quantize
+    from sdt_deploy.data.datasets import ArrayDataset
+    from sdt_deploy.data.digits import digits_split
+    from sdt_deploy.data.inputs import Inputs
     from sdt_deploy.files.atomic import check_output_path
+    from sdt_deploy.report.energy import load_energy_table
+    from sdt_deploy.report.measure import run_report
+    from sdt_deploy.report.render import print_report, write_outputs
+    from sdt_deploy.verify.executors import ALL_EXECUTORS
+    from sdt_deploy.verify.render import describe_divergence, print_result
     from sdt_deploy.verify.verifier import run_verify
-    from sdt_deploy.cli.verify import describe_divergence, print_result
 
     out_dir = os.path.abspath(out_dir)
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not force:
         raise DeployError(f"output folder {out_dir!r} is not empty (use --force to overwrite its files)")
     os.makedirs(out_dir, exist_ok=True)
     t0 = time.time()
-    loaded = load_model(checkpoint)
+    loaded = float_source(load_model(checkpoint))
     cfg = loaded.config
     test = digits_split("test", img_size=cfg.img_size, channels=cfg.in_channels)
     click.echo(f"[1/5] {os.path.basename(checkpoint)}: SDT dim {cfg.dim}, depth {cfg.depth}, T {cfg.time_steps}, "
@@ -59,10 +80,11 @@ def run_demo(checkpoint: str, out_dir: str, force: bool = False, verify_samples:
         if res.message:
             click.echo(f"      note: {res.message}")
     click.echo("[3/5] exported: " + ", ".join(os.path.basename(f) for fs in files.values() for f in fs))
-    ds = ArrayDataset(test.x[:verify_samples], test.y[:verify_samples])
+    inputs = Inputs(ArrayDataset(test.x[:verify_samples], test.y[:verify_samples]),
+                    {"source": "digits", "split": "test", "first": verify_samples})
     artifacts = {"nir": os.path.join(out_dir, "demo.nir"), "onnx-int": os.path.join(out_dir, "demo_int.onnx"),
                  "onnx-float": os.path.join(out_dir, "demo_float.onnx")}
-    res = run_verify(loaded, ds, ["torch", "cupy", "engine", "onnx-int", "onnx-float", "nir"], artifacts=artifacts)
+    res = run_verify(q, inputs.dataset, list(ALL_EXECUTORS), artifacts=artifacts)
     click.echo(f"[4/5] verify on {verify_samples} digits, every spike of every layer, against the quantized "
                "torch model:")
     print_result(res)
@@ -70,11 +92,10 @@ def run_demo(checkpoint: str, out_dir: str, force: bool = False, verify_samples:
         raise DeployError("demo verification failed: " + describe_divergence(res.tally.first))
     click.echo(f"      OK: every spike of every layer equal in {', '.join(res.executors)}"
                + (f" ({', '.join(f'{k} skipped: {v}' for k, v in res.skipped.items())})" if res.skipped else ""))
-    from sdt_deploy.cli.report import report_command
-
     click.echo("[5/5] operations and energy:")
-    report_command(checkpoint, digits=verify_samples, json_path=os.path.join(out_dir, "report.json"),
-                   csv_path=os.path.join(out_dir, "report.csv"), plot_path=os.path.join(out_dir, "report.png"),
-                   force=True)
+    rep = run_report(q, inputs, load_energy_table("45nm-fp32"))
+    write_outputs(rep, os.path.join(out_dir, "report.json"), os.path.join(out_dir, "report.csv"),
+                  os.path.join(out_dir, "report.png"))
+    print_report(rep)
     click.echo(f"done in {time.time() - t0:.0f}s; everything is in {out_dir}")
     return {"float": acc_float, "int8": acc_int8, "verify_ok": res.ok}

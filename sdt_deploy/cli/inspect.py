@@ -1,48 +1,34 @@
-"""`sdt-deploy inspect`: what a checkpoint (or a config) is, as data and as terminal tables."""
+"""`sdt-deploy inspect`: what a checkpoint (or a config) is, as terminal tables or JSON."""
 from __future__ import annotations
 
-from rich.console import Console
-from rich.table import Table
+import click
 
-from models import parameter_count
-
-from sdt_deploy.files.checkpoint import LoadedModel
-from models.listing import layer_table
+from sdt_deploy.cli.options import echo_json, model_options, open_model
 
 
-def inspect_model(loaded: LoadedModel, graph: bool = False, bits: bool = False, weight_bits: int = 8,
-                  input_bits: int = 8) -> dict:
-    cfg = loaded.config
-    ck = loaded.checkpoint
-    report = {
-        "checkpoint": {"path": ck.path, "layout": ck.layout, "ddp_prefix": ck.ddp_prefix, "ema": ck.ema}
-        if ck.path else None,
-        "config": loaded.resolved.describe(),
-        "data": {"dataset": loaded.resolved.data.dataset, "events": loaded.resolved.data.events,
-                 "mean": list(loaded.resolved.data.mean), "std": list(loaded.resolved.data.std),
-                 "crop_pct": loaded.resolved.data.crop_pct},
-        "params": parameter_count(loaded.model),
-        "layers": layer_table(loaded.model, cfg),
-    }
-    if graph or bits:
-        from sdt_deploy.ir.graph import graph_summary
-        from sdt_deploy.ir.lower import lower
+@click.command()
+@click.argument("ckpt", required=False)
+@model_options
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@click.option("--graph", is_flag=True, help="show the deploy graph (nodes, edge kinds, shapes)")
+@click.option("--bits", is_flag=True, help="bit-width analysis of the quantized integer path")
+@click.option("--weight-bits", type=int, default=8, show_default=True)
+@click.option("--input-bits", type=int, default=8, show_default=True)
+def inspect(ckpt, as_json, graph, bits, weight_bits, input_bits, **kw):
+    """The resolved configuration (with the source of every value), parameter count and layers."""
+    from sdt_deploy.api import inspect_model
 
-        stored = loaded.quantized_graph             # a quantized file carries its graph
-        g = stored if stored is not None else lower(loaded.model)
-        if graph:
-            report["graph"] = graph_summary(g)
-        if bits:
-            from sdt_deploy.api import quantize
-            from sdt_deploy.quant.bits import bit_report
-
-            qg = stored if stored is not None else quantize(loaded, weight_bits=weight_bits,
-                                                            input_bits=input_bits).graph
-            report["bits"] = bit_report(qg)
-    return report
+    source = open_model(ckpt, kw, allow_config_only=True)
+    report = inspect_model(source, graph=graph, bits=bits, weight_bits=weight_bits, input_bits=input_bits)
+    if as_json:
+        echo_json(report)
+    else:
+        print_inspect(report)
 
 
-def print_inspect(report: dict, console: Console | None = None) -> None:
+def print_inspect(report: dict, console=None) -> None:
+    from rich.table import Table
+
     from sdt_deploy.console import console as _console
 
     console = console or _console()
@@ -70,10 +56,38 @@ def print_inspect(report: dict, console: Console | None = None) -> None:
             lt.add_row(row["name"], row["kind"], "x".join(map(str, row["shape"])) or "-", f"{row['params']:,}", note)
         console.print(lt)
     if "graph" in report:
-        from sdt_deploy.ir.graph import print_graph_summary
-
         print_graph_summary(report["graph"], console)
     if "bits" in report:
-        from sdt_deploy.quant.bits import print_bit_report
-
         print_bit_report(report["bits"], console)
+
+
+def print_graph_summary(summary: dict, console) -> None:
+    from rich.table import Table
+
+    t = Table(title="deploy graph")
+    for col in ("node", "op", "inputs", "out", "shape", "params"):
+        t.add_column(col, no_wrap=(col == "node"))
+    for n in summary["nodes"]:
+        t.add_row(n["name"], n["op"], ", ".join(n["inputs"]), n["kind"], "x".join(map(str, n["shape"])),
+                  f"{n['params']:,}" if n["params"] else "")
+    console.print(t)
+    e = summary["edges"]
+    console.print(f"[bold]edges[/] spike {e['spike']}, current {e['current']}; "
+                  f"[bold]graph params[/] {summary['params']:,}; {summary['meta']}")
+
+
+def print_bit_report(rep: dict, console) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"bit widths (T = {rep['summary']['time_steps']})")
+    for col in ("layer", "op", "grid", "worst |int|", "int bits", "float32 bits", "float32 exact", "observed bits"):
+        t.add_column(col, no_wrap=(col == "layer"))
+    for r in rep["layers"]:
+        grid = f"2^-{r['grid_min']}" if r["grid_min"] == r["grid_max"] else f"2^-{r['grid_min']}..2^-{r['grid_max']}"
+        t.add_row(r["name"], r["op"], grid, f"{r['bound']:.4g}", str(r["int_bits"]), str(r["float32_bits"]),
+                  "yes" if r["float32_exact"] else "[red]no[/]", str(r.get("observed_bits", "")))
+    console.print(t)
+    s = rep["summary"]
+    console.print(f"[bold]integer[/] needs {s['max_int_bits']} bits (int32 accumulators: "
+                  f"{'yes' if s['int32_accumulators'] else 'no'}); [bold]float32[/] needs up to "
+                  f"{s['max_float32_bits']} bits of 25. Exact side: {s['exact_side']}.")

@@ -18,9 +18,8 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from models import SDTConfig
-
-from sdt_deploy.files.configs import DataConfig
 from sdt_deploy.errors import DeployError
+from sdt_deploy.files.configs import DataConfig
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -154,24 +153,11 @@ def open_dataset(root: str, cfg: SDTConfig, data: DataConfig) -> ArrayDataset | 
     - any ImageFolder-style directory (`root/<class>/<image>`), classes indexed in sorted order."""
     if not os.path.isdir(root):
         raise DeployError(f"--data {root!r}: not a directory")
-    if os.path.isdir(os.path.join(root, "cifar-10-batches-py")) or os.path.isdir(os.path.join(root, "cifar-100-python")):
+    if any(os.path.isdir(os.path.join(root, sub)) for sub in ("cifar-10-batches-py", "cifar-100-python")):
         return _cifar(root, cfg, data)
     if os.path.isdir(os.path.join(root, "val")):
         return _image_folder(os.path.join(root, "val"), cfg, data)
     return _image_folder(root, cfg, data)
-
-
-def digits_dataset(cfg: SDTConfig, n: int, events: bool = False) -> ArrayDataset:
-    """The first n digits of the demo's held-out split at the model's size, or event-frame stand-ins."""
-    from sdt_deploy.data.digits import digit_events, digits_split
-
-    if n < 1:
-        raise DeployError("--digits must be at least 1")
-    if events:
-        return ArrayDataset(digit_events(n, cfg.time_steps, cfg.img_size, cfg.in_channels), None)
-    split = digits_split("test", img_size=cfg.img_size, channels=cfg.in_channels)
-    n = min(n, len(split.y))
-    return ArrayDataset(split.x[:n], split.y[:n])
 
 
 def shard(n: int, rank: int, world: int) -> list[int]:

@@ -20,7 +20,8 @@ class Split:
     y: np.ndarray  # int64 [N]
 
 
-def digits_images(img_size: int = 32, channels: int = 3, mean=CIFAR10_MEAN, std=CIFAR10_STD) -> tuple[np.ndarray, np.ndarray]:
+def digits_images(img_size: int = 32, channels: int = 3, mean=CIFAR10_MEAN,
+                  std=CIFAR10_STD) -> tuple[np.ndarray, np.ndarray]:
     from sklearn.datasets import load_digits
 
     d = load_digits()

@@ -53,7 +53,7 @@ def calibrate(model: torch.nn.Module, x: np.ndarray, seed: int = 0, plif_tau=(1.
         m.weight.data = uniform(m.weight.shape, lo_g * boost, hi_g * boost)
         m.bias.data = uniform(m.bias.shape, lo_b * boost, hi_b * boost)
     for m in model.modules():
-        if hasattr(m, "w") and isinstance(getattr(m, "w"), torch.nn.Parameter):
+        if hasattr(m, "w") and isinstance(m.w, torch.nn.Parameter):
             m.w.data = -torch.log(uniform((), *plif_tau) - 1.0)
     model.train()
     functional.reset_net(model)

@@ -19,9 +19,8 @@ import torch.nn.functional as F
 from spikingjelly.clock_driven import functional
 
 from models import SDTConfig, build_model
-
-from sdt_deploy.files.checkpoint import save_original_format
 from sdt_deploy.data.digits import CIFAR10_MEAN, CIFAR10_STD, digits_split
+from sdt_deploy.files.checkpoint import save_original_format
 
 DEMO_CONFIG = SDTConfig(img_size=32, in_channels=3, num_classes=10, dim=128, depth=2, num_heads=8,
                         mlp_ratio=4, time_steps=4, pooling_stat="0011", spike_mode="lif")

@@ -6,7 +6,6 @@ import os
 import numpy as np
 
 from models import SDTConfig
-
 from sdt_deploy.errors import DeployError
 
 

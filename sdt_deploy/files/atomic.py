@@ -30,6 +30,19 @@ def check_output_path(path: str, force: bool = False) -> str:
     return path
 
 
+def check_output_paths(paths: dict, force: bool = False) -> None:
+    """`check_output_path` for every given output of a command ({option: path or None}), and no two of
+    them the same file."""
+    seen: dict = {}
+    for opt, p in paths.items():
+        if not p:
+            continue
+        full = check_output_path(p, force)
+        if full in seen:
+            raise DeployError(f"{seen[full]} and {opt} name the same file {p!r}")
+        seen[full] = opt
+
+
 @contextlib.contextmanager
 def atomic_write(path: str, suffix: Optional[str] = None) -> Iterator[str]:
     """Yield a temporary path in the destination's directory; rename it to `path` on success only.
@@ -57,6 +70,19 @@ def write_bytes(path: str, data: bytes) -> None:
 
 def write_text(path: str, text: str) -> None:
     write_bytes(path, text.encode("utf-8"))
+
+
+def save_torch(path: str, obj) -> None:
+    """`torch.save(obj)` written atomically. Serialized in memory first: torch names the archive inside
+    the file after the file it writes to, so saving to the temporary file would put its random name
+    into the bytes (two saves of the same object would differ)."""
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    write_bytes(path, buffer.getvalue())
 
 
 def save_npz(path: str, arrays: dict) -> None:

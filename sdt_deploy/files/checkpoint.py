@@ -5,7 +5,8 @@ Layouts recognised:
   (and optionally `state_dict_ema`, `optimizer`, `args` as an `argparse.Namespace`, `epoch`, `arch`,
   `version`, `metric`, `amp_scaler`);
 - a bare state dict; a `module.`-prefixed (DistributedDataParallel) state dict, bare or inside the above;
-- a quantized model written by `sdt-deploy quantize` (`format: sdt-deploy-quantized`).
+- a quantized model written by `sdt-deploy quantize` (`format: sdt-deploy-quantized`): recognised here,
+  read by `sdt_deploy.quant.qmodel.load_quantized`.
 
 Checkpoints are untrusted pickles: `torch.load(weights_only=True)` with `argparse.Namespace` as the only
 allowed global, so nothing in the file can run. A file asking for any other global is refused, naming it.
@@ -23,9 +24,9 @@ from typing import Any, Mapping, Optional
 import torch
 
 from models import SDTConfig, build_model
-
-from sdt_deploy.files.configs import Resolved, resolve
 from sdt_deploy.errors import DeployError
+from sdt_deploy.files.atomic import save_torch
+from sdt_deploy.files.configs import Resolved, resolve
 
 ALLOWED_GLOBALS = (argparse.Namespace,)
 QUANTIZED_FORMAT = "sdt-deploy-quantized"
@@ -112,7 +113,8 @@ def normalise(obj: Any, path: str, ema: bool = False) -> Checkpoint:
         return Checkpoint(path, dict(sd), "quantized", args=None, extra=dict(obj))
     if _is_state_dict(obj):
         if ema:
-            raise DeployError(f"checkpoint {path!r}: --ema given, but the file is a bare state dict without EMA weights")
+            raise DeployError(f"checkpoint {path!r}: --ema given, but the file is a bare state dict without EMA "
+                              "weights")
         sd, ddp = _strip_ddp(obj)
         return Checkpoint(path, sd, "bare", ddp_prefix=ddp)
     if isinstance(obj, Mapping) and "state_dict" in obj:
@@ -166,23 +168,25 @@ def check_compatible(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], pat
 
 @dataclass
 class LoadedModel:
+    """A float SDT as its checkpoint describes it: the torch model, the resolved configuration (with the
+    source of every value) and the file it came from."""
+
     model: torch.nn.Module
     resolved: Resolved
     checkpoint: Checkpoint
-    quantized_graph: Optional[Any] = None   # set when the file is an sdt-deploy quantized model
 
     @property
     def config(self) -> SDTConfig:
         return self.resolved.config
 
+    @property
+    def data(self):
+        return self.resolved.data
 
-def load_model(path: str, flags: Optional[Mapping[str, Any]] = None, config: Optional[str] = None,
-               ema: bool = False) -> LoadedModel:
-    """Load a checkpoint into the SDT it describes (eval mode, CPU), strictly."""
-    ck = load_checkpoint(path, ema=ema)
-    if ck.layout == "quantized":
-        from sdt_deploy.quant.qmodel import model_from_quantized_file  # the quantized layout has its own builder
-        return model_from_quantized_file(ck, flags=flags)
+
+def float_model(ck: Checkpoint, flags: Optional[Mapping[str, Any]] = None, config: Optional[str] = None) -> LoadedModel:
+    """The SDT a (float) checkpoint describes, loaded strictly (eval mode, CPU)."""
+    path = ck.path
     resolved = resolve(flags=flags, yaml_path=config, ckpt_args=ck.args, state_dict=ck.state_dict)
     check_values(ck.state_dict, path)
     # built on the meta device and given the checkpoint's own tensors (assign): no random initialisation
@@ -217,7 +221,4 @@ def save_original_format(path: str, model: torch.nn.Module, args: argparse.Names
                "args": args, "metric": metric}
     if optimizer is not None:
         payload["optimizer"] = optimizer
-    from sdt_deploy.files.atomic import atomic_write
-
-    with atomic_write(path) as tmp:
-        torch.save(payload, tmp)
+    save_torch(path, payload)

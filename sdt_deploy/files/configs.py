@@ -22,7 +22,6 @@ from typing import Any, Mapping, Optional
 import yaml
 
 from models import ConfigError, SDTConfig
-
 from sdt_deploy.errors import DeployError
 
 DVS_DATASETS = ("cifar10-dvs", "cifar10-dvs-tet")

@@ -12,7 +12,7 @@ Node names are the layer names of the torch model (module paths such as `block.0
 with no module of their own get a descriptive suffix on the module that owns them
 (`block.0.attn.kv_and`, `block.0.attn.add`).
 
-Once quantized (see `quantize.py`), value-carrying nodes also hold their integer form: `w_int`/`w_exp`/
+Once quantized (see `sdt_deploy.quant.contract`), value-carrying nodes also hold their integer form: `w_int`/`w_exp`/
 `b_int` on synaptic nodes (weight = w_int * 2**-w_exp per output channel; bias = b_int * 2**-out_exp),
 and `grid` — the per-channel exponent g of the output (value = integer * 2**-g) — on every current.
 The float `bias` is then exactly the dequantized value; the float weight is not stored but made on
@@ -294,9 +294,6 @@ class Graph:
     def consumers(self, name: str) -> list[Node]:
         return [n for n in self.nodes if name in n.inputs]
 
-    def producer_kinds(self, node: Node) -> list[str]:
-        return [self._index[i].out_kind for i in node.inputs]
-
     def of_type(self, cls) -> list:
         return [n for n in self.nodes if isinstance(n, cls)]
 
@@ -395,21 +392,3 @@ def graph_summary(g: Graph) -> dict:
         "params": g.param_count(),
         "meta": {k: v for k, v in g.meta.items() if k != "config"},
     }
-
-
-def print_graph_summary(summary: dict, console=None) -> None:
-    from rich.table import Table
-
-    from sdt_deploy.console import console as _console
-
-    console = console or _console()
-    t = Table(title="deploy graph")
-    for col in ("node", "op", "inputs", "out", "shape", "params"):
-        t.add_column(col, no_wrap=(col == "node"))
-    for n in summary["nodes"]:
-        t.add_row(n["name"], n["op"], ", ".join(n["inputs"]), n["kind"], "x".join(map(str, n["shape"])),
-                  f"{n['params']:,}" if n["params"] else "")
-    console.print(t)
-    e = summary["edges"]
-    console.print(f"[bold]edges[/] spike {e['spike']}, current {e['current']}; "
-                  f"[bold]graph params[/] {summary['params']:,}; {summary['meta']}")

@@ -10,9 +10,23 @@ import torch
 import torch.nn as nn
 
 from models import SDTConfig, SpikeDrivenTransformer
-
-from sdt_deploy.ir.graph import (SPIKE, Add, And, BatchNorm, Broadcast, Conv, Graph, Input, LIF, Linear, MaxPool,
-                    OrPool, Readout, SpatialMean, TokenSum)
+from sdt_deploy.ir.graph import (
+    LIF,
+    SPIKE,
+    Add,
+    And,
+    BatchNorm,
+    Broadcast,
+    Conv,
+    Graph,
+    Input,
+    Linear,
+    MaxPool,
+    OrPool,
+    Readout,
+    SpatialMean,
+    TokenSum,
+)
 
 
 def _f64(t: torch.Tensor | None):

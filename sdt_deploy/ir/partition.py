@@ -4,7 +4,8 @@ The stem's max-pool over currents (`patch_embed.maxpool3`, present in every publ
 exact NIR encoding. `split_at_current_maxpool` cuts the graph right after it: the *host* part computes
 the stem up to and including that pool (exported to ONNX), the *device* part starts with an Input node
 carrying the pool's output `x_feat` (a current on the pool's grid, passed as its exact float value) and
-holds everything from the residual stream on (exported to NIR).
+holds everything from the residual stream on (exported to NIR). The cut's value range, which the
+device part's integer widths are planned from, is the caller's to add (`exporters.bundle.partition`).
 """
 from __future__ import annotations
 
@@ -22,13 +23,9 @@ class Partition:
     cut: str               # name of the node whose output crosses from host to device
 
 
-def current_maxpools(g: Graph) -> list[str]:
-    return [n.name for n in g.of_type(MaxPool)]
-
-
 def split_at_current_maxpool(g: Graph) -> Optional[Partition]:
     """None when the graph has no max-pool over currents (then it needs no partition)."""
-    pools = current_maxpools(g)
+    pools = [n.name for n in g.of_type(MaxPool)]
     if not pools:
         return None
     if len(pools) > 1:
@@ -46,10 +43,6 @@ def split_at_current_maxpool(g: Graph) -> Optional[Partition]:
             if src in host_names and src != cut:
                 raise DeployError(f"cannot partition at {cut}: {n.name} also reads {src} from the stem")
         device_nodes.append(n)
-    from sdt_deploy.quant.bits import channel_bounds
-
     host_meta = {**g.meta, "partition": "host", "cut": cut}
     device_meta = {**g.meta, "partition": "device", "cut": cut}
-    if g.meta.get("quantized"):
-        device_meta["cut_bound"] = channel_bounds(g)[cut].tolist()
     return Partition(Graph(list(host_nodes), host_meta), Graph(device_nodes, device_meta), cut)

@@ -38,7 +38,7 @@ def fold_nodes(g: Graph, consume: bool = False, weight_dtype=np.float64) -> Iter
     (`quantization.fold_and_quantize`) holds one layer's folded weights at once, not the model's.
     Checks every BatchNorm before the first node is made. `weight_dtype`: of the folded weights, and of
     a conv/linear without a BatchNorm, which passes through (biases are float64 either way); float32
-    for a consumer that reads nothing finer (brevitas: `quantization._brevitas_weight`). `consume`: g
+    for a consumer that reads nothing finer (brevitas: `quant.brevitas_backend.scales_and_integers`). `consume`: g
     is emptied here and each of its nodes dropped once its folded node is made, so that nothing of g
     outlives its layer's turn."""
     plan: dict[str, BatchNorm] = {}

@@ -18,7 +18,21 @@ import math
 import numpy as np
 
 from sdt_deploy.errors import DeployError
-from sdt_deploy.ir.graph import (CURRENT, Add, Conv, Graph, Input, LIF, Linear, MaxPool, Readout, TokenSum)
+from sdt_deploy.ir.graph import (
+    CURRENT,
+    LIF,
+    Add,
+    And,
+    Broadcast,
+    Conv,
+    Graph,
+    Input,
+    Linear,
+    MaxPool,
+    OrPool,
+    Readout,
+    TokenSum,
+)
 
 FLOAT32_SIGNIFICAND = 24
 
@@ -33,44 +47,66 @@ def node_bounds(qg: Graph) -> dict:
     return {k: float(v.max()) for k, v in channel_bounds(qg).items()}
 
 
+def _input_bound(n: Input, src, b: dict, qg: Graph) -> np.ndarray:
+    if n.bits is None:   # a partition's cut: the bound it had in the whole graph
+        return np.asarray(qg.meta["cut_bound"], dtype=np.float64)
+    return np.full(n.shape[0], float(2 ** (n.bits - 1)))
+
+
+def _synaptic_bound(n, src, b: dict, qg: Graph) -> np.ndarray:
+    # sum of |w_int| per output channel (int8 widened to int16, which holds |-128|, not float64: a
+    # quarter of the memory traffic on 66M weights)
+    w = n.w_int.reshape(n.w_int.shape[0], -1)
+    w = np.abs(w.astype(np.int16 if w.dtype == np.int8 else np.float64)).sum(axis=1, dtype=np.float64)
+    if src[0].out_kind == CURRENT:   # encoder: the input's largest integer times every tap
+        acc = w * float(b[src[0].name].max())
+    else:                            # spikes: every input spiking
+        acc = w
+    return acc + np.abs(n.b_int.astype(np.float64))
+
+
+def _token_sum_bound(n: TokenSum, src, b: dict, qg: Graph) -> np.ndarray:
+    tokens = int(np.prod(src[0].shape[1:]))
+    return (b[src[0].name] if src[0].out_kind == CURRENT else np.ones(n.shape[0])) * tokens
+
+
+def _add_bound(n: Add, src, b: dict, qg: Graph) -> np.ndarray:
+    total = np.zeros(n.shape[0])
+    for s in src:
+        total += b[s.name] * np.exp2(n.grid - s.grid)
+    return total
+
+
+def _lif_bound(n: LIF, src, b: dict, qg: Graph) -> np.ndarray:
+    if src[0].out_kind == CURRENT:
+        xb = b[src[0].name] * np.exp2(n.grid - src[0].grid)
+    else:
+        xb = np.exp2(n.grid.astype(np.float64))
+    # |H| <= max(|V|, |X|) by induction (H is the mean of V and X; reset gives 0)
+    return np.maximum(xb, n.theta_int.astype(np.float64))
+
+
+def _input_kept(n, src, b: dict, qg: Graph) -> np.ndarray:
+    return b[src[0].name]
+
+
+# each node type's worst-case |integer| per channel: fn(node, its sources, bounds so far, graph); spike
+# nodes (AND, OR-pool, broadcast) carry 0/1 and have no bound
+BOUNDS = {Input: _input_bound, Conv: _synaptic_bound, Linear: _synaptic_bound, MaxPool: _input_kept,
+          TokenSum: _token_sum_bound, Add: _add_bound, LIF: _lif_bound, Readout: _input_kept}
+SPIKES_ONLY = (And, OrPool, Broadcast)
+
+
 def channel_bounds(qg: Graph) -> dict:
     """Worst-case |integer| per channel for every current node and every LIF state."""
     b: dict[str, np.ndarray] = {}
     for n in qg.nodes:
-        src = [qg[i] for i in n.inputs]
-        if isinstance(n, Input) and n.bits is None:   # a partition's cut: the bound it had in the whole graph
-            b[n.name] = np.asarray(qg.meta["cut_bound"], dtype=np.float64)
-        elif isinstance(n, Input):
-            b[n.name] = np.full(n.shape[0], float(2 ** (n.bits - 1)))
-        elif isinstance(n, (Conv, Linear)):
-            # sum of |w_int| per output channel (int8 widened to int16, which holds |-128|, not float64:
-            # a quarter of the memory traffic on 66M weights)
-            w = n.w_int.reshape(n.w_int.shape[0], -1)
-            w = np.abs(w.astype(np.int16 if w.dtype == np.int8 else np.float64)).sum(axis=1, dtype=np.float64)
-            if src[0].out_kind == CURRENT:   # encoder: the input's largest integer times every tap
-                acc = w * float(b[src[0].name].max())
-            else:                            # spikes: every input spiking
-                acc = w
-            b[n.name] = acc + np.abs(n.b_int.astype(np.float64))
-        elif isinstance(n, MaxPool):
-            b[n.name] = b[src[0].name]
-        elif isinstance(n, TokenSum):
-            tokens = int(np.prod(src[0].shape[1:]))
-            b[n.name] = (b[src[0].name] if src[0].out_kind == CURRENT else np.ones(n.shape[0])) * tokens
-        elif isinstance(n, Add):
-            total = np.zeros(n.shape[0])
-            for s in src:
-                total += b[s.name] * np.exp2(n.grid - s.grid)
-            b[n.name] = total
-        elif isinstance(n, LIF):
-            if src[0].out_kind == CURRENT:
-                xb = b[src[0].name] * np.exp2(n.grid - src[0].grid)
-            else:
-                xb = np.exp2(n.grid.astype(np.float64))
-            # |H| <= max(|V|, |X|) by induction (H is the mean of V and X; reset gives 0)
-            b[n.name] = np.maximum(xb, n.theta_int.astype(np.float64))
-        elif isinstance(n, Readout):
-            b[n.name] = b[src[0].name]
+        rule = BOUNDS.get(type(n))
+        if rule is None:
+            if isinstance(n, SPIKES_ONLY):
+                continue
+            raise DeployError(f"no bound rule for {n.name} ({n.op})")
+        b[n.name] = rule(n, [qg[i] for i in n.inputs], b, qg)
     return b
 
 
@@ -112,30 +148,6 @@ def bit_report(qg: Graph, observed: dict | None = None) -> dict:
                        "torch reference runs in float64 there"),
     }
     return {"summary": summary, "layers": layers}
-
-
-def float32_exact(qg: Graph) -> bool:
-    return bit_report(qg)["summary"]["float32_exact"]
-
-
-def print_bit_report(rep: dict, console=None) -> None:
-    from rich.table import Table
-
-    from sdt_deploy.console import console as _console
-
-    console = console or _console()
-    t = Table(title=f"bit widths (T = {rep['summary']['time_steps']})")
-    for col in ("layer", "op", "grid", "worst |int|", "int bits", "float32 bits", "float32 exact", "observed bits"):
-        t.add_column(col, no_wrap=(col == "layer"))
-    for r in rep["layers"]:
-        grid = f"2^-{r['grid_min']}" if r["grid_min"] == r["grid_max"] else f"2^-{r['grid_min']}..2^-{r['grid_max']}"
-        t.add_row(r["name"], r["op"], grid, f"{r['bound']:.4g}", str(r["int_bits"]), str(r["float32_bits"]),
-                  "yes" if r["float32_exact"] else "[red]no[/]", str(r.get("observed_bits", "")))
-    console.print(t)
-    s = rep["summary"]
-    console.print(f"[bold]integer[/] needs {s['max_int_bits']} bits (int32 accumulators: "
-                  f"{'yes' if s['int32_accumulators'] else 'no'}); [bold]float32[/] needs up to "
-                  f"{s['max_float32_bits']} bits of 25. Exact side: {s['exact_side']}.")
 
 
 def check_engine_bounds(qg: Graph) -> dict:

@@ -15,8 +15,8 @@ from dataclasses import replace
 import numpy as np
 
 from sdt_deploy.errors import DeployError
-from sdt_deploy.ir.graph import Graph, LIF, SPIKE, TokenSum
-from sdt_deploy.quant.contract import _rewrite_head_mean, _threshold_grid
+from sdt_deploy.ir.graph import LIF, SPIKE, Graph, TokenSum
+from sdt_deploy.quant.contract import rewrite_head_mean, threshold_grid
 
 REAL_VALUED_GRID = 40
 
@@ -24,14 +24,14 @@ REAL_VALUED_GRID = 40
 def float_nir_graph(folded: Graph) -> Graph:
     if not folded.meta.get("folded") or folded.meta.get("quantized"):
         raise DeployError("float NIR export needs the BN-folded float graph")
-    g = _rewrite_head_mean(folded) if folded.meta.get("head_pool", "mean") == "mean" else folded
+    g = rewrite_head_mean(folded) if folded.meta.get("head_pool", "mean") == "mean" else folded
     nodes = []
     for n in g.nodes:
         if isinstance(n, LIF):
             src = g[n.inputs[0]]
             counts = isinstance(src, TokenSum) and g[src.inputs[0]].out_kind == SPIKE
             base = 0 if counts else REAL_VALUED_GRID
-            grid = _threshold_grid(float(n.v_threshold), base)
+            grid = threshold_grid(float(n.v_threshold), base)
             c = n.shape[0]
             n = replace(n, grid=np.full(c, grid, dtype=np.int64),
                         theta_int=np.full(c, int(n.v_threshold * 2.0 ** grid), dtype=np.int64))

@@ -1,21 +1,19 @@
-"""The quantized PyTorch model: the `models` SDT in its folded form carrying the exactly representable
-dequantized weights of a quantized deploy graph, still with spikingjelly LIF nodes — so the very same
-object runs with the CuPy kernel on a GPU — and the file format that stores it (`q.pth`)."""
+"""The quantized model: a quantized deploy graph with the settings it was made with, the torch SDT that
+carries its exactly representable dequantized weights (still spikingjelly LIF nodes, so the very same
+object runs with the CuPy kernel on a GPU), and the file format that stores both (`q.pth`)."""
 from __future__ import annotations
 
 from typing import Any, Mapping, Optional
 
-import numpy as np
 import torch
 
 from models import InputQuantizer, SDTConfig, build_model
-
 from sdt_deploy import __version__
-from sdt_deploy.files.checkpoint import QUANTIZED_FORMAT, Checkpoint, LoadedModel
-from sdt_deploy.files.configs import DataConfig, Resolved
 from sdt_deploy.errors import DeployError
-from sdt_deploy.ir.graph import Conv, Graph, Input, LIF, Linear
-from sdt_deploy.files.atomic import atomic_write
+from sdt_deploy.files.atomic import save_torch
+from sdt_deploy.files.checkpoint import QUANTIZED_FORMAT, Checkpoint
+from sdt_deploy.files.configs import DataConfig, Resolved
+from sdt_deploy.ir.graph import LIF, SYNAPTIC, Graph
 
 
 def build_quantized_model(qg: Graph, cfg: SDTConfig) -> torch.nn.Module:
@@ -26,7 +24,7 @@ def build_quantized_model(qg: Graph, cfg: SDTConfig) -> torch.nn.Module:
     modules = dict(model.named_modules())
     with torch.no_grad():
         for n in qg.nodes:
-            if isinstance(n, (Conv, Linear)):
+            if isinstance(n, SYNAPTIC):
                 m = modules[n.name]
                 m.weight.copy_(torch.from_numpy(n.float_weight()).to(m.weight.dtype))
                 m.bias.copy_(torch.from_numpy(n.bias).to(m.bias.dtype))
@@ -48,19 +46,23 @@ def build_quantized_model(qg: Graph, cfg: SDTConfig) -> torch.nn.Module:
 
 
 class QuantizedModel:
-    """What `sdt_deploy.quantize` returns: the torch model, its quantized graph, and the options.
+    """What `sdt_deploy.quantize` returns: the quantized graph, the configuration, the data settings and
+    where it came from (`resolved`, `checkpoint`), and the torch model.
 
     The torch model may be given, or (model None) is built from the graph on first use of `.model`,
     with the `keep` parameters (the never-called talking_heads weights) copied in: an export needs
     the graph alone, and building the model costs a float32 copy of every weight (8-768: 265 MB)."""
 
     def __init__(self, model: Optional[torch.nn.Module], graph: Graph, config: SDTConfig, data: DataConfig,
-                 keep: Optional[Mapping[str, torch.Tensor]] = None):
+                 keep: Optional[Mapping[str, torch.Tensor]] = None, resolved: Optional[Resolved] = None,
+                 checkpoint: Optional[Checkpoint] = None):
         self._model = model
         self.graph = graph
         self.config = config
         self.data = data
         self._keep = dict(keep or {})
+        self.resolved = resolved or Resolved(config, data, {})
+        self.checkpoint = checkpoint or Checkpoint("", {}, "none")
 
     @property
     def model(self) -> torch.nn.Module:
@@ -96,11 +98,11 @@ def save_quantized(path: str, q: QuantizedModel) -> None:
         "graph": q.graph.to_json(arrays=True),
         "state_dict": q.model.state_dict(),
     }
-    with atomic_write(path) as tmp:
-        torch.save(payload, tmp)
+    save_torch(path, payload)
 
 
-def model_from_quantized_file(ck: Checkpoint, flags: Optional[Mapping[str, Any]] = None) -> LoadedModel:
+def load_quantized(ck: Checkpoint, flags: Optional[Mapping[str, Any]] = None) -> QuantizedModel:
+    """The QuantizedModel a `q.pth` file holds (its configuration is fixed: flags are refused)."""
     extra = ck.extra
     if extra.get("format_version") != 1:
         raise DeployError(f"checkpoint {ck.path!r}: unknown quantized format version {extra.get('format_version')!r}")
@@ -115,9 +117,4 @@ def model_from_quantized_file(ck: Checkpoint, flags: Optional[Mapping[str, Any]]
         raise DeployError(f"checkpoint {ck.path!r}: damaged quantized file ({exc})") from None
     model = build_quantized_model(graph, cfg)
     resolved = Resolved(cfg, data, {k: "quantized file" for k in cfg.to_dict()})
-    return LoadedModel(model, resolved, ck, quantized_graph=graph)
-
-
-def input_grid_of(qg: Graph) -> tuple[int, int]:
-    inp: Input = qg.input
-    return int(np.asarray(inp.grid).flat[0]), int(inp.bits)
+    return QuantizedModel(model, graph, cfg, data, resolved=resolved, checkpoint=ck)

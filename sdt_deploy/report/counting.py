@@ -15,7 +15,7 @@
 
 Everything here is a small pure function over plain data: the graph, spike counts (`SpikeTally`), op
 counts (`{layer: {op: count}}`) and an `EnergyTable`. `operation_report` is the one driver that runs the
-engine over batches; the command line (`report_cmd.py`) only prepares inputs and renders.
+engine over batches (`report.measure`); the command line only prepares inputs and renders.
 """
 from __future__ import annotations
 
@@ -24,10 +24,27 @@ from typing import Callable, Iterable, Mapping, Optional
 
 import numpy as np
 
-from sdt_deploy.report.energy import EnergyTable
 from sdt_deploy.errors import DeployError
-from sdt_deploy.ir.graph import (SPIKE, Add, And, BatchNorm, Broadcast, Conv, Graph, Input, LIF, Linear, MaxPool,
-                    Node, OrPool, Readout, SpatialMean, TokenSum)
+from sdt_deploy.ir.graph import (
+    LIF,
+    SPIKE,
+    SYNAPTIC,
+    Add,
+    And,
+    BatchNorm,
+    Broadcast,
+    Conv,
+    Graph,
+    Input,
+    Linear,
+    MaxPool,
+    Node,
+    OrPool,
+    Readout,
+    SpatialMean,
+    TokenSum,
+)
+from sdt_deploy.report.energy import EnergyTable
 
 # ---- what each layer is ----
 
@@ -67,46 +84,19 @@ def reads_spikes(g: Graph, n: Node) -> bool:
     return bool(n.inputs) and g[n.inputs[0]].out_kind == SPIKE
 
 
-def layer_kind(g: Graph, n: Node) -> Optional[str]:
-    """The report's kind of a node, None for nodes without arithmetic."""
-    if isinstance(n, FREE_NODES):
-        return None
-    if isinstance(n, (Conv, Linear)):
-        return KIND_SYNAPTIC if reads_spikes(g, n) else KIND_ENCODER
-    if isinstance(n, And):
-        return KIND_AND
-    if isinstance(n, TokenSum):
-        return KIND_TOKEN_SUM if reads_spikes(g, n) else KIND_HEAD_SUM
-    if isinstance(n, SpatialMean):
-        return KIND_HEAD_SUM
-    if isinstance(n, OrPool):
-        return KIND_OR_POOL
-    if isinstance(n, MaxPool):
-        return KIND_MAX_POOL
-    if isinstance(n, Add):
-        return KIND_RESIDUAL
-    if isinstance(n, LIF):
-        return KIND_NEURON
-    raise DeployError(f"report: no accounting rule for {n.name} ({n.op})")
-
-
 def numel(shape) -> int:
     return int(np.prod(shape, dtype=np.int64)) if len(shape) else 1
 
 
-# ---- dense FLOPs (the ANN's count, the paper's FL) ----
+def _conv_flops(g: Graph, n: Conv) -> int:
+    c_out, c_in_group, kh, kw = n.weight_shape
+    h_out, w_out = n.shape[1:]
+    return int(kh * kw * h_out * w_out * c_in_group * c_out)
 
-def dense_flops(g: Graph, n: Node) -> int:
-    """Multiply-accumulates of one dense pass, one sample: `k_h k_w h_out w_out (c_in/groups) c_out` for
-    a conv (padding taps included, as the paper's FL_Conv), `i o` for a linear; 0 for anything else."""
-    if isinstance(n, Conv):
-        c_out, c_in_group, kh, kw = n.weight_shape
-        h_out, w_out = n.shape[1:]
-        return int(kh * kw * h_out * w_out * c_in_group * c_out)
-    if isinstance(n, Linear):
-        o, i = n.weight_shape
-        return int(i * o)
-    return 0
+
+def _linear_flops(g: Graph, n: Linear) -> int:
+    o, i = n.weight_shape
+    return int(i * o)
 
 
 # ---- event fan-out of a convolution ----
@@ -184,55 +174,7 @@ def firing_rates(g: Graph, tally: SpikeTally) -> dict:
     return {k: v / float(tally.samples * numel(g[k].shape)) for k, v in tally.nnz.items()}
 
 
-def mean_rates(g: Graph, tally: SpikeTally) -> dict:
-    """{spike node: rate averaged over steps and samples} (all steps have the same denominator)."""
-    return {k: float(v.mean()) for k, v in firing_rates(g, tally).items()}
-
-
 # ---- measured operations ----
-
-def measured_ops_from_tally(g: Graph, tally: SpikeTally) -> dict:
-    """{layer: {op: count}} over all samples and steps, by the engine's counting rules, from the spikes.
-
-    This is the report's own count; `operation_report` requires it to equal the engine's counters."""
-    steps = tally.time_steps * tally.samples
-    ops = {}
-    for n in g.nodes:
-        kind = layer_kind(g, n)
-        if kind is None:
-            continue
-        src = g[n.inputs[0]]
-        if isinstance(n, Conv):
-            c_out = n.weight_shape[0]
-            if kind == KIND_SYNAPTIC:
-                o = {"ac": int(tally.fanout_events[n.name].sum()) * (c_out // n.groups)}
-            else:
-                valid = int(conv_fanout_map(g, n).sum())            # (output, tap) pairs on real pixels
-                o = {"mac": valid * n.weight_shape[1] * c_out * steps}
-            o["bias_add"] = steps * numel(n.shape) if _has_bias(n) else 0
-        elif isinstance(n, Linear):
-            o = {"ac": int(tally.nnz[src.name].sum()) * n.weight_shape[0],
-                 "bias_add": steps * numel(n.shape) if _has_bias(n) else 0}
-        elif isinstance(n, LIF):
-            o = {"neuron_update": steps * numel(n.shape)}
-        elif isinstance(n, And):
-            o = {"and": steps * numel(n.shape)}
-        elif isinstance(n, OrPool):
-            o = {"or": int(tally.nnz[src.name].sum())}
-        elif isinstance(n, MaxPool):
-            o = {"compare": steps * numel(n.shape) * (n.kernel * n.kernel - 1)}
-        elif isinstance(n, TokenSum):
-            o = ({"count": int(tally.nnz[src.name].sum())} if kind == KIND_TOKEN_SUM
-                 else {"add": steps * numel(src.shape)})
-        elif isinstance(n, SpatialMean):
-            o = {"add": steps * numel(src.shape)}
-        elif isinstance(n, Add):
-            o = {"add": steps * numel(n.shape) * (len(n.inputs) - 1)}
-        else:  # pragma: no cover - layer_kind has already refused it
-            raise DeployError(f"report: no accounting rule for {n.name}")
-        ops[n.name] = o
-    return ops
-
 
 def _has_bias(n: Node) -> bool:
     return getattr(n, "b_int", None) is not None or getattr(n, "bias", None) is not None
@@ -253,10 +195,10 @@ def ops_from_engine(g: Graph, engine_ops: Mapping[str, Mapping[str, int]]) -> di
             if key == "spikes":
                 continue
             if key == "adds":
-                o["count" if isinstance(n, TokenSum) and reads_spikes(g, n) else "add"] = int(value)
+                o["count" if layer_kind(g, n) == KIND_TOKEN_SUM else "add"] = int(value)
             else:
                 o[ENGINE_KEYS.get(key, key)] = int(value)
-        if isinstance(n, (Conv, Linear)):   # the engine always writes both; keep only what happened
+        if isinstance(n, SYNAPTIC):   # the engine always writes both; keep only what happened
             o = {k: v for k, v in o.items() if v or k == ("ac" if reads_spikes(g, n) else "mac")}
         out[name] = o
     return out
@@ -291,7 +233,7 @@ def paper_layer(g: Graph, n: Node, rates: Mapping[str, float], time_steps: int,
     (E_MAC x FL_conv^1: the image is the same at every step, so its convolution is computed once),
     `FLOPs * T` for event frames (a new frame each step); every other conv/linear
     `rate(input spikes) * T * FLOPs` SOPs (ACs); None for everything else."""
-    if not isinstance(n, (Conv, Linear)):
+    if not isinstance(n, SYNAPTIC):
         return None
     flops = dense_flops(g, n)
     if not reads_spikes(g, n):
@@ -340,23 +282,125 @@ def is_sdsa_core(n: Node) -> bool:
     return isinstance(n, (And, OrPool, TokenSum, Broadcast)) or n.name.endswith(".talking_heads_lif")
 
 
+
+
+# ---- each op's accounting: its kind, its measured operations, its ANN twin ----
+
+def _steps(t: SpikeTally) -> int:
+    return t.time_steps * t.samples
+
+
+def _bias_adds(n: Node, t: SpikeTally) -> int:
+    return _steps(t) * numel(n.shape) if _has_bias(n) else 0
+
+
+def _conv_measured(g: Graph, n: Conv, t: SpikeTally) -> dict:
+    """Synaptic: one addition per (input event, tap reaching a real output) per output channel of its
+    group; encoder: every valid (non-padding) tap x c_in x c_out at every step."""
+    c_out = n.weight_shape[0]
+    if reads_spikes(g, n):
+        ops = {"ac": int(t.fanout_events[n.name].sum()) * (c_out // n.groups)}
+    else:
+        ops = {"mac": int(conv_fanout_map(g, n).sum()) * n.weight_shape[1] * c_out * _steps(t)}
+    return {**ops, "bias_add": _bias_adds(n, t)}
+
+
+def _linear_measured(g: Graph, n: Linear, t: SpikeTally) -> dict:
+    return {"ac": int(t.nnz[n.inputs[0]].sum()) * n.weight_shape[0], "bias_add": _bias_adds(n, t)}
+
+
+def _synaptic_ann(g: Graph, n: Node) -> dict:
+    return {"mac": dense_flops(g, n), "add": numel(n.shape) if _has_bias(n) else 0}
+
+
+def _lif_ann(g: Graph, n: LIF) -> dict:
+    """A ReLU in place of each activation LIF; the SDSA's q/k/v/talking-heads LIFs have no ANN twin."""
+    in_attn = _attn_scope(n.name) is not None and n.name.rsplit(".", 1)[1] in SDSA_ONLY_LIFS
+    return {} if in_attn else {"compare": numel(n.shape)}
+
+
+def _pool_ann(g: Graph, n: Node) -> dict:
+    return {} if is_sdsa_core(n) else {"compare": numel(n.shape) * (n.kernel * n.kernel - 1)}
+
+
+def _token_sum_ann(g: Graph, n: Node) -> dict:
+    return {} if is_sdsa_core(n) else {"add": numel(g[n.inputs[0]].shape)}
+
+
+def _nothing(*args) -> dict:
+    return {}
+
+
+@dataclass(frozen=True)
+class Accounting:
+    """How the report counts one op type: its kind (a row's label; None: no arithmetic, no row), what the
+    engine performs for it over the tallied run, and what the ANN of the same architecture performs in
+    its place (per sample). The SDSA core ops have no ANN twin: vanilla attention replaces them as a
+    whole (`vanilla_attention_ops`)."""
+
+    kind: Callable[[Graph, Node], Optional[str]]
+    measured: Callable[[Graph, Node, SpikeTally], dict] = _nothing
+    ann: Callable[[Graph, Node], dict] = _nothing
+    flops: Callable[[Graph, Node], int] = lambda g, n: 0
+
+
+def _kind(label: str) -> Callable:
+    return lambda g, n: label
+
+
+ACCOUNTING: dict[type, Accounting] = {
+    Input: Accounting(_kind(None)),
+    Broadcast: Accounting(_kind(None)),            # wiring
+    Readout: Accounting(_kind(None)),              # the host's mean over T
+    BatchNorm: Accounting(_kind(None)),            # folded into the convolutions
+    Conv: Accounting(lambda g, n: KIND_SYNAPTIC if reads_spikes(g, n) else KIND_ENCODER, _conv_measured,
+                     _synaptic_ann, _conv_flops),
+    Linear: Accounting(lambda g, n: KIND_SYNAPTIC if reads_spikes(g, n) else KIND_ENCODER, _linear_measured,
+                       _synaptic_ann, _linear_flops),
+    LIF: Accounting(_kind(KIND_NEURON), lambda g, n, t: {"neuron_update": _steps(t) * numel(n.shape)}, _lif_ann),
+    And: Accounting(_kind(KIND_AND), lambda g, n, t: {"and": _steps(t) * numel(n.shape)}),
+    OrPool: Accounting(_kind(KIND_OR_POOL), lambda g, n, t: {"or": int(t.nnz[n.inputs[0]].sum())}, _pool_ann),
+    MaxPool: Accounting(_kind(KIND_MAX_POOL),
+                        lambda g, n, t: {"compare": _steps(t) * numel(n.shape) * (n.kernel * n.kernel - 1)},
+                        _pool_ann),
+    TokenSum: Accounting(lambda g, n: KIND_TOKEN_SUM if reads_spikes(g, n) else KIND_HEAD_SUM,
+                         lambda g, n, t: ({"count": int(t.nnz[n.inputs[0]].sum())} if reads_spikes(g, n)
+                                          else {"add": _steps(t) * numel(g[n.inputs[0]].shape)}),
+                         _token_sum_ann),
+    SpatialMean: Accounting(_kind(KIND_HEAD_SUM), lambda g, n, t: {"add": _steps(t) * numel(g[n.inputs[0]].shape)},
+                            _token_sum_ann),
+    Add: Accounting(_kind(KIND_RESIDUAL), lambda g, n, t: {"add": _steps(t) * numel(n.shape) * (len(n.inputs) - 1)},
+                    lambda g, n: {"add": numel(n.shape) * (len(n.inputs) - 1)}),
+}
+
+
+def accounting(n: Node) -> Accounting:
+    rule = ACCOUNTING.get(type(n))
+    if rule is None:
+        raise DeployError(f"report: no accounting rule for {n.name} ({n.op})")
+    return rule
+
+
+def layer_kind(g: Graph, n: Node) -> Optional[str]:
+    """The report's kind of a node, None for nodes without arithmetic."""
+    return accounting(n).kind(g, n)
+
+
+def measured_ops_from_tally(g: Graph, tally: SpikeTally) -> dict:
+    """{layer: {op: count}} over all samples and steps, by the engine's counting rules, from the spikes
+    alone (the graph and the tallied spikes): the count that the engine's own counters must equal."""
+    return {n.name: accounting(n).measured(g, n, tally) for n in g.nodes if layer_kind(g, n) is not None}
+
+
 def ann_layer_ops(g: Graph, n: Node) -> dict:
     """Per-sample ops of this layer in the ANN of the same architecture (one dense pass)."""
-    if isinstance(n, (Conv, Linear)):
-        return {"mac": dense_flops(g, n), "add": numel(n.shape) if _has_bias(n) else 0}
-    if isinstance(n, LIF):
-        # a ReLU in place of each activation LIF; the SDSA's q/k/v/talking-heads LIFs have no ANN twin
-        in_attn = _attn_scope(n.name) is not None and n.name.rsplit(".", 1)[1] in SDSA_ONLY_LIFS
-        return {} if in_attn else {"compare": numel(n.shape)}
-    if is_sdsa_core(n):
-        return {}   # replaced by vanilla attention (see vanilla_attention_ops)
-    if isinstance(n, (OrPool, MaxPool)):
-        return {"compare": numel(n.shape) * (n.kernel * n.kernel - 1)}
-    if isinstance(n, (TokenSum, SpatialMean)):
-        return {"add": numel(g[n.inputs[0]].shape)}
-    if isinstance(n, Add):
-        return {"add": numel(n.shape) * (len(n.inputs) - 1)}
-    return {}
+    return accounting(n).ann(g, n)
+
+
+def dense_flops(g: Graph, n: Node) -> int:
+    """Multiply-accumulates of one dense pass, one sample: `k_h k_w h_out w_out (c_in/groups) c_out` for
+    a conv (padding taps included, as the paper's FL_Conv), `i o` for a linear; 0 for anything else."""
+    return accounting(n).flops(g, n)
 
 
 def vanilla_attention_ops(tokens: int, dim: int, heads: int) -> dict:
@@ -394,13 +438,13 @@ def attention_blocks(g: Graph) -> list[str]:
     return scopes
 
 
-def build_report(g: Graph, tally: SpikeTally, table: EnergyTable, measured: Optional[Mapping] = None,
-                 engine_totals: Optional[Mapping[str, int]] = None, source: Optional[Mapping] = None) -> dict:
+def build_report(g: Graph, tally: SpikeTally, table: EnergyTable, engine_totals: Optional[Mapping[str, int]] = None,
+                 source: Optional[Mapping] = None) -> dict:
     """The report as plain data (see `convention_notes` for what every number means).
 
-    `measured`: {layer: {op: count}} over the run; by default computed from the tally."""
-    if measured is None:
-        measured = measured_ops_from_tally(g, tally)
+    The measured column is counted from the spikes (`measured_ops_from_tally`); `engine_totals` ({"acs",
+    "macs"}: the integer engine's own counters over the same run) are compared with that count."""
+    measured = measured_ops_from_tally(g, tally)
     S, T = tally.samples, tally.time_steps
     per_step = firing_rates(g, tally)
     rates = {k: float(v.mean()) for k, v in per_step.items()}
@@ -488,7 +532,9 @@ def build_report(g: Graph, tally: SpikeTally, table: EnergyTable, measured: Opti
         "ann_over_paper": ann_e / paper_e if paper_e else None,
     }
     if engine_totals is not None:
+        # the engine's own counters against the count from the spikes: two independent counts
         totals["engine"] = {"total_acs": int(engine_totals["acs"]), "total_macs": int(engine_totals["macs"]),
+                            "recount_acs": totals["measured"]["acs"], "recount_macs": totals["measured"]["macs"],
                             "matches": (int(engine_totals["acs"]) == totals["measured"]["acs"]
                                         and int(engine_totals["macs"]) == totals["measured"]["macs"])}
     convention = convention_notes(table, engine_checked=engine_totals is not None, graph=g)
@@ -516,7 +562,7 @@ def _block_comparison(g: Graph, scope: str, layers: list, heads: int, table: Ene
     """SDSA (measured, per sample, all T steps) against vanilla self-attention (one dense pass)."""
     rows = [r for r in layers if _attn_scope(r["name"]) == scope]
     core = [r for r in rows if is_sdsa_core(g[r["name"]])]
-    projections = [r for r in rows if isinstance(g[r["name"]], (Conv, Linear))]
+    projections = [r for r in rows if isinstance(g[r["name"]], SYNAPTIC)]
     dim, h, w = g[f"{scope}.kv_and"].shape if f"{scope}.kv_and" in g else g[projections[0]["name"]].shape
     tokens = int(h * w)
     vanilla = vanilla_attention_ops(tokens, int(dim), heads)
@@ -621,43 +667,3 @@ def convention_notes(table: EnergyTable, engine_checked: bool = True, graph: Opt
             "dominate)",
         ],
     }
-
-
-# ---- the driver ----
-
-def operation_report(qg: Graph, batches: Iterable[np.ndarray], table: EnergyTable,
-                     progress: Optional[Callable[[int], None]] = None, source: Optional[Mapping] = None) -> dict:
-    """Run the integer engine over `batches` ([B,C,H,W] images or [B,T,C,H,W] event frames), tally the
-    spikes, count every layer's operations, check them against the engine's counters, and build the
-    report. `progress(n)` is called with each batch's size."""
-    from sdt_deploy.run.integer_engine import run_engine
-
-    if not qg.meta.get("quantized"):
-        raise DeployError("the report counts what the integer engine performs: it needs a quantized graph")
-    tally: Optional[SpikeTally] = None
-    engine_ops: dict = {}
-    engine_totals = {"acs": 0, "macs": 0}
-    static_input = True
-    for xb in batches:
-        static_input = xb.ndim == 4
-        result = run_engine(qg, xb, record=True)
-        t = tally_spikes(qg, result.spikes)
-        tally = t if tally is None else tally + t
-        engine_ops = add_ops(engine_ops, ops_from_engine(qg, result.ops))
-        engine_totals["acs"] += result.total_acs
-        engine_totals["macs"] += result.total_macs
-        del result
-        if progress is not None:
-            progress(int(xb.shape[0]))
-    if tally is None:
-        raise DeployError("report: no input samples")
-    recount = measured_ops_from_tally(qg, tally)
-    problems = ops_mismatches(recount, engine_ops)
-    if problems:
-        raise DeployError("report: the count from the spikes disagrees with the engine's counters: "
-                          + "; ".join(problems[:4]) + (" ..." if len(problems) > 4 else ""))
-    source = {**(source or {}), "static_input": static_input}
-    report = build_report(qg, tally, table, measured=engine_ops, engine_totals=engine_totals, source=source)
-    if not report["totals"]["engine"]["matches"]:   # pragma: no cover - implied by the per-layer check
-        raise DeployError("report: total ACs/MACs differ from the engine's counters")
-    return report

@@ -14,25 +14,35 @@ import torch
 import torch.nn.functional as F
 
 from models.sdt import InputQuantizer, heads_or_pool
-
-from sdt_deploy.ir.graph import (Add, And, BatchNorm, Broadcast, Conv, Graph, Input, LIF, Linear, MaxPool, OrPool,
-                    Readout, SpatialMean, TokenSum)
+from sdt_deploy.errors import DeployError
 from sdt_deploy.files.arrays import time_major
+from sdt_deploy.ir.graph import (
+    LIF,
+    Add,
+    And,
+    BatchNorm,
+    Broadcast,
+    Conv,
+    Graph,
+    Input,
+    Linear,
+    MaxPool,
+    OrPool,
+    Readout,
+    SpatialMean,
+    TokenSum,
+)
+from sdt_deploy.run.lif import FloatLIFParameters, float_lif_step
 
 
 def lif_run(node: LIF, x: torch.Tensor, states: Optional[dict] = None) -> torch.Tensor:
-    """spikingjelly's multi-step LIF on [T, ...], float arithmetic exactly as its torch backend does it."""
+    """spikingjelly's multi-step LIF on [T, ...] (`run.lif.float_lif_step` at every step, from rest)."""
+    decay = torch.sigmoid(torch.tensor(node.plif_w, dtype=x.dtype)) if node.plif_w is not None else None
+    p = FloatLIFParameters(float(node.v_threshold), node.tau, decay, node.v_reset)
     v = torch.zeros_like(x[0])
-    th = float(node.v_threshold)
-    sig = torch.sigmoid(torch.tensor(node.plif_w, dtype=x.dtype)) if node.plif_w is not None else None
     out = []
     for t in range(x.shape[0]):
-        if sig is None:
-            h = v + (x[t] - (v - node.v_reset)) / node.tau
-        else:
-            h = v + (x[t] - (v - node.v_reset)) * sig
-        s = (h - th >= 0).to(x.dtype)
-        v = (1.0 - s) * h + s * node.v_reset
+        s, v, h = float_lif_step(x[t], v, p)
         out.append(s)
         if states is not None:
             states.setdefault(node.name, []).append(h)
@@ -70,45 +80,68 @@ def execute(g: Graph, x: np.ndarray, dtype: torch.dtype = torch.float32, record:
     return values[g.output.name].numpy(), spikes, mem
 
 
+def _input(n: Input, ins, x, T, dtype, states):
+    v = torch.from_numpy(np.array(time_major(x, T), dtype=np.float32)).to(dtype)
+    if n.grid is not None and n.bits is not None:   # bits None: already on its grid (a cut's input)
+        v = InputQuantizer(int(np.asarray(n.grid).flat[0]), int(n.bits))(v)
+    return v
+
+
+def _conv(n: Conv, ins, x, T, dtype, states):
+    w = torch.from_numpy(n.float_weight()).to(dtype)
+    b = None if n.bias is None else torch.from_numpy(n.bias).to(dtype)
+    return _tb(lambda t: F.conv2d(t, w, b, n.stride, n.padding, 1, n.groups), ins[0])
+
+
+def _batchnorm(n: BatchNorm, ins, x, T, dtype, states):
+    p = {k: torch.from_numpy(getattr(n, k)).to(dtype) for k in ("weight", "bias", "mean", "var")}
+    return _tb(lambda t: F.batch_norm(t, p["mean"], p["var"], p["weight"], p["bias"], False, 0.0, n.eps), ins[0])
+
+
+def _orpool(n: OrPool, ins, x, T, dtype, states):
+    if n.layout == "heads":
+        return heads_or_pool(ins[0], n.heads)
+    return _tb(lambda t: F.max_pool2d(t, n.kernel, n.stride, n.padding), ins[0])
+
+
+def _maxpool(n: MaxPool, ins, x, T, dtype, states):
+    return _tb(lambda t: F.max_pool2d(t, n.kernel, n.stride, n.padding), ins[0])
+
+
+def _add(n: Add, ins, x, T, dtype, states):
+    y = ins[0]
+    for other in ins[1:]:
+        y = y + other
+    return y
+
+
+def _linear(n: Linear, ins, x, T, dtype, states):
+    w = torch.from_numpy(n.float_weight()).to(dtype)
+    b = None if n.bias is None else torch.from_numpy(n.bias).to(dtype)
+    return F.linear(ins[0], w, b)
+
+
+# each node type's float meaning: fn(node, inputs, model input, T, dtype, membrane record) -> [T, B, ...]
+FLOAT_EVAL = {
+    Input: _input,
+    Conv: _conv,
+    BatchNorm: _batchnorm,
+    LIF: lambda n, ins, x, T, dtype, states: lif_run(n, ins[0], states),
+    And: lambda n, ins, x, T, dtype, states: ins[0] * ins[1],
+    OrPool: _orpool,
+    MaxPool: _maxpool,
+    TokenSum: lambda n, ins, x, T, dtype, states: ins[0].flatten(3).sum(3),
+    SpatialMean: lambda n, ins, x, T, dtype, states: ins[0].flatten(3).mean(3),
+    Broadcast: lambda n, ins, x, T, dtype, states: ins[0][..., None, None].expand(
+        ins[0].shape + tuple(n.shape[1:])).contiguous(),
+    Add: _add,
+    Linear: _linear,
+    Readout: lambda n, ins, x, T, dtype, states: ins[0] if n.mode == "per_step" else ins[0].mean(0),
+}
+
+
 def _eval(n, ins, x, T, dtype, states):
-    if isinstance(n, Input):
-        v = torch.from_numpy(np.array(time_major(x, T), dtype=np.float32)).to(dtype)
-        if n.grid is not None and n.bits is not None:   # bits None: already on its grid (a cut's input)
-            v = InputQuantizer(int(np.asarray(n.grid).flat[0]), int(n.bits))(v)
-        return v
-    (a,) = ins[:1]
-    if isinstance(n, Conv):
-        w = torch.from_numpy(n.float_weight()).to(dtype)
-        b = None if n.bias is None else torch.from_numpy(n.bias).to(dtype)
-        return _tb(lambda t: F.conv2d(t, w, b, n.stride, n.padding, 1, n.groups), a)
-    if isinstance(n, BatchNorm):
-        p = {k: torch.from_numpy(getattr(n, k)).to(dtype) for k in ("weight", "bias", "mean", "var")}
-        return _tb(lambda t: F.batch_norm(t, p["mean"], p["var"], p["weight"], p["bias"], False, 0.0, n.eps), a)
-    if isinstance(n, LIF):
-        return lif_run(n, a, states)
-    if isinstance(n, And):
-        return ins[0] * ins[1]
-    if isinstance(n, OrPool):
-        if n.layout == "heads":
-            return heads_or_pool(a, n.heads)
-        return _tb(lambda t: F.max_pool2d(t, n.kernel, n.stride, n.padding), a)
-    if isinstance(n, MaxPool):
-        return _tb(lambda t: F.max_pool2d(t, n.kernel, n.stride, n.padding), a)
-    if isinstance(n, TokenSum):
-        return a.flatten(3).sum(3)
-    if isinstance(n, SpatialMean):
-        return a.flatten(3).mean(3)
-    if isinstance(n, Broadcast):
-        return a[..., None, None].expand(a.shape + tuple(n.shape[1:])).contiguous()
-    if isinstance(n, Add):
-        y = ins[0]
-        for other in ins[1:]:
-            y = y + other
-        return y
-    if isinstance(n, Linear):
-        w = torch.from_numpy(n.float_weight()).to(dtype)
-        b = None if n.bias is None else torch.from_numpy(n.bias).to(dtype)
-        return F.linear(a, w, b)
-    if isinstance(n, Readout):
-        return a if n.mode == "per_step" else a.mean(0)
-    raise TypeError(f"no float semantics for node {n.name} ({n.op})")
+    rule = FLOAT_EVAL.get(type(n))
+    if rule is None:
+        raise DeployError(f"no float semantics for node {n.name} ({n.op})")
+    return rule(n, ins, x, T, dtype, states)

@@ -30,10 +30,26 @@ from typing import Optional
 import numpy as np
 import scipy.sparse as sp
 
-from sdt_deploy.quant.bits import check_engine_bounds
 from sdt_deploy.errors import DeployError
-from sdt_deploy.ir.graph import (Add, And, Broadcast, Conv, Graph, Input, LIF, Linear, MaxPool, OrPool, Readout, TokenSum)
 from sdt_deploy.files.arrays import time_major
+from sdt_deploy.ir.graph import (
+    CURRENT,
+    LIF,
+    SPIKE,
+    Add,
+    And,
+    Broadcast,
+    Conv,
+    Graph,
+    Input,
+    Linear,
+    MaxPool,
+    OrPool,
+    Readout,
+    TokenSum,
+)
+from sdt_deploy.quant.bits import check_engine_bounds
+from sdt_deploy.run.lif import abs_max, integer_lif
 
 INT = np.int64
 
@@ -335,47 +351,129 @@ def _pool_max(a: np.ndarray, k: int, stride: int, pad: int, fill) -> np.ndarray:
 def heads_or_pool_np(a: np.ndarray, heads: int) -> np.ndarray:
     """numpy twin of models.sdt.heads_or_pool on [T, B, C, H, W] spikes."""
     T, B, C, H, W = a.shape
-    xh = a.reshape(T, B, C, H * W).transpose(0, 1, 3, 2).reshape(T, B, H * W, heads, C // heads).transpose(0, 1, 3, 2, 4)
+    xh = a.reshape(T, B, C, H * W).transpose(0, 1, 3, 2).reshape(T, B, H * W, heads, C // heads)
+    xh = xh.transpose(0, 1, 3, 2, 4)
     pooled = _pool_max(xh, 3, 1, 1, 0)
     return pooled.transpose(0, 1, 2, 4, 3).reshape(T, B, C, H, W)
 
 
-def lif_int(X: np.ndarray, theta: np.ndarray, channel_axis: int = 2, membranes: Optional[list] = None,
-            out: Optional[np.ndarray] = None):
-    """Integer LIF over T: H = (V + X) >> 1, S = H >= theta, V = H * (1 - S). Returns (spikes uint8, the
-    largest |H|); the spikes go into `out` where given."""
-    shape = [1] * (X.ndim - 1)
-    shape[channel_axis - 1] = -1
-    th = theta.astype(X.dtype).reshape(shape)
-    V = np.zeros_like(X[0])                     # X's dtype and memory layout (see synaptic_conv)
-    out = np.empty_like(X, dtype=np.uint8) if out is None else out
-    peak = 0
-    for t in range(X.shape[0]):
-        H = V + X[t]
-        H >>= 1
-        S = H >= th
-        out[t] = S
-        peak = max(peak, abs_max(H))
-        if membranes is not None:
-            membranes.append(H.astype(INT))
-        np.copyto(H, 0, where=S)   # V = H * (1 - S), in place
-        V = H
-    return out, peak
-
-
 def lif_int_parallel(X: np.ndarray, theta: np.ndarray, threads: int):
-    """`lif_int` of [T, B, ...] with the samples (axis 1) split over threads where the layer is large
+    """`integer_lif` of [T, B, ...] with the samples (axis 1) split over threads where the layer is large
     enough: every neuron's state is its own, so the spikes are the same; the peak is the parts' largest."""
     B = X.shape[1]
     parts = min(threads, B) if X.size >= PARALLEL_MIN_NEURONS else 1
-    out = np.empty_like(X, dtype=np.uint8)     # X's memory layout, as `lif_int` keeps it
-    peaks = _over_samples(lambda a, b: lif_int(X[:, a:b], theta, out=out[:, a:b])[1], B, parts)
+    out = np.empty_like(X, dtype=np.uint8)     # X's memory layout, as `integer_lif` keeps it
+    peaks = _over_samples(lambda a, b: integer_lif(X[:, a:b], theta, out=out[:, a:b])[1], B, parts)
     return out, max(peaks)
 
 
-def abs_max(a: np.ndarray) -> int:
-    """max |a| as a Python int (no temporary array; exact at the int64 minimum too)."""
-    return max(int(a.max()), -int(a.min())) if a.size else 0
+@dataclass
+class _Run:
+    """One engine run: the step and batch sizes, the node bounds, threads, and what it records."""
+
+    T: int
+    B: int
+    bounds: dict
+    threads: int
+    membranes: bool
+    ops: dict = field(default_factory=dict)
+    observed: dict = field(default_factory=dict)
+    traces: dict = field(default_factory=dict)
+
+    def width(self, name: str, factor: int = 1):
+        """int32 where the node's worst case (times factor) stays below 2**31, else int64."""
+        return np.int32 if self.bounds.get(name, np.inf) * factor < 2 ** 31 else INT
+
+
+def _input(n: Input, ins, grids, x, r: _Run):
+    return input_integers(n, time_major(x, r.T))
+
+
+def _conv(n: Conv, ins, grids, x, r: _Run):
+    a = ins[0]
+    flat = a.reshape((r.T * r.B,) + a.shape[2:])
+    if grids[0] is None:
+        if n.stride != 1 or n.groups != 1:
+            raise DeployError(f"{n.name}: only stride-1, ungrouped synaptic convolutions are supported")
+        out, adds = synaptic_conv(flat, n.w_int, n.padding, r.threads, out_dtype=r.width(n.name))
+        r.ops[n.name] = {"acs": adds, "macs": 0}
+    else:
+        out, macs = dense_conv(flat, n.w_int, n.stride, n.padding)
+        r.ops[n.name] = {"acs": 0, "macs": macs}
+    out += n.b_int.astype(out.dtype)[None, :, None, None]
+    r.ops[n.name]["bias_adds"] = int(out.size)
+    return out.reshape((r.T, r.B) + out.shape[1:])
+
+
+def _linear(n: Linear, ins, grids, x, r: _Run):
+    if grids[0] is not None:
+        raise DeployError(f"{n.name}: a linear layer reading a current is not supported")
+    out, adds = synaptic_linear(ins[0].reshape(r.T * r.B, -1), n.w_int, r.threads)
+    out += n.b_int.astype(INT)[None, :]
+    r.ops[n.name] = {"acs": adds, "macs": 0, "bias_adds": int(out.size)}
+    return out.reshape(r.T, r.B, -1)
+
+
+def _lif(n: LIF, ins, grids, x, r: _Run):
+    if n.tau != 2.0 or n.plif_w not in (None, 0.0):
+        raise DeployError(f"{n.name}: the integer LIF needs decay 1/2 (tau = 2); got tau = {n.tau}")
+    src_grid = grids[0] if grids[0] is not None else np.zeros(n.shape[0], dtype=INT)
+    X = _shift_left(np.asarray(ins[0], dtype=r.width(n.name, 2)), n.grid - src_grid)
+    if r.membranes:
+        trace: list = []
+        y, peak = integer_lif(X, n.theta_int, membranes=trace)
+        r.traces[n.name] = np.stack(trace)
+    else:
+        y, peak = lif_int_parallel(X, n.theta_int, r.threads)
+    r.observed[n.name] = max(peak, abs_max(X))
+    r.ops[n.name] = {"neuron_updates": int(X.size), "spikes": int(y.sum(dtype=INT))}
+    return y
+
+
+def _and(n: And, ins, grids, x, r: _Run):
+    y = ins[0] & ins[1]
+    r.ops[n.name] = {"and": int(y.size)}
+    return y
+
+
+def _orpool(n: OrPool, ins, grids, x, r: _Run):
+    a = ins[0]
+    y = heads_or_pool_np(a, n.heads) if n.layout == "heads" else _pool_max(a, n.kernel, n.stride, n.padding, 0)
+    r.ops[n.name] = {"or_inputs": int(a.sum(dtype=INT))}
+    return y
+
+
+def _maxpool(n: MaxPool, ins, grids, x, r: _Run):
+    y = _pool_max(ins[0], n.kernel, n.stride, n.padding, np.iinfo(ins[0].dtype).min)
+    r.ops[n.name] = {"comparisons": int(y.size) * (n.kernel * n.kernel - 1)}
+    return y
+
+
+def _tokensum(n: TokenSum, ins, grids, x, r: _Run):
+    a = ins[0]
+    r.ops[n.name] = {"adds": int(np.count_nonzero(a)) if grids[0] is None else int(a.size)}
+    return a.reshape(a.shape[:3] + (-1,)).sum(axis=-1, dtype=INT)
+
+
+def _broadcast(n: Broadcast, ins, grids, x, r: _Run):
+    return np.broadcast_to(ins[0][..., None, None], ins[0].shape + tuple(n.shape[1:]))
+
+
+def _add(n: Add, ins, grids, x, r: _Run):
+    y = None
+    for a, g in zip(ins, grids):
+        term = _shift_left(np.asarray(a, dtype=r.width(n.name)), n.grid - g)
+        y = term if y is None else y + term
+    r.ops[n.name] = {"adds": int(y.size) * (len(ins) - 1)}
+    return y
+
+
+# each node type's integer meaning: fn(node, inputs, their grids, model input, run) -> [T, B, ...] integers
+INTEGER_EVAL = {
+    Input: _input, Conv: _conv, Linear: _linear, LIF: _lif, And: _and, OrPool: _orpool, MaxPool: _maxpool,
+    TokenSum: _tokensum, Broadcast: _broadcast, Add: _add,
+    Readout: lambda n, ins, grids, x, r: ins[0],
+}
 
 
 def run_engine(qg: Graph, x: np.ndarray, record: bool = True, membranes: bool = False,
@@ -385,92 +483,22 @@ def run_engine(qg: Graph, x: np.ndarray, record: bool = True, membranes: bool = 
     threads = default_threads() if threads is None else max(1, int(threads))
     if not qg.meta.get("quantized"):
         raise DeployError("the integer engine runs quantized graphs only")
-    bounds = check_engine_bounds(qg)
-
-    def width(name: str, factor: int = 1):
-        """int32 where the node's worst case (times factor) stays below 2**31, else int64."""
-        return np.int32 if bounds.get(name, np.inf) * factor < 2 ** 31 else INT
-
     T = x.shape[1] if x.ndim == 5 else int(qg.meta["time_steps"])
-    B = x.shape[0]
+    r = _Run(T, x.shape[0], check_engine_bounds(qg), threads, membranes)
     vals: dict[str, np.ndarray] = {}
     grids: dict[str, Optional[np.ndarray]] = {}
-    spikes, ops, observed, mems = {}, {}, {}, {}
+    spikes = {}
     remaining = {n.name: sum(n.name in m.inputs for m in qg.nodes) for n in qg.nodes}
     for n in qg.nodes:
-        ins = [vals[i] for i in n.inputs]
-        in_grids = [grids[i] for i in n.inputs]
-        if isinstance(n, Input):
-            y = input_integers(n, time_major(x, T))
-        elif isinstance(n, Conv):
-            a = ins[0]
-            flat = a.reshape((T * B,) + a.shape[2:])
-            if in_grids[0] is None:
-                if n.stride != 1 or n.groups != 1:
-                    raise DeployError(f"{n.name}: only stride-1, ungrouped synaptic convolutions are supported")
-                out, adds = synaptic_conv(flat, n.w_int, n.padding, threads, out_dtype=width(n.name))
-                ops[n.name] = {"acs": adds, "macs": 0}
-            else:
-                out, macs = dense_conv(flat, n.w_int, n.stride, n.padding)
-                ops[n.name] = {"acs": 0, "macs": macs}
-            out += n.b_int.astype(out.dtype)[None, :, None, None]
-            ops[n.name]["bias_adds"] = int(out.size)
-            y = out.reshape((T, B) + out.shape[1:])
-        elif isinstance(n, Linear):
-            a = ins[0]
-            if in_grids[0] is not None:
-                raise DeployError(f"{n.name}: a linear layer reading a current is not supported")
-            out, adds = synaptic_linear(a.reshape(T * B, -1), n.w_int, threads)
-            out += n.b_int.astype(INT)[None, :]
-            ops[n.name] = {"acs": adds, "macs": 0, "bias_adds": int(out.size)}
-            y = out.reshape(T, B, -1)
-        elif isinstance(n, LIF):
-            if n.tau != 2.0 or n.plif_w not in (None, 0.0):
-                raise DeployError(f"{n.name}: the integer LIF needs decay 1/2 (tau = 2); got tau = {n.tau}")
-            src_grid = in_grids[0] if in_grids[0] is not None else np.zeros(n.shape[0], dtype=INT)
-            X = _shift_left(np.asarray(ins[0], dtype=width(n.name, 2)), n.grid - src_grid)
-            trace: Optional[list] = [] if membranes else None
-            y, peak = lif_int_parallel(X, n.theta_int, threads) if trace is None else \
-                lif_int(X, n.theta_int, membranes=trace)
-            observed[n.name] = max(peak, abs_max(X))
-            ops[n.name] = {"neuron_updates": int(X.size), "spikes": int(y.sum(dtype=INT))}
-            if membranes:
-                mems[n.name] = np.stack(trace)
-        elif isinstance(n, And):
-            y = ins[0] & ins[1]
-            ops[n.name] = {"and": int(y.size)}
-        elif isinstance(n, OrPool):
-            a = ins[0]
-            if n.layout == "heads":
-                y = heads_or_pool_np(a, n.heads)
-            else:
-                y = _pool_max(a, n.kernel, n.stride, n.padding, 0)
-            ops[n.name] = {"or_inputs": int(a.sum(dtype=INT))}
-        elif isinstance(n, MaxPool):
-            y = _pool_max(ins[0], n.kernel, n.stride, n.padding, np.iinfo(ins[0].dtype).min)
-            ops[n.name] = {"comparisons": int(y.size) * (n.kernel * n.kernel - 1)}
-        elif isinstance(n, TokenSum):
-            a = ins[0]
-            y = a.reshape(a.shape[:3] + (-1,)).sum(axis=-1, dtype=INT)
-            ops[n.name] = {"adds": int(np.count_nonzero(a)) if in_grids[0] is None else int(a.size)}
-        elif isinstance(n, Broadcast):
-            a = ins[0]
-            y = np.broadcast_to(a[..., None, None], a.shape + tuple(n.shape[1:]))
-        elif isinstance(n, Add):
-            y = None
-            for a, g in zip(ins, in_grids):
-                term = _shift_left(np.asarray(a, dtype=width(n.name)), n.grid - g)
-                y = term if y is None else y + term
-            ops[n.name] = {"adds": int(y.size) * (len(ins) - 1)}
-        elif isinstance(n, Readout):
-            y = ins[0]
-        else:
+        rule = INTEGER_EVAL.get(type(n))
+        if rule is None:
             raise DeployError(f"the integer engine has no rule for {n.name} ({n.op})")
+        y = rule(n, [vals[i] for i in n.inputs], [grids[i] for i in n.inputs], x, r)
         vals[n.name] = y
-        grids[n.name] = n.grid if n.out_kind == "current" else None
-        if n.out_kind == "current" and not isinstance(n, (Input, Readout)):
-            observed[n.name] = max(observed.get(n.name, 0), abs_max(y))
-        if record and n.out_kind == "spike":
+        grids[n.name] = n.grid if n.out_kind == CURRENT else None
+        if n.out_kind == CURRENT and not isinstance(n, (Input, Readout)):
+            r.observed[n.name] = max(r.observed.get(n.name, 0), abs_max(y))
+        if record and n.out_kind == SPIKE:
             spikes[n.name] = np.ascontiguousarray(y, dtype=np.uint8)
         for i in n.inputs:
             remaining[i] -= 1
@@ -481,4 +509,4 @@ def run_engine(qg: Graph, x: np.ndarray, record: bool = True, membranes: bool = 
     grid = np.asarray(out.grid)
     per_step = logits_int * np.exp2(-grid.astype(np.float64))
     logits = per_step if (isinstance(out, Readout) and out.mode == "per_step") else per_step.sum(0) / T
-    return EngineResult(logits.astype(np.float32), logits_int, grid, spikes, ops, observed, mems)
+    return EngineResult(logits.astype(np.float32), logits_int, grid, spikes, r.ops, r.observed, r.traces)

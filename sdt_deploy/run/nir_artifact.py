@@ -10,7 +10,7 @@ from typing import Optional
 import numpy as np
 
 from sdt_deploy.errors import DeployError
-from exporters.bundle import read_manifest
+from sdt_deploy.files.artifacts import read_manifest
 from sdt_deploy.run.nir_interpreter import load_graph, nir_input, nir_layer_spikes, run_nir
 
 
@@ -66,7 +66,3 @@ def run_artifact(art: NirArtifact, x: np.ndarray) -> tuple[dict, np.ndarray]:
     if len(outputs) != 1:
         raise DeployError(f"{art.path}: expected one NIR output, found {len(outputs)}")
     return spikes, _readout(art.graph, next(iter(outputs.values())))
-
-
-def run_nir_artifact(path: str, x: np.ndarray, _graph=None) -> tuple[dict, np.ndarray]:
-    return run_artifact(open_nir_artifact(path), x)

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from sdt_deploy.errors import DeployError
+from sdt_deploy.run.lif import NIRLIFParameters, nir_lif_step
 
 F64 = np.float64
 DEFAULT_DT = 1e-4
@@ -126,62 +127,89 @@ def _sum_pool(x: np.ndarray, kernel, stride, padding) -> np.ndarray:
 
 
 def _neuron(node, dt: float) -> Step:
-    """Forward-Euler neurons: the gain is dt/tau for the leaky ones (LIF, LI), dt for the integrators."""
+    """Forward-Euler neurons (`run.lif.nir_lif_step`): the gain is dt/tau for the leaky ones (LIF, LI), dt
+    for the integrators."""
     leaky = isinstance(node, (nir.LIF, nir.LI))
     fires = isinstance(node, (nir.LIF, nir.IF))
-    gain = (dt / _arr(node.tau)) if leaky else dt
-    r = _arr(node.r)
-    v_leak = _arr(node.v_leak) if leaky else 0.0
-    v_th = _arr(node.v_threshold) if fires else None
-    v_reset = _arr(node.v_reset) if fires else None
+    p = NIRLIFParameters(gain=(dt / _arr(node.tau)) if leaky else dt, r=_arr(node.r),
+                         v_leak=_arr(node.v_leak) if leaky else 0.0,
+                         v_threshold=_arr(node.v_threshold) if fires else None,
+                         v_reset=_arr(node.v_reset) if fires else 0.0, leaky=leaky)
 
     def fn(v, I):
-        v = np.zeros_like(I) if v is None else v
-        if leaky:
-            v = v + gain * (v_leak - v + r * I)
-        else:
-            v = v + gain * (r * I)
-        if not fires:
-            return v, v, v
-        z = v > v_th
-        return np.where(z, v_reset, v), z, v
+        out, v_next, h = nir_lif_step(I, v, p)
+        return v_next, out, h
 
     return Step(fn)
 
 
+def _stateless(f: Callable) -> Callable:
+    """A node without state from `f(node) -> (I -> out)`."""
+    def compile_(node, dt: float) -> Step:
+        g = f(node)
+        return Step(lambda s, I: (s, g(I), None))
+    return compile_
+
+
+def _threshold(node):
+    th = _arr(node.threshold)
+    return lambda I: I > th
+
+
+def _affine(node):
+    w, b = _arr(node.weight), _arr(node.bias)
+    return lambda I: I @ w.T + b
+
+
+def _linear(node):
+    w = _arr(node.weight)
+    return lambda I: I @ w.T
+
+
+def _scale(node):
+    sc = _arr(node.scale)
+    return lambda I: I * sc
+
+
+def _conv_step(node, dt: float) -> Step:
+    dims = 2 if isinstance(node, nir.Conv2d) else 1
+    w, b = torch.from_numpy(_arr(node.weight)), torch.from_numpy(_arr(node.bias))
+    return Step(lambda s, I: (s, _torch_conv(I, w, b, node.stride, node.padding, node.dilation, node.groups, dims),
+                              None))
+
+
+def _flatten(node):
+    out_shape = tuple(int(v) for v in node.output_type["output"])
+    return lambda I: I.reshape((I.shape[0],) + out_shape)
+
+
+def _avg_pool(node):
+    area = float(np.prod(_pair(node.kernel_size)))
+    return lambda I: _sum_pool(I, node.kernel_size, node.stride, node.padding) / area
+
+
+# each NIR node type's step, compiled once: fn(node, dt) -> Step
+COMPILE = {
+    nir.Input: _stateless(lambda node: lambda I: I),
+    nir.Output: _stateless(lambda node: lambda I: I),
+    nir.LIF: _neuron, nir.IF: _neuron, nir.LI: _neuron, nir.I: _neuron,
+    nir.Threshold: _stateless(_threshold),
+    nir.Affine: _stateless(_affine),
+    nir.Linear: _stateless(_linear),
+    nir.Scale: _stateless(_scale),
+    nir.Conv2d: _conv_step, nir.Conv1d: _conv_step,
+    nir.SumPool2d: _stateless(lambda node: lambda I: _sum_pool(I, node.kernel_size, node.stride, node.padding)),
+    nir.AvgPool2d: _stateless(_avg_pool),
+    nir.Flatten: _stateless(_flatten),
+}
+
+
 def compile_node(node: nir.NIRNode, dt: float) -> Step:
     """The step function of one node (its parameters converted once)."""
-    if isinstance(node, (nir.Input, nir.Output)):
-        return Step(lambda s, I: (s, I, None))
-    if isinstance(node, STATEFUL):
-        return _neuron(node, dt)
-    if isinstance(node, nir.Threshold):
-        th = _arr(node.threshold)
-        return Step(lambda s, I: (s, I > th, None))
-    if isinstance(node, nir.Affine):
-        w, b = _arr(node.weight), _arr(node.bias)
-        return Step(lambda s, I: (s, I @ w.T + b, None))
-    if isinstance(node, nir.Linear):
-        w = _arr(node.weight)
-        return Step(lambda s, I: (s, I @ w.T, None))
-    if isinstance(node, nir.Scale):
-        sc = _arr(node.scale)
-        return Step(lambda s, I: (s, I * sc, None))
-    if isinstance(node, (nir.Conv2d, nir.Conv1d)):
-        dims = 2 if isinstance(node, nir.Conv2d) else 1
-        w = torch.from_numpy(_arr(node.weight))
-        b = torch.from_numpy(_arr(node.bias))
-        return Step(lambda s, I: (s, _torch_conv(I, w, b, node.stride, node.padding, node.dilation, node.groups,
-                                                 dims), None))
-    if isinstance(node, nir.SumPool2d):
-        return Step(lambda s, I: (s, _sum_pool(I, node.kernel_size, node.stride, node.padding), None))
-    if isinstance(node, nir.AvgPool2d):
-        area = float(np.prod(_pair(node.kernel_size)))
-        return Step(lambda s, I: (s, _sum_pool(I, node.kernel_size, node.stride, node.padding) / area, None))
-    if isinstance(node, nir.Flatten):
-        out_shape = tuple(int(v) for v in node.output_type["output"])
-        return Step(lambda s, I: (s, I.reshape((I.shape[0],) + out_shape), None))
-    raise DeployError(f"the NIR interpreter does not support {type(node).__name__} nodes")
+    rule = COMPILE.get(type(node))
+    if rule is None:
+        raise DeployError(f"the NIR interpreter does not support {type(node).__name__} nodes")
+    return rule(node, dt)
 
 
 # ---------------------------------------------------------------- running
@@ -341,7 +369,7 @@ def nir_input(graph_or_path, x: np.ndarray, time_steps: Optional[int] = None) ->
     An image input (the Input node's metadata has `bits`) is put on its grid as the integer engine does:
     round half to even of x * 2**grid, saturated to signed `bits`, times 2**-grid. A partition's cut input
     (no `bits`) must already be on the node's per-channel grid, and is checked."""
-    from sdt_deploy.run.integer_engine import quantize_input   # the one definition of the input rounding
+    from sdt_deploy.run.integer_engine import quantize_input  # the one definition of the input rounding
 
     graph = load_graph(graph_or_path)
     name, node = _input_node(graph)

@@ -6,7 +6,7 @@ export takes the whole sequence in one call). The read-out is the graph's:
 
 - `logits`: mean over T of the per-step logits ([B, K]), or the per-step logits ([T, B, K]) with TET
   (`per_step`); for a graph without a Readout (a partition's host part) the per-step output values
-  [T, B, ...], as `sdt_deploy.executor.execute` returns them;
+  [T, B, ...], as `sdt_deploy.run.float_executor.execute` returns them;
 - int variant: `logits_int` (int64 [T, B, K], the per-step integers) and `logits_grid` (per class/channel
   exponent g): logit = logits_int * 2**-g. `logits` is computed from them exactly as the integer engine
   does (float64 sum over T divided by T, then float32), so it equals `run_engine(...).logits`;
@@ -28,10 +28,9 @@ import numpy as np
 
 from sdt_deploy.errors import DeployError
 from sdt_deploy.files.arrays import time_major
+from sdt_deploy.files.artifacts import ONNX_META_PREFIX, STATE_IN, STATE_OUT
 
-META = "sdt_deploy."
-STATE_IN = "v_in."
-STATE_OUT = "v_out."
+META = ONNX_META_PREFIX
 ORT_TYPES = {"tensor(float)": np.float32, "tensor(int32)": np.int32, "tensor(int64)": np.int64,
              "tensor(uint8)": np.uint8, "tensor(int8)": np.int8}
 

@@ -68,7 +68,7 @@ def to_original_hooks(spikes: Spikes, cfg: SDTConfig) -> dict:
         return a.reshape(T, B, C, H * W).transpose(0, 1, 3, 2).reshape(T, B, H * W, h, C // h).transpose(0, 1, 3, 2, 4)
 
     out = {}
-    for i, s in enumerate(("", "1", "2", "3")):
+    for s in ("", "1", "2", "3"):
         out[f"MS_SPS_lif{s}"] = spikes[f"patch_embed.proj_lif{s}"]
     for j in range(cfg.depth):
         a = f"block.{j}.attn"

@@ -9,18 +9,18 @@ from __future__ import annotations
 
 import numpy as np
 
-from sdt_deploy.api import quantize
 from sdt_deploy.files.checkpoint import LoadedModel
-from sdt_deploy.verify.compare import agreement
-from sdt_deploy.run.float_executor import execute
 from sdt_deploy.ir.lower import lower
 from sdt_deploy.ir.passes import fold_bn
+from sdt_deploy.quant.qmodel import QuantizedModel
+from sdt_deploy.run.float_executor import execute
 from sdt_deploy.run.torch_runner import predictions, run_model
+from sdt_deploy.verify.compare import agreement
 
 
-def compare_float(loaded: LoadedModel, dataset, weight_bits: int = 8, input_bits: int = 8,
-                  batch_size: int = 32) -> dict:
-    q = quantize(loaded, weight_bits=weight_bits, input_bits=input_bits)
+def compare_float(loaded: LoadedModel, q: QuantizedModel, dataset, batch_size: int = 32) -> dict:
+    """The float model `loaded`, its BN-folded graph and its quantized form `q` on `dataset`."""
+    weight_bits = int(q.graph.meta["weight_bits"])
     folded = fold_bn(lower(loaded.model))
     sums = {"folded": {}, "quantized": {}}
     sizes: dict = {}

@@ -1,19 +1,9 @@
-"""`sdt-deploy verify`: the same inputs through every executor, every spike compared bit for bit with the
-reference — the quantized torch model (spikingjelly's CuPy kernel on a GPU, its torch backend on a CPU).
-
-Executors:
-- `torch`      the quantized PyTorch model on the CPU (float32; float64 where the bit analysis says
-               float32 may round — then named `torch-f64`);
-- `cupy`       the same model object on a CUDA device with spikingjelly's CuPy LIF kernel (TF32 off,
-               deterministic algorithms); skipped, saying so, without CUDA or CuPy;
-- `engine`     the integer engine;
-- `onnx-int`, `onnx-float`   the exported ONNX variants in onnxruntime (CPU);
-- `nir`        the exported NIR graph (read back with `nir.read`) in the project's NIR interpreter, fed by
-               the host-side ONNX stem when the graph is partitioned.
-Exports are made on the fly into a temporary folder, or the very files given with `--artifact` are used.
+"""`verify`: the same inputs through every executor (`verify.executors`), every spike of every layer at
+every step compared bit for bit with the reference — the quantized torch model (spikingjelly's CuPy
+kernel on a GPU, its torch backend on a CPU).
 
 A mismatch is never a rate: the first divergence (executor, layer, time step, sample, neuron, both sides'
-membrane values and the grid) and a per-layer mismatch table are reported and the exit status is 1.
+membrane values and the grid) and a per-layer mismatch table are reported.
 """
 from __future__ import annotations
 
@@ -21,158 +11,17 @@ import contextlib
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
-import torch
 
-from sdt_deploy.quant.bits import bit_report
-from sdt_deploy.files.checkpoint import LoadedModel
-from sdt_deploy.verify.compare import first_divergence, mismatch_table
-from sdt_deploy.run.integer_engine import run_engine
 from sdt_deploy.errors import DeployError
-from sdt_deploy.run.float_executor import execute
-from sdt_deploy.ir.graph import LIF
+from sdt_deploy.quant.bits import bit_report
 from sdt_deploy.quant.qmodel import QuantizedModel
-from sdt_deploy.run.torch_runner import predictions, run_model
+from sdt_deploy.run.torch_runner import predictions
+from sdt_deploy.verify.compare import first_divergence, mismatch_table
+from sdt_deploy.verify.executors import ALL_EXECUTORS, RUNNERS, Context, membrane_detail, skip_reason
 
-ALL_EXECUTORS = ("torch", "cupy", "engine", "onnx-int", "onnx-float", "nir")
-
-
-@dataclass
-class Output:
-    spikes: dict
-    logits: np.ndarray
-
-
-@dataclass
-class Context:
-    loaded: LoadedModel
-    q: QuantizedModel
-    workdir: str
-    artifacts: dict = field(default_factory=dict)      # kind -> path ("onnx-int", "onnx-float", "nir", ...)
-    float64_reference: bool = False
-    cache: dict = field(default_factory=dict)
-
-    @property
-    def graph(self):
-        return self.q.graph
-
-
-# ---------------------------------------------------------------- executors
-
-def _torch(ctx: Context, x: np.ndarray) -> Output:
-    model = ctx.cache.get("torch_model")
-    if model is None:
-        import copy
-
-        model = copy.deepcopy(ctx.q.model).double() if ctx.float64_reference else ctx.q.model
-        ctx.cache["torch_model"] = model
-    xs = x.astype(np.float64) if ctx.float64_reference else x
-    logits, spikes = run_model(model, xs, batch_size=len(x))
-    return Output(spikes, logits)
-
-
-def cuda_skip_reason() -> Optional[str]:
-    from models import cupy_available
-
-    if not torch.cuda.is_available():
-        return "no CUDA device"
-    if not cupy_available():
-        return "CuPy is not installed (pip install 'sdt-deploy[gpu]')"
-    return None
-
-
-@contextlib.contextmanager
-def deterministic_cuda():
-    """The GPU must compute exact values: TF32 off (it would round the float32 products), cuDNN off —
-    its Winograd / FFT convolutions transform the inputs and can round values that are exact integers on
-    the grid, while PyTorch's native im2col + cuBLAS GEMM sums exact products — and deterministic
-    algorithms on."""
-    saved = (torch.backends.cudnn.enabled, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
-             torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
-             torch.are_deterministic_algorithms_enabled())
-    torch.backends.cudnn.enabled = False
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.benchmark = False
-    torch.backends.cudnn.deterministic = True
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    try:
-        yield
-    finally:
-        (torch.backends.cudnn.enabled, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
-         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic) = saved[:5]
-        torch.use_deterministic_algorithms(saved[5])
-
-
-def _cupy(ctx: Context, x: np.ndarray) -> Output:
-    model = ctx.cache.get("cuda_model")
-    if model is None:
-        import copy
-
-        model = copy.deepcopy(ctx.q.model).cuda()
-        ctx.cache["cuda_model"] = model
-    with deterministic_cuda():
-        logits, spikes = run_model(model, x, batch_size=len(x), device="cuda")
-    return Output(spikes, logits)
-
-
-def _engine(ctx: Context, x: np.ndarray) -> Output:
-    r = run_engine(ctx.graph, x)
-    ctx.cache.setdefault("engine_acs", 0)
-    ctx.cache["engine_acs"] += r.total_acs
-    return Output(r.spikes, r.logits)
-
-
-def _onnx(variant: str) -> Callable[[Context, np.ndarray], Output]:
-    def run(ctx: Context, x: np.ndarray) -> Output:
-        from sdt_deploy.run.onnx_runner import open_onnx, run_onnx
-
-        key = f"onnx-{variant}-session"
-        if key not in ctx.cache:   # one onnxruntime session for all batches
-            ctx.cache[key] = open_onnx(ensure_artifact(ctx, f"onnx-{variant}"))
-        res = run_onnx(ctx.cache[key], x)
-        if not res.spikes:
-            raise DeployError(f"onnx-{variant}: the file has no debug outputs (export with --debug-outputs "
-                              "to verify it layer by layer)")
-        return Output(res.spikes, res.logits)
-    return run
-
-
-def _nir(ctx: Context, x: np.ndarray) -> Output:
-    from sdt_deploy.run.nir_artifact import open_nir_artifact, run_artifact
-
-    if "nir-artifact" not in ctx.cache:   # read the file (and its host stem) once
-        ctx.cache["nir-artifact"] = open_nir_artifact(ensure_artifact(ctx, "nir"))
-    spikes, logits = run_artifact(ctx.cache["nir-artifact"], x)
-    return Output(spikes, logits)
-
-
-RUNNERS: dict[str, Callable[[Context, np.ndarray], Output]] = {
-    "torch": _torch, "cupy": _cupy, "engine": _engine, "onnx-int": _onnx("int"), "onnx-float": _onnx("float"),
-    "nir": _nir,
-}
-
-
-def ensure_artifact(ctx: Context, kind: str) -> str:
-    """The file for an executor: given with --artifact, or exported now into the work folder."""
-    if kind in ctx.artifacts:
-        return ctx.artifacts[kind]
-    from exporters.bundle import export_artifact
-
-    path = export_artifact(ctx.q, kind, ctx.workdir)
-    ctx.artifacts[kind] = path
-    return path
-
-
-def skip_reason(name: str) -> Optional[str]:
-    if name == "cupy":
-        return cuda_skip_reason()
-    return None
-
-
-# ---------------------------------------------------------------- the comparison
 
 @dataclass
 class Tally:
@@ -206,25 +55,6 @@ class Tally:
 
 def layer_order(ctx: Context) -> list:
     return [n.name for n in ctx.graph.nodes if n.out_kind == "spike"]
-
-
-def _membrane_detail(ctx: Context, executor: str, x: np.ndarray, layer: str, t: int, b: int, idx: tuple) -> dict:
-    """Both sides' membrane H at the divergence (exact float64 executor vs the candidate's own state)."""
-    node = ctx.graph[layer]
-    if not isinstance(node, LIF):
-        return {"note": f"{layer} is a {node.op} node: it has no membrane; compare its inputs "
-                        f"({', '.join(node.inputs)})"}
-    c = idx[0]
-    g = int(node.grid[c])
-    _, _, mem = execute(ctx.graph, x[b:b + 1], dtype=torch.float64, membranes=True)
-    detail = {"grid": f"2**-{g}", "theta": float(node.v_threshold), "theta_int": int(node.theta_int[c]),
-              "reference_H": float(mem[layer][(t, 0) + idx])}
-    if executor == "engine":
-        r = run_engine(ctx.graph, x[b:b + 1], membranes=True)
-        h_int = int(r.membranes[layer][(t, 0) + idx])
-        detail["candidate_H"] = h_int * 2.0 ** -g
-        detail["candidate_H_int"] = h_int
-    return detail
 
 
 def compare_batch(ctx: Context, x: np.ndarray, labels: Optional[np.ndarray], executors: list, offset: int,
@@ -261,7 +91,7 @@ def compare_batch(ctx: Context, x: np.ndarray, labels: Optional[np.ndarray], exe
             d = first_divergence(ref.spikes, out.spikes, order)
             first = {"executor": ex, "layer": d.layer, "step": d.step, "sample": offset + d.sample,
                      "neuron": list(d.index), "reference_spike": d.reference, "candidate_spike": d.candidate}
-            first.update(_membrane_detail(ctx, ex, x, d.layer, d.step, d.sample, d.index))
+            first.update(membrane_detail(ctx, ex, x, d.layer, d.step, d.sample, d.index))
             if tally.first is None or (first["sample"], first["step"]) < (tally.first["sample"], tally.first["step"]):
                 tally.first = first
 
@@ -297,15 +127,13 @@ class VerifyResult:
         }
 
 
-def run_verify(loaded: LoadedModel, dataset, executors: list, artifacts: Optional[dict] = None,
-               weight_bits: int = 8, input_bits: int = 8, batch_size: int = 16, indices: Optional[list] = None,
-               progress: bool = False, workdir: Optional[str] = None) -> VerifyResult:
-    from sdt_deploy.api import quantize
-
+def run_verify(q: QuantizedModel, dataset, executors: list, artifacts: Optional[dict] = None,
+               batch_size: int = 16, indices: Optional[list] = None, progress: bool = False,
+               workdir: Optional[str] = None) -> VerifyResult:
+    """Every batch of `dataset` through the reference and the `executors`, on the quantized model `q`."""
     unknown = [e for e in executors if e not in RUNNERS]
     if unknown:
         raise DeployError(f"unknown executor {unknown[0]!r} (choose from {', '.join(ALL_EXECUTORS)})")
-    q = quantize(loaded, weight_bits=weight_bits, input_bits=input_bits)
     bits = bit_report(q.graph)["summary"]
     skipped = {e: r for e in executors if (r := skip_reason(e))}
     active = [e for e in executors if e not in skipped]
@@ -314,7 +142,7 @@ def run_verify(loaded: LoadedModel, dataset, executors: list, artifacts: Optiona
     reference = "cupy" if ("cupy" in active and bits["float32_exact"]) else "torch"
     with contextlib.ExitStack() as stack:
         wd = workdir or stack.enter_context(tempfile.TemporaryDirectory(prefix="sdt-verify-"))
-        ctx = Context(loaded, q, wd, dict(artifacts or {}), float64_reference=not bits["float32_exact"])
+        ctx = Context(q, wd, dict(artifacts or {}), float64_reference=not bits["float32_exact"])
         if reference == "torch" and ctx.float64_reference:
             bits = {**bits, "reference_dtype": "float64"}
         idx = list(range(len(dataset))) if indices is None else list(indices)
