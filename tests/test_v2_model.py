@@ -156,6 +156,7 @@ def test_fixture_reproduces_every_tap_of_the_original():
     assert_matches_original(logits, taps, ref)
     lifs = [k for k in ref if k not in NOT_TAPS and k not in FLOAT_KEYS and not k.endswith(("kv", "qkv"))]
     assert len(lifs) == 77                                   # the README: 77 MultiStepLIFNodes
+    assert model.cfg.feature_sizes() == [(16, 16), (8, 8), (4, 4), (2, 2), (2, 2)]   # the README's sizes
     assert list(logits.argmax(-1)) == [4, 9, 6, 8, 8, 8, 2, 9]   # the README's predictions
 
 
@@ -199,6 +200,11 @@ def test_variant_reproduces_every_tap_of_the_original(name):
         assert expected_cfg.num_classes == 0
         taps["head_kd.out"] = taps["head.out"]
     assert_matches_original(logits, taps, ref)
+    # the feature-map sizes the original produced, stage by stage
+    h, w = ref["input"].shape[2:]
+    produced = [ref[k].shape[-2:] for k in ("ConvBlock1_1.0.lif1", "ConvBlock1_2.0.lif1", "ConvBlock2_1.0.lif1",
+                                             "block3.0.attn.q_lif", "block4.0.attn.q_lif")]
+    assert expected_cfg.feature_sizes(h, w) == [tuple(p) for p in produced]
 
 
 def test_variants_cover_what_the_original_allows():
