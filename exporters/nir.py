@@ -1,4 +1,4 @@
-"""NIR export of a quantized deploy graph (DESIGN.md §5): `to_nir` builds a `nir.NIRGraph`, `write_nir`
+"""NIR export of a quantized deploy graph (docs/nir.md): `to_nir` builds a `nir.NIRGraph`, `write_nir`
 writes it as a `.nir` (HDF5) file that stock `nir.read` (type checking on) loads back.
 
 What the graph computes
@@ -105,6 +105,7 @@ from typing import Optional, Sequence
 import nir
 import numpy as np
 
+from exporters.nir_streaming import write_streaming
 from sdt_deploy import __version__
 from sdt_deploy.errors import DeployError
 from sdt_deploy.files.atomic import atomic_write
@@ -206,49 +207,7 @@ def write_nir(qgraph: Graph, path: str, profile: str = "standard", dt: float = D
     once); `to_nir` gives the graph with every weight in it."""
     graph, makers = _build(qgraph, profile, dt, time_steps, lazy_arrays=True)
     with atomic_write(path) as tmp:
-        nir.write(tmp, _Serialised(graph, makers), compression="gzip", compression_opts=GZIP_LEVEL)
-
-
-class _NodesOneByOne(dict):
-    """`NIRGraph.to_dict()["nodes"]` made lazily: each node's own `to_dict()` (a deep copy of its arrays)
-    while nir.write stores it, then dropped. nir's graph-level `to_dict` copies every weight twice
-    (`dataclasses.asdict` of the whole graph, then of each node again): 2 GB at once for SDT-8-768.
-    A node with a placeholder weight is given its real weight for its `to_dict()` alone."""
-
-    def __init__(self, nodes: dict, makers: dict):
-        super().__init__()
-        self._nodes, self._makers = nodes, makers
-
-    def items(self):
-        for name, node in self._nodes.items():
-            make = self._makers.get(name)
-            if make is None:
-                yield name, node.to_dict()
-                continue
-            placeholder, node.weight = node.weight, make()
-            try:
-                d = node.to_dict()
-            finally:
-                node.weight = placeholder
-            yield name, d
-
-
-class _Serialised:
-    """What nir.write reads of a graph (`to_dict()`), the same dictionary nir builds, with the nodes
-    serialised one at a time (see `_NodesOneByOne`): nir's own writer, the same file."""
-
-    def __init__(self, graph: nir.NIRGraph, makers: dict):
-        self.graph, self.makers = graph, makers
-
-    def to_dict(self) -> dict:
-        nodes = self.graph.nodes
-        self.graph.nodes = {}            # the graph-level fields without a copy of every node
-        try:
-            d = self.graph.to_dict()
-        finally:
-            self.graph.nodes = nodes
-        d["nodes"] = _NodesOneByOne(nodes, self.makers)
-        return d
+        write_streaming(tmp, graph, makers, compression="gzip", compression_opts=GZIP_LEVEL)
 
 
 def lif_threshold(theta_int: np.ndarray, grid: np.ndarray, time_steps: int) -> np.ndarray:

@@ -31,7 +31,8 @@ The variants
 already on its grid: `Mul -> Round -> Cast`). Synaptic layers are `ConvInteger` / `MatMulInteger` of
 int8 weights with the 0/1 uint8 spikes (the encoder: with the int8 image) into int32 accumulators, plus
 the integer bias on the output grid. Currents meeting in a membrane or a sum are shifted left to the
-common grid by an integer `Mul` by 2**shift per channel. The LIF is the floor-shift of DESIGN.md §4:
+common grid by an integer `Mul` by 2**shift per channel. The LIF is the floor-shift of the numeric contract
+(docs/numeric-contract.md, `sdt_deploy.run.lif.integer_lif_step`):
     A = V + X;  H = (A - BitwiseAnd(A, 1)) / 2;  S = H >= theta_int;  V' = Where(S, 0, H)
 `A & 1` is the lowest bit of A's two's complement, 1 for every odd A, negative ones included, so
 A - (A & 1) is even and the truncating integer `Div` is exact on it: H = floor(A / 2) for negative A

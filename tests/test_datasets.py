@@ -66,11 +66,21 @@ def test_imagenet_val_layout_and_center_crop(tmp_path):
 
 
 def test_eval_transform_resizes_the_shorter_side_then_crops():
+    """timm's eval transform: shorter side to floor(16 / crop_pct), then the centre 16 x 16."""
     from PIL import Image
 
-    img = Image.new("RGB", (64, 32))
-    out = eval_transform(CFG, DataConfig(crop_pct=0.5))(img)     # shorter side to 32, crop 16
+    ramp = np.tile(np.arange(64, dtype=np.uint8)[None, :, None] * 3, (32, 1, 3))    # R = G = B = 3x, [32, 64, 3]
+    plain = DataConfig(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), crop_pct=0.5)
+    out = eval_transform(CFG, plain)(Image.fromarray(ramp))   # shorter side already 32: no resize
+    # the centre crop of 64 x 32: columns 24..39, rows 8..23, so pixel (0, 0) of the crop is column 24
     assert out.shape == (3, 16, 16)
+    np.testing.assert_array_equal(out[0, 0], np.arange(24, 40, dtype=np.float32) * 3 / np.float32(255))
+    # shorter side 128 -> floor(16 / 0.25) = 64 (bicubic: a flat image stays flat), then the centre crop,
+    # normalised with the conf's mean and std
+    grey = DataConfig(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), crop_pct=0.25)
+    flat = eval_transform(CFG, grey)(Image.new("RGB", (128, 256), (51, 51, 51)))
+    assert flat.shape == (3, 16, 16)
+    np.testing.assert_allclose(flat, (51 / 255 - 0.5) / 0.25, rtol=0, atol=1e-6)
 
 
 def test_shards_cover_every_sample_once():

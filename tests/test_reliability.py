@@ -1,5 +1,7 @@
 """Hostile and broken inputs beyond the checkpoint file: fuzzed models and inputs through export and
 verify (always exact or one clear error, never a crash), refusal instead of overflow."""
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -15,6 +17,10 @@ from sdt_deploy.verify.verifier import run_verify
 from conftest import case_path, loaded, small_configs
 
 EXECUTORS = ["torch", "engine", "onnx-int", "onnx-float", "nir"]
+
+
+# the refusals a correct toolchain may give for a valid model: an integer that no available width holds
+ALLOWED_REFUSAL = re.compile(r"^\S+: (the )?worst-case .* (exceeds the engine's int64|does not fit)")
 
 
 def _inputs(cfg, kind: str, seed: int) -> np.ndarray:
@@ -36,19 +42,23 @@ def test_fuzz_export_then_verify_is_exact_or_a_clear_error(cfg, seed, kind, bits
     x = _inputs(cfg, kind, seed + 1)
     try:
         res = run_verify(quantize(model, weight_bits=bits), ArrayDataset(x), EXECUTORS)
-    except DeployError as exc:                       # allowed: a clear, single-line refusal
-        assert str(exc) and "\n" not in str(exc)
+    except DeployError as exc:
+        # allowed: a refusal to risk an overflow, in one line naming the layer; nothing else
+        assert "\n" not in str(exc) and ALLOWED_REFUSAL.search(str(exc)), str(exc)
         return
     assert res.ok, res.tally.first
 
 
 def test_overflowing_weights_are_refused_naming_the_layer():
-    """A BatchNorm scale of 1e30 makes integers no int64 holds: refused at quantization, by name."""
+    """A BatchNorm scale of 1e30 makes integers no int64 holds: refused at quantization, by name. fc2's
+    weights stay int8 integers on a grid of about 2**100 (the scale moves into the exponent); the overflow
+    happens where that branch meets the residual stream's fine grid: the add."""
     lm = loaded(case_path("lif_0011"))
     import copy
 
     model = copy.deepcopy(lm.model)
     with torch.no_grad():
         model.block[0].mlp.fc2_bn.weight.mul_(1e30)
-    with pytest.raises(DeployError, match="block.0.mlp.fc2_conv|block.0.mlp.add|block.0"):
+    with pytest.raises(DeployError, match=r"^block\.0\.mlp\.add: worst-case integer magnitude 2\*\*\d+\.\d "
+                                          r"exceeds the engine's int64"):
         quantize(model)

@@ -238,15 +238,42 @@ def test_measured_total_equals_the_engine_counter(case):
             assert rows[name]["ops"]["and"] == counters["and"]
 
 
+def test_a_wrong_engine_counter_is_caught(monkeypatch):
+    """The report counts every layer from the spikes and holds the engine's own counters against that
+    count: an engine that miscounts one layer's additions by one is refused, naming the layer."""
+    import sdt_deploy.report.measure as M
+
+    real = M.run_engine
+
+    def miscounting(*a, **k):
+        r = real(*a, **k)
+        r.ops["block.0.attn.q_conv"]["acs"] += 1
+        return r
+
+    monkeypatch.setattr(M, "run_engine", miscounting)
+    q, x = _case("lif_0011")
+    with pytest.raises(DeployError, match=r"block\.0\.attn\.q_conv\.ac: report \d+, engine \d+"):
+        operation_report(q.graph, [x], FP32)
+
+
 @needs_shared
 def test_measured_energy_by_hand_on_the_fixture():
+    """The measured energy from the engine's own counters of one separate run over the same inputs,
+    priced by hand with the paper's 45 nm fp32 figures."""
+    from sdt_deploy.run.integer_engine import run_engine
+
     rep = _report("fixture")
     m = rep["totals"]["measured"]
-    ops = m["ops"]
-    S = rep["totals"]["samples"]
-    by_hand = (4.6 * ops.get("mac", 0) + 0.9 * (ops.get("ac", 0) + ops.get("count", 0))
-               + 0.9 * (ops.get("bias_add", 0) + ops.get("add", 0) + ops.get("compare", 0))
-               + 0.00375 * (ops.get("and", 0) + ops.get("or", 0)) + 1.8 * ops.get("neuron_update", 0)) / S
+    q, x = _case("fixture")
+    counted: dict = {}
+    for counters in run_engine(q.graph, x).ops.values():
+        for k, v in counters.items():
+            counted[k] = counted.get(k, 0) + v
+    S = len(x)
+    by_hand = (4.6 * counted["macs"] + 0.9 * counted["acs"] + 0.9 * counted["bias_adds"]
+               + 0.9 * counted["adds"] + 0.9 * counted.get("comparisons", 0)
+               + 0.00375 * (counted["and"] + counted.get("or_inputs", 0)) + 1.8 * counted["neuron_updates"]) / S
+    assert rep["totals"]["samples"] == S
     assert m["energy_pj"] == pytest.approx(by_hand, rel=1e-12)
     # the paper's column: E_MAC x encoder FLOPs (a static image: once) + E_AC x sum(rate x T x FLOPs)
     rows = _rows(rep)

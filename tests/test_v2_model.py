@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ORACLE, ROOT, SHARED
 from spikingjelly.clock_driven import functional
 
 from models import (
@@ -42,6 +41,8 @@ from models import (
 )
 from models.config_v2 import V2_NAMED_CONFIGS
 from models.sdt_v2 import BNAndPad, MetaSpikeFormer, bn_pad_value
+
+from conftest import ORACLE, ROOT, SHARED
 
 V2_FIXTURE = SHARED / "fixtures" / "v2"
 V2_CKPT = V2_FIXTURE / "v2_tiny_t2_32px.pth"
@@ -363,7 +364,8 @@ def test_list_embed_dim_becomes_a_tuple():
 
 def _small_model(**kw) -> MetaSpikeFormer:
     torch.manual_seed(0)
-    base = {"img_size": 16, "in_channels": 3, "num_classes": 4, "embed_dim": (4, 8, 8, 8), "num_heads": 2, "time_steps": 2}
+    base = {"img_size": 16, "in_channels": 3, "num_classes": 4, "embed_dim": (4, 8, 8, 8), "num_heads": 2,
+            "time_steps": 2}
     base.update(kw)
     return build_v2_model(V2Config(**base))
 

@@ -45,10 +45,6 @@ def check_input(x: np.ndarray, cfg: SDTConfig, name: str = "input") -> np.ndarra
     return x
 
 
-def time_steps_of(x: np.ndarray, cfg: SDTConfig) -> int:
-    return x.shape[1] if x.ndim == 5 else cfg.time_steps
-
-
 def time_major(x: np.ndarray, T: int) -> np.ndarray:
     """[B,C,H,W] repeated to [T,B,C,H,W], or [B,T,C,H,W] transposed to it."""
     if x.ndim == 4:

@@ -167,11 +167,6 @@ def infer_from_state_dict(sd: Mapping[str, Any]) -> dict:
     return out
 
 
-_FLAG_CHECKS = {
-    "time_steps": lambda v: isinstance(v, int) and v >= 1,
-}
-
-
 def resolve(flags: Optional[Mapping[str, Any]] = None, yaml_path: Optional[str] = None,
             ckpt_args: Optional[Mapping[str, Any]] = None,
             state_dict: Optional[Mapping[str, Any]] = None) -> Resolved:

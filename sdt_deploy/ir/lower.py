@@ -166,10 +166,6 @@ def _lower_mlp(b: _Builder, mlp, p: str, stream: str, cfg: SDTConfig, tok: tuple
     return b.add(Add(f"{p}.add", (y, identity), tok))
 
 
-def lif_names(g: Graph) -> list[str]:
-    return [n.name for n in g.of_type(LIF)]
-
-
 def spike_tensor_names(g: Graph) -> list[str]:
     """The graph's nodes that correspond to the torch model's recorded spike tensors."""
     skip_suffix = ("_broadcast",)

@@ -70,10 +70,11 @@ def fold_nodes(g: Graph, consume: bool = False, weight_dtype=np.float64) -> Iter
     return nodes()
 
 
-def synaptic_exceptions(g: Graph) -> list[str]:
-    """Synaptic nodes (conv, linear) that read a current: allowed only for the encoder, which reads the
-    image itself. Returns the allowed exceptions; raises naming the first node that breaks the rule."""
-    allowed = []
+def check(g: Graph) -> dict:
+    """The binary-spike-only dataflow check. Every synaptic node (conv, linear) must read spikes, except
+    the encoder, which reads the model input itself; no BatchNorm may be left unfolded. Returns
+    `ok`, the `violations` (one sentence each), the `encoder_exceptions` and the BatchNorms left."""
+    exceptions, violations = [], []
     for n in g.nodes:
         if not isinstance(n, SYNAPTIC):
             continue
@@ -82,16 +83,11 @@ def synaptic_exceptions(g: Graph) -> list[str]:
             if p.out_kind != CURRENT:
                 continue
             if isinstance(p, Input):
-                allowed.append(n.name)
-                continue
-            raise DeployError(f"binary-spike dataflow broken: {n.name} ({n.op}) reads the current "
-                              f"{src} ({p.op}); only the encoder may read a real value")
-    return allowed
-
-
-def check(g: Graph) -> dict:
-    """The binary-spike-only dataflow check: returns the list of exceptions, by name."""
-    exceptions = synaptic_exceptions(g)
+                exceptions.append(n.name)
+            else:
+                violations.append(f"{n.name} ({n.op}) reads the current {src} ({p.op}); only the encoder may read "
+                                  "a real value")
     bn_left = [n.name for n in g.of_type(BatchNorm)]
-    return {"ok": True, "encoder_exceptions": exceptions, "batchnorm": bn_left,
-            "synaptic_nodes": sum(isinstance(n, SYNAPTIC) for n in g.nodes)}
+    violations += [f"{name} is not folded" for name in bn_left]
+    return {"ok": not violations, "violations": violations, "encoder_exceptions": exceptions,
+            "batchnorm": bn_left, "synaptic_nodes": sum(isinstance(n, SYNAPTIC) for n in g.nodes)}

@@ -17,7 +17,7 @@ on its grid), event-driven, counting the operations it performs.
   samples are updated on the same threads.
 
 Because floor((floor(a) + n) / 2) = floor((a + n) / 2) for integer n, the integer state is the floor of
-the exact state and every threshold decision matches the float model's exactly (DESIGN.md §4).
+the exact state and every threshold decision matches the float model's exactly (docs/numeric-contract.md).
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """`verify --reference float`: what folding and quantization change against the original float model.
 
-Not exact by nature (DESIGN §4): BatchNorm folding re-rounds the weights in float32, and quantization
+Not exact by nature (docs/numeric-contract.md): BatchNorm folding re-rounds the weights in float32, and quantization
 moves every weight onto a power-of-two grid (and, for PLIF, every decay to 1/2). So this reports
 spike agreement per layer, the largest logit difference, prediction agreement and — where labels are
 known — the accuracy of each form, instead of a pass/fail.
