@@ -283,7 +283,7 @@ def test_reference_float_reports_agreement_not_exactness(capsys):
     for layer, row in rep["layers"].items():
         assert row["quantized"] == pytest.approx(float(np.mean(ref[layer] == q[layer])), abs=1e-12), layer
     assert min(r["quantized"] for r in rep["layers"].values()) < 1.0     # PLIF at tau 2: not exact by nature
-    assert sorted(rep["plif_tau_changed"]) == sorted(n for n in ref if n.endswith("_lif"))
+    assert sorted(rep["plif_tau_changed"]) == sorted(n for n in ref if "_lif" in n)   # every PLIF the model runs
 
 
 def test_unknown_executor_is_one_line(capsys):
