@@ -788,6 +788,8 @@ def _graph_metadata(b: _Builder) -> dict:
         "output": OUTPUT,
         "partition": str(meta.get("partition", "whole")),
         "cut": str(meta.get("cut", "")),
+        "readout_rule": readout_rule(b.readout, b.T, b.profile.flat_head),
+        "loader": _LOADERS[b.profile.name],
         "threshold_rule": "v_threshold = theta - 2**-(grid + time_steps + 1): NIR's v > v_threshold equals "
                           "spikingjelly's v >= theta for every membrane reachable in time_steps steps",
         "sdt_config": json.dumps(meta.get("config", {}), sort_keys=True, default=json_default),
