@@ -9,6 +9,7 @@ run, how many of the NIR graph's layers have every spike identical (`==`), are t
 
     python bench/nir_interop.py                       # project env: sdt-deploy, snntorch, norse
     python bench/nir_interop.py --cases demo,plif_1111 --out /tmp/interop
+    python bench/nir_interop.py --table-only          # the table again, with foreign rows added since
 
 It also writes, under --out, what the simulators that cannot be installed beside the project need
 (`cases.json`: each .nir file, its per-step NIR input and the reference), for
@@ -158,8 +159,8 @@ def table(results: list) -> str:
                            if r["layers_exact"] is not None else f"{r['case']} -")
             logits = _cell(rs, lambda r: f"{r['case']} {yes(r['logits_identical'])}"
                            if r["logits_identical"] is not None else f"{r['case']} -")
-            reasons = sorted({r["reason"] for r in rs if r["reason"]})
-            why = "; ".join(reasons[:2]) + (" ..." if len(reasons) > 2 else "")
+            reasons = [f"{r['case']}: {r['reason']}" for r in rs if r["reason"]]
+            why = reasons[0] + (f" (and {len(reasons) - 1} more cases)" if len(reasons) > 1 else "") if reasons else ""
             lines.append(f"| {label} | `{rs[0]['call']}` | {prof} | {yes(all(r['loads'] for r in rs))} | "
                          f"{yes(all(r['runs'] for r in rs))} | {layers} | {logits} | {why or '-'} |")
     return "\n".join(lines)
@@ -169,12 +170,17 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from {', '.join(CASES)}")
     ap.add_argument("--out", default=os.path.join("/tmp", "sdt-nir-interop"))
+    ap.add_argument("--table-only", action="store_true",
+                    help="remake the table from <out>/nir_interop.json and the foreign rows, measuring nothing")
     args = ap.parse_args(argv)
-    import torch
+    if args.table_only:
+        with open(os.path.join(args.out, "nir_interop.json")) as fh:
+            results = [json.load(fh)[0]]
+    else:
+        import torch
 
-    torch.set_num_threads(1)
-    res = run([c for c in args.cases.split(",") if c], args.out)
-    results = [res]
+        torch.set_num_threads(1)
+        results = [run([c for c in args.cases.split(",") if c], args.out)]
     for f in sorted(os.listdir(args.out)):
         if f.startswith("foreign_") and f.endswith(".json"):
             with open(os.path.join(args.out, f)) as fh:

@@ -17,7 +17,7 @@ import inspect
 import nir
 import numpy as np
 import pytest
-from conftest import DEMO_CKPT, ORACLE, ROOT, oracle_ref
+from conftest import DEMO_CKPT, FIXTURE_CKPT, FIXTURE_INPUT, ORACLE, ORACLE_CASES, ROOT, oracle_ref
 
 from sdt_deploy.cli import main
 from sdt_deploy.nir_interop import nir_feed, readout, run_artifact_with
@@ -28,6 +28,9 @@ CASES = {
     "plif_1111": ORACLE / "plif_1111.pth",
     "dvs_tet_t16": ROOT / "tests" / "data" / "variants" / "dvs_tet_t16.pth",
 }
+# every other checkpoint the equivalence tests use, for the norse profile in plain from_nir
+MORE_CASES = {**{n: ORACLE / f"{n}.pth" for n in ORACLE_CASES if n not in CASES},
+              **({"fixture": FIXTURE_CKPT} if FIXTURE_CKPT.exists() else {})}
 # the dt each simulator needs, which the profile's export writes into the graph's metadata
 PROFILE_DT = {"portable": 1e-4, "norse": 1e-3}
 
@@ -39,6 +42,8 @@ def case_input(name: str) -> np.ndarray:
         return digits_split("test").x[:4]
     if name == "dvs_tet_t16":
         return np.load(ROOT / "tests" / "data" / "variants" / "dvs_tet_t16_input.npy")
+    if name == "fixture":
+        return np.load(FIXTURE_INPUT)[:2]
     return oracle_ref(name)["input"]
 
 
@@ -60,7 +65,7 @@ def case(tmp_path_factory):
             x = case_input(name)
             np.save(folder / f"{name}.x.npy", x)
             dump = folder / f"{name}.ref.npz"
-            assert main(["run", str(CASES[name]), "--input", str(folder / f"{name}.x.npy"), "--quantize",
+            assert main(["run", str({**CASES, **MORE_CASES}[name]), "--input", str(folder / f"{name}.x.npy"), "--quantize",
                          "--dump", str(dump)]) == 0
             with np.load(dump) as z:
                 refs[name] = x, {k: z[k] for k in z.files}
@@ -70,7 +75,7 @@ def case(tmp_path_factory):
         if (name, profile) not in files:
             x, _ = reference(name)
             path = str(folder / f"{name}.{profile}.nir")
-            assert main(["export", str(CASES[name]), "--target", "nir", "--nir-profile", profile, "-o", path]) == 0
+            assert main(["export", str({**CASES, **MORE_CASES}[name]), "--target", "nir", "--nir-profile", profile, "-o", path]) == 0
             files[name, profile] = path, nir_feed(path, x)
         return files[name, profile]
 
@@ -119,6 +124,17 @@ def test_norse_profile_is_exact_in_plain_norse_from_nir(name, case):
     assert inspect.signature(norse.from_nir).parameters["dt"].default == PROFILE_DT["norse"]
     path, _ = case[1](name, "norse")
     assert float(nir.read(path).metadata["dt"]) == PROFILE_DT["norse"]
+    bad, same_logits = compare("norse.from_nir", name, "norse", case)
+    assert not bad, first_difference("norse.from_nir", name, "norse", case)
+    assert same_logits
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(MORE_CASES))
+def test_norse_profile_is_exact_in_norse_for_every_variant(name, case):
+    """The same on the other variants (lif, dvs_mode + TET at T = 10, gesture-like, mlp_ratio 1, odd sizes
+    at T = 1, a whole graph without a host stem) and the checkpoint written by the original SDT code."""
+    pytest.importorskip("norse.torch", reason="norse is not installed (test extra)")
     bad, same_logits = compare("norse.from_nir", name, "norse", case)
     assert not bad, first_difference("norse.from_nir", name, "norse", case)
     assert same_logits
