@@ -59,7 +59,9 @@ without any metadata. Node metadata adds the integer form for hardware back ends
 `theta_int`, `threshold_exp` on LIFs; `grid`/`bits` on the input; `role` everywhere, and
 `sdt_layer`/`sdt_shape` on every node that carries one of the torch model's spike tensors (see
 `sdt_deploy.nir_interp.nir_layer_spikes`). Graph metadata: `dt`, `time_steps`, `profile`, `readout`,
-`input`, `partition`/`cut`, the SDT config and the deploy graph's meta (JSON strings).
+`readout_rule` (how the logits are formed from the per-step Output, and for which T, in a sentence),
+`loader` (the call that runs the profile), `input`, `partition`/`cut`, the SDT config and the deploy
+graph's meta (JSON strings).
 
 The input
 ---------
