@@ -1,12 +1,12 @@
 """Inference speed on the CPU: the exported ONNX step model in onnxruntime (float and int variants,
-`sdt_deploy.onnx_run`) beside the quantized spikingjelly torch model (`sdt_deploy.runner.run_model` on
+`sdt_deploy.run.onnx_runner`) beside the quantized spikingjelly torch model (`sdt_deploy.run.torch_runner.run_model` on
 `sdt_deploy.quantize(...).model`, spikingjelly's torch backend), spikes checked identical in the same
 run.
 
     python bench/bench_inference.py [--quick]
 
 Cases: CIFAR 2-256 (32x32, T = 4) at batch 1 and 32, ImageNet 8-512 (224x224, T = 4) at batch 1; random
-weights calibrated with `sdt_deploy.synth.random_model` (seed 0) so that layers fire, standard-normal
+weights calibrated with `sdt_deploy.data.synth.random_model` (seed 0) so that layers fire, standard-normal
 images (seed 5). Each runtime runs with 1 and with 2 intra-op threads (torch.set_num_threads;
 onnxruntime intra_op_num_threads), each figure the median of several whole forward passes (all T
 steps, state reset) after a warm-up, the runtimes taking turns round by round (so that a change in the

@@ -1,6 +1,6 @@
 """Verify throughput on the CPU: `sdt-deploy verify CKPT --random N --json` with every executor (torch,
 engine, onnx-int, onnx-float, nir; cupy is skipped without a GPU) on the fixture's configuration, CIFAR
-2-256, random weights calibrated with `sdt_deploy.synth.random_model` (seed 0).
+2-256, random weights calibrated with `sdt_deploy.data.synth.random_model` (seed 0).
 
     python bench/bench_verify.py [--n 32] [--runs 3]
 

@@ -59,7 +59,9 @@ without any metadata. Node metadata adds the integer form for hardware back ends
 `theta_int`, `threshold_exp` on LIFs; `grid`/`bits` on the input; `role` everywhere, and
 `sdt_layer`/`sdt_shape` on every node that carries one of the torch model's spike tensors (see
 `sdt_deploy.run.nir_interpreter.nir_layer_spikes`). Graph metadata: `dt`, `time_steps`, `profile`, `readout`,
-`input`, `partition`/`cut`, the SDT config and the deploy graph's meta (JSON strings).
+`readout_rule` (how the logits are formed from the per-step Output, and for which T, in a sentence),
+`loader` (the call that runs the profile), `input`, `partition`/`cut`, the SDT config and the deploy
+graph's meta (JSON strings).
 
 The input
 ---------
@@ -94,6 +96,20 @@ v_threshold per LIF node; and maps NIR `Flatten(start_dim)` to torch's, whose di
 - dt must be 1e-4.
 snntorch runs float32: it is exact where the numbers fit 24 bits (see `sdt_deploy.quant.bits`), as the torch
 model itself.
+
+`norse`: for `norse.torch.from_nir` (norse 1.1, measured in tests/test_interop.py). The portable
+encodings (norse maps no Threshold -- a KeyError -- ignores SumPool2d padding, maps `Flatten(0)` to
+torch's), and two more things:
+
+- dt = 1e-3, norse's default, so that the plain `from_nir(graph)` call is right (its float32 gains
+  dt * (1/tau) are exactly 0.5 and 1 for tau = 2*dt and dt: measured, and equally for 1e-4);
+- depth-first safety (`_make_depth_first_safe`): from_nir runs the graph with nirtorch's `GraphExecutor`
+  (the deprecated `nirtorch.load`), which executes the nodes in the pre-order of a depth-first walk from
+  the input and returns the last node's value. A join reached before one of its inputs reads that input
+  from the previous step. Zero synapses (1x1 Conv2d, all-zero weights and bias, role `sequencing`) chain
+  the parallel branches q -> k -> v, so that the walk passes every input of k AND v and of q AND g before
+  the join; edges are listed in topological order of their targets; the walk then ends at the Output.
+  Each zero synapse adds exactly 0 to a conv's input (C*C parameters, two per attention block).
 """
 from __future__ import annotations
 
@@ -145,20 +161,35 @@ class Profile:
     pools_as_conv: bool             # SumPool2d / Scale -> channel-diagonal 0/1 Conv2d
     flat_head: bool                 # Flatten(0) + Affine (standard) or 1x1 Conv2d on [C,1,1]
     per_channel_threshold: bool     # one v_threshold per channel, or one per LIF node
-    required_dt: Optional[float] = None   # snntorch's importer hard-codes dt = 1e-4
+    required_dt: Optional[float] = None   # the dt the target importer uses (snntorch: 1e-4, norse: 1e-3)
+    depth_first_safe: bool = False  # zero synapses + edge order so that a depth-first executor is exact
+    target: str = ""                # who the profile is for, and how to load it (graph metadata)
 
+
+# norse.torch.from_nir's default dt (norse 1.1); dt/tau = 0.5 and 1 are exact in its float32 arithmetic
+NORSE_DT = 1e-3
 
 PROFILES = {
     "standard": Profile("standard", threshold_as_lif=False, pools_as_conv=False, flat_head=True,
                         per_channel_threshold=True),
     "portable": Profile("portable", threshold_as_lif=True, pools_as_conv=True, flat_head=False,
                         per_channel_threshold=False, required_dt=DT),
+    "norse": Profile("norse", threshold_as_lif=True, pools_as_conv=True, flat_head=False,
+                     per_channel_threshold=False, required_dt=NORSE_DT, depth_first_safe=True,
+                     target="norse 1.1: norse.torch.from_nir(nir.read(path)) (its default dt = 1e-3 is this "
+                            "graph's dt), called once per step: out, state = model(x_t, state)"),
 }
+
+
+def default_dt(profile: str) -> float:
+    """The dt a profile is exported with when none is given: the one its importer uses, else 1e-4."""
+    prof = _profile(profile)
+    return prof.required_dt if prof.required_dt is not None else DT
 
 
 # ---------------------------------------------------------------- public API
 
-def to_nir(qgraph: Graph, profile: str = "standard", dt: float = DT,
+def to_nir(qgraph: Graph, profile: str = "standard", dt: Optional[float] = None,
            time_steps: Optional[int] = None) -> nir.NIRGraph:
     """The NIR graph of a quantized deploy graph (a whole model without a max-pool over currents, or a
     partition's device part). `time_steps` (default: the graph's T) is the number of steps the LIF
@@ -174,12 +205,12 @@ def _build(qgraph: Graph, profile: str, dt: float, time_steps: Optional[int],
     written, and its constant arrays read-only views (`_Builder.weight`, `_Builder.spread`); without,
     the dictionary is empty and every array real."""
     prof = _profile(profile)
-    dt = float(dt)
+    dt = float(default_dt(profile) if dt is None else dt)
     if not (math.isfinite(dt) and dt > 0):
         raise DeployError(f"dt must be a positive number, got {dt!r}")
     if prof.required_dt is not None and dt != prof.required_dt:
-        raise DeployError(f"the {prof.name} profile needs dt = {prof.required_dt} (snntorch hard-codes it), "
-                          f"got {dt!r}")
+        why = "snntorch hard-codes it" if prof.name == "portable" else "its importer's default"
+        raise DeployError(f"the {prof.name} profile needs dt = {prof.required_dt} ({why}), got {dt!r}")
     _check_exportable(qgraph)
     T = int(time_steps if time_steps is not None else qgraph.meta["time_steps"])
     if T < 1:
@@ -187,6 +218,8 @@ def _build(qgraph: Graph, profile: str, dt: float, time_steps: Optional[int],
     b = _Builder(qgraph, prof, dt, T, lazy_arrays)
     for n in qgraph.nodes:
         _EMIT[type(n)](b, n)
+    if prof.depth_first_safe:
+        _make_depth_first_safe(b)
     graph = nir.NIRGraph(nodes=b.nodes, edges=b.edges, metadata=_graph_metadata(b), type_check=True)
     if set(graph.nodes) != set(b.nodes):   # nir adds Input/Output nodes for dangling ends
         extra = sorted(set(graph.nodes) - set(b.nodes))
@@ -199,7 +232,7 @@ def _build(qgraph: Graph, profile: str, dt: float, time_steps: Optional[int],
 GZIP_LEVEL = 1
 
 
-def write_nir(qgraph: Graph, path: str, profile: str = "standard", dt: float = DT,
+def write_nir(qgraph: Graph, path: str, profile: str = "standard", dt: Optional[float] = None,
               time_steps: Optional[int] = None) -> None:
     """Export to a `.nir` file, written atomically (a temporary file beside `path`, renamed when
     complete): the graph `to_nir` makes, byte-identical for the same graph. Each synaptic weight exists
@@ -598,7 +631,127 @@ _EMIT = {Input: _emit_input, Conv: _emit_conv, Linear: _emit_linear, LIF: _emit_
          Readout: _emit_readout}
 
 
+# ---------------------------------------------------------------- depth-first safety (norse profile)
+
+def _topological_ranks(nodes: dict, edges: list) -> dict:
+    """Kahn's order, ties broken by creation order: {name: rank}."""
+    creation = {name: i for i, name in enumerate(nodes)}
+    preds = {name: set() for name in nodes}
+    succs = {name: set() for name in nodes}
+    for src, dst in edges:
+        preds[dst].add(src)
+        succs[src].add(dst)
+    waiting = {name: len(p) for name, p in preds.items()}
+    ready = sorted((n for n, k in waiting.items() if k == 0), key=creation.get)
+    order = []
+    while ready:
+        name = ready.pop(0)
+        order.append(name)
+        for nxt in succs[name]:
+            waiting[nxt] -= 1
+            if waiting[nxt] == 0:
+                ready.append(nxt)
+        ready.sort(key=creation.get)
+    if len(order) != len(nodes):
+        raise DeployError("internal: the NIR graph has a cycle")
+    return {name: i for i, name in enumerate(order)}
+
+
+def _ancestors(nodes: dict, edges: list, ranks: dict) -> dict:
+    preds = {name: set() for name in nodes}
+    for src, dst in edges:
+        preds[dst].add(src)
+    anc: dict = {}
+    for name in sorted(nodes, key=ranks.get):
+        anc[name] = set().union(*(anc[p] | {p} for p in preds[name])) if preds[name] else set()
+    return anc
+
+
+def _make_depth_first_safe(b: _Builder) -> None:
+    """Make the graph exact under a depth-first executor (nirtorch 2.6's `nirtorch.load`, which
+    `norse.torch.from_nir` uses): it runs the nodes in the pre-order of a depth-first walk from the input,
+    children in edge order, and a node reached before one of its inputs reads that input from the previous
+    step (or drops it at step 0). Such a pre-order lists every node after all its inputs exactly when
+    (1) the inputs of every node lie on one chain of ancestry and (2) each node's outgoing edges are
+    listed in topological order of their targets (then, before the edge into a join is followed, the
+    walk has already passed through the join's later inputs; DESIGN.md-style proof in docs/nir-interop.md).
+
+    SDT's attention has two joins whose inputs are parallel branches: k AND v (k_lif, v_lif -- or their
+    dvs pools) and q AND talking heads (q_lif, talking_heads_lif). For each such pair (a, b) a *zero
+    synapse* -- a 1x1 Conv2d with all-zero weights and bias, role `sequencing` -- goes from a into the
+    first node r of b's branch (a node whose own inputs all precede a): r's input becomes x + 0, exactly
+    x, and a becomes an ancestor of b. Then every edge list is put in topological order of its targets.
+    Any topological order ends with the Output (the only sink), which nirtorch.load returns as the
+    module's output."""
+    while True:
+        ranks = _topological_ranks(b.nodes, b.edges)
+        anc = _ancestors(b.nodes, b.edges, ranks)
+        preds = {name: [] for name in b.nodes}
+        for src, dst in b.edges:
+            preds[dst].append(src)
+        pair = None
+        for name in sorted(b.nodes, key=ranks.get):
+            chain = sorted(set(preds[name]), key=ranks.get)
+            for a, later in zip(chain, chain[1:]):
+                if a not in anc[later]:
+                    pair = (a, later)
+                    break
+            if pair:
+                break
+        if pair is None:
+            break
+        a, later = pair
+        before_a = anc[a] | {a}
+        candidates = [r for r in anc[later] | {later}
+                      if r not in before_a and preds[r] and all(p in before_a for p in preds[r])]
+        if not candidates:
+            raise DeployError(f"internal: no node on {later}'s branch can be sequenced after {a}")
+        r = min(candidates, key=ranks.get)
+        _add_zero_synapse(b, a, r)
+    ranks = _topological_ranks(b.nodes, b.edges)
+    b.edges.sort(key=lambda e: (ranks[e[0]], ranks[e[1]]))
+
+
+def _nir_shape(t: dict) -> tuple:
+    (v,) = t.values()
+    return tuple(int(s) for s in np.asarray(v).ravel())
+
+
+def _add_zero_synapse(b: _Builder, a: str, r: str) -> None:
+    src = _nir_shape(b.nodes[a].output_type)
+    dst = _nir_shape(b.nodes[r].input_type)
+    if len(src) != 3 or len(dst) != 3 or src[1:] != dst[1:]:
+        raise DeployError(f"internal: cannot sequence {a} {list(src)} before {r} {list(dst)} with a 1x1 Conv2d")
+    name = f"{r}.after.{a.rsplit('.', 1)[-1]}"
+    zero = _conv(np.zeros((dst[0], src[0], 1, 1), dtype=F64), src[1:])
+    b.add(name, zero, (a,), role="sequencing",
+          note=f"all-zero weights and bias: adds exactly 0 to {r}'s input; it makes {a} an ancestor of {r}, "
+               "so that a depth-first executor (nirtorch.load, norse.torch.from_nir) runs every join after "
+               "all its inputs")
+    b.edges.append((name, r))
+
+
 # ---------------------------------------------------------------- graph metadata
+
+_LOADERS = {
+    "standard": "nir.read(path) (nir >= 1.0.8); measured with sdt-deploy's own NIR interpreter. Third-party "
+                "simulators: export with --nir-profile portable (snntorch) or norse",
+    "portable": "snntorch 1.0: snntorch.import_nir.import_from_nir(nir.read(path)) (snntorch's fixed dt = 1e-4 "
+                "is this graph's dt), called once per step",
+    "norse": PROFILES["norse"].target,
+}
+
+
+def readout_rule(mode: str, T: int, flat_head: bool) -> str:
+    """How the logits are formed from the per-step `Output` (graph metadata `readout_rule`)."""
+    shape = "[K]" if flat_head else "[K, 1, 1], flattened to [K]"
+    steps = (f"run the graph for exactly time_steps = {T} steps (its thresholds are exact for up to {T}), "
+             f"one input frame per step; output[t] is the Output node's value at step t, {shape}")
+    if mode == "per_step":
+        return (f"{steps}. readout = per_step (TET): the logits are the {T} per-step values output[0..{T - 1}] "
+                f"themselves, [T, K] per sample; the class is the argmax of their mean over the {T} steps")
+    return (f"{steps}. readout = mean: logits = (output[0] + ... + output[{T - 1}]) / {T}, the mean over the "
+            f"{T} steps, computed by the host after the last step")
 
 def _graph_metadata(b: _Builder) -> dict:
     meta = b.g.meta
@@ -612,6 +765,8 @@ def _graph_metadata(b: _Builder) -> dict:
         "output": OUTPUT,
         "partition": str(meta.get("partition", "whole")),
         "cut": str(meta.get("cut", "")),
+        "readout_rule": readout_rule(b.readout, b.T, b.profile.flat_head),
+        "loader": _LOADERS[b.profile.name],
         "threshold_rule": "v_threshold = theta - 2**-(grid + time_steps + 1): NIR's v > v_threshold equals "
                           "spikingjelly's v >= theta for every membrane reachable in time_steps steps",
         "sdt_config": json.dumps(meta.get("config", {}), sort_keys=True, default=json_default),

@@ -1,4 +1,4 @@
-"""The NIR target: `exporters.nir` (deploy graph -> .nir) and `sdt_deploy.nir_interp` (executors).
+"""The NIR target: `exporters.nir` (deploy graph -> .nir) and `sdt_deploy.run.nir_interpreter` (executors).
 
 Expected values come only from independent sources: the quantized torch model (spikingjelly), the
 integer engine, the float executor, torch's own pooling ops, stock `nir.read` and snntorch's importer --
@@ -24,7 +24,8 @@ from sdt_deploy.ir.graph import LIF, Conv, Graph, Input, Linear, OrPool, Readout
 from sdt_deploy.ir.lower import spike_tensor_names
 from sdt_deploy.run.float_executor import execute
 from sdt_deploy.run.integer_engine import run_engine
-from sdt_deploy.run.nir_interpreter import nir_input, nir_layer_spikes, run_nir, run_snntorch, torch_threads
+from sdt_deploy.run.nir_interpreter import nir_input, nir_layer_spikes, run_nir, torch_threads
+from sdt_deploy.run.nir_simulators import run_snntorch
 from sdt_deploy.run.torch_runner import run_model
 
 from conftest import ALL_CASES, case_input, case_path, quantized

@@ -1,4 +1,4 @@
-"""The ONNX target (exporters.onnx, sdt_deploy.onnx_run).
+"""The ONNX target (exporters.onnx, sdt_deploy.run.onnx_runner).
 
 Expected values come from independent sources only: the quantized torch model (`run_model` on
 `quantize(path).model`, spikingjelly's LIF), the integer engine (`run_engine`) and the float executor

@@ -16,8 +16,9 @@ from sdt_deploy.errors import DeployError
 @click.option("--no-quantize", is_flag=True, help="NIR only: export the BN-folded float weights instead")
 @click.option("--no-partition", is_flag=True,
               help="NIR: refuse a graph with the stem's real-valued max-pool instead of partitioning it")
-@click.option("--nir-profile", type=click.Choice(["standard", "portable"]), default="standard", show_default=True,
-              help="portable: what third-party importers (snntorch) can read")
+@click.option("--nir-profile", type=click.Choice(["standard", "portable", "norse"]), default="standard",
+              show_default=True, help="portable: for snntorch's importer (dt 1e-4); norse: for norse.torch.from_nir "
+                                      "(dt 1e-3)")
 @click.option("--onnx-variant", type=click.Choice(["int", "float"]), default="int", show_default=True,
               help="ONNX (and a NIR partition's host stem): integer ops or float32 with the exact weights")
 @click.option("--unroll", is_flag=True, help="ONNX: all T steps inside the graph")

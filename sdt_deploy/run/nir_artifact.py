@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
+import torch
 
 from sdt_deploy.errors import DeployError
 from sdt_deploy.files.artifacts import read_manifest
@@ -45,24 +46,40 @@ def open_nir_artifact(path: str) -> NirArtifact:
     return NirArtifact(path, graph, manifest, host)
 
 
-def _readout(graph, per_step: np.ndarray) -> np.ndarray:
+def readout(graph, per_step: np.ndarray) -> np.ndarray:
+    """The logits from the per-step Output values [T, B, ...] as the graph's metadata says (`readout`,
+    `time_steps`): `mean` over the T steps, in float32 as the torch model computes it (`torch.mean`), or
+    `per_step` (TET) [T, B, K]. A run of another length than the T the file was exported for is refused:
+    its thresholds are exact for up to T steps."""
     meta = graph.metadata if isinstance(graph.metadata, dict) else {}
-    per_step = per_step.reshape(per_step.shape[:3])            # [T, B, K] (the portable head is [K, 1, 1])
-    if str(meta.get("readout", "mean")) == "per_step":
-        return per_step.astype(np.float32)
-    return (per_step.sum(0) / per_step.shape[0]).astype(np.float32)
+    T = int(meta["time_steps"])
+    per_step = np.asarray(per_step)
+    if per_step.shape[0] != T:
+        raise DeployError(f"the graph was exported for T = {T} steps; got {per_step.shape[0]}")
+    per_step = per_step.reshape(per_step.shape[:2] + (-1,)).astype(np.float32)      # [T, B, K]
+    if str(meta["readout"]) == "per_step":
+        return per_step
+    if str(meta["readout"]) != "mean":
+        raise DeployError(f"unknown readout {meta['readout']!r}")
+    return torch.from_numpy(per_step).mean(0).numpy()
+
+
+def host_feed(art: NirArtifact, x: np.ndarray) -> tuple[dict, np.ndarray]:
+    """(the host stem's spikes by layer, the per-step NIR input [B, T, ...] float64) for model inputs x:
+    a partitioned export runs its ONNX stem on the host; a whole one rounds the image onto the input
+    node's grid (`nir_input`)."""
+    if art.host is None:
+        return {}, nir_input(art.graph, x)
+    stem = art.host.run(x)
+    feed = np.ascontiguousarray(np.asarray(stem.logits, dtype=np.float64).swapaxes(0, 1))   # [B, T, ...]
+    return dict(stem.spikes), nir_input(art.graph, feed)
 
 
 def run_artifact(art: NirArtifact, x: np.ndarray) -> tuple[dict, np.ndarray]:
     """(spikes by layer name, logits) of the artifact on model inputs x ([B,C,H,W] or [B,T,C,H,W])."""
-    spikes: dict = {}
-    feed = x
-    if art.host is not None:
-        stem = art.host.run(x)
-        spikes.update(stem.spikes)
-        feed = np.ascontiguousarray(np.asarray(stem.logits, dtype=np.float64).swapaxes(0, 1))   # [B, T, ...]
-    outputs, nir_spikes = run_nir(art.graph, nir_input(art.graph, feed))
+    spikes, feed = host_feed(art, x)
+    outputs, nir_spikes = run_nir(art.graph, feed)
     spikes.update(nir_layer_spikes(art.graph, nir_spikes))
     if len(outputs) != 1:
         raise DeployError(f"{art.path}: expected one NIR output, found {len(outputs)}")
-    return spikes, _readout(art.graph, next(iter(outputs.values())))
+    return spikes, readout(art.graph, next(iter(outputs.values())))

@@ -20,8 +20,7 @@ broadcasting). Continuous-time neurons use forward Euler with step `dt` (the gra
 Nodes with state (Delay, CubaLI, CubaLIF) and nested graphs are refused rather than guessed at, and so is
 a cycle (it would need a one-step delay the spec leaves open).
 
-Also here: `run_snntorch` (the same contract through snntorch's importer, a third-party executor for the
-portable profile), `nir_input` (the host's rounding of the model input onto the export's input grid) and
+Also here: `nir_input` (the host's rounding of the model input onto the export's input grid) and
 `nir_layer_spikes` (NIR node spikes back under the SDT layer names, for comparison with the torch model).
 """
 from __future__ import annotations
@@ -303,54 +302,6 @@ def _run_nir(graph: nir.NIRGraph, x, dt: Optional[float], membranes: bool):
     if membranes:
         return stack(out_rec), stack(spk_rec), stack(mem_rec)
     return stack(out_rec), stack(spk_rec)
-
-
-# ---------------------------------------------------------------- a third-party executor: snntorch
-
-def torch_module_name(nir_name: str) -> str:
-    """nirtorch's name for a NIR node's module (`nirtorch.nir_interpreter._sanitize_name`): dots become
-    underscores, Python keywords get a `nir_node_` prefix."""
-    import keyword
-
-    name = nir_name.replace(".", "_")
-    return "nir_node_" + name if keyword.iskeyword(name) else name
-
-
-def run_snntorch(graph_or_path, x: np.ndarray, threads: Optional[int] = 1) -> tuple[dict, dict]:
-    """Import a (portable-profile) NIR graph with snntorch's `import_from_nir` and run it for T steps.
-
-    x: [B, T, ...] per-step inputs. The imported module keeps each neuron's membrane inside its
-    `snn.Leaky` (init_hidden) and is called once per step; a forward hook on every neuron module records
-    its spikes. Returns ({output name: float32 [T, B, ...]}, {NIR node name: uint8 [T, B, ...]}),
-    `run_nir`'s contract. Runs in float32, as snntorch does."""
-    import copy
-
-    import snntorch  # noqa: F401  (a clear ImportError when it is missing)
-    from snntorch.import_nir import import_from_nir
-
-    graph = copy.deepcopy(load_graph(graph_or_path))   # the importer edits the graph it is given
-    spiking = {torch_module_name(n): n for n, node in graph.nodes.items() if isinstance(node, (nir.LIF, nir.IF))}
-    outputs = [n for n, node in graph.nodes.items() if isinstance(node, nir.Output)]
-    if len(outputs) != 1:
-        raise DeployError(f"snntorch's importer supports one output, the graph has {len(outputs)}")
-    net = import_from_nir(graph)
-    record: dict = {name: [] for name in spiking.values()}
-    hooks = []
-    for mod_name, module in net.named_modules():
-        if mod_name in spiking:
-            key = spiking[mod_name]
-            hooks.append(module.register_forward_hook(
-                lambda _m, _i, out, key=key: record[key].append(out.detach().cpu().numpy().astype(np.uint8))))
-    steps = []
-    try:
-        with torch.no_grad(), torch_threads(threads):
-            for t in range(x.shape[1]):
-                y, _state = net(torch.from_numpy(np.ascontiguousarray(x[:, t], dtype=np.float32)))
-                steps.append(y.detach().cpu().numpy())
-    finally:
-        for h in hooks:
-            h.remove()
-    return {outputs[0]: np.stack(steps)}, {k: np.stack(v) for k, v in record.items() if v}
 
 
 # ---------------------------------------------------------------- SDT conventions (exporters.nir)
