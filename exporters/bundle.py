@@ -23,6 +23,7 @@ from sdt_deploy.files.atomic import check_output_path, write_text
 from sdt_deploy.ir.graph import Graph
 from sdt_deploy.ir.partition import Partition, split_at_current_maxpool
 from sdt_deploy.quant.bits import channel_bounds
+from sdt_deploy.quant.contract import settings_of
 
 TARGETS = ("nir", "onnx")
 
@@ -100,6 +101,8 @@ def partition_manifest(graph: Graph, split, stem_file: str, nir_file: str, onnx_
         "tool_version": __version__,
         "time_steps": int(graph.meta["time_steps"]),
         "config": graph.meta.get("config"),
+        "quantization": settings_of(graph.meta),
+        "provenance": graph.meta.get("provenance", {}),
         "host": {"file": stem_file, "format": "onnx", "variant": onnx_variant,
                  "input": graph.input.name, "output": "output_int" if onnx_variant == "int" else "output",
                  "runs": "one call per time step, LIF state carried in v_in./v_out. tensors"},

@@ -87,9 +87,9 @@ v_threshold per LIF node; and maps NIR `Flatten(start_dim)` to torch's, whose di
   (-1, W-1), (+1, -(W-1)) times the block-tridiagonal channel matrix. These kernels are dense:
   C*C*K*K parameters (float32; 0/1 is exact), large for wide models;
 - one v_threshold per LIF (snntorch asserts it): theta - 2**-(max_c g_c + T + 1), the finest channel's
-  margin (exact for every channel), moved up to the nearest float32 -- or, where grid + T + 1 passes
-  float32's 24 bits and no float32 lies in [theta - 2**-(g+T+1), theta), the float32 just below theta
-  (`float32_threshold`): snntorch casts it to float32, and theta - 2**-(g+T+1) would round to theta;
+  margin, exact for every channel and a float32 value wherever the bit analysis finds the layer
+  float32-exact; where it is not, the float32 just below theta, exact for every float32 membrane, as
+  its float32 consumers compute them (`float32_threshold` says why no single value can serve both);
 - the head: `head_sum` as a Conv2d (channel-diagonal ones over the (H, W) tokens; the only conv that
   reads currents besides the encoder, and it holds no learned weight), `head_lif` on [C, 1, 1], `head`
   as a 1x1 Conv2d -> `Output` [K, 1, 1] (no Flatten).
@@ -144,6 +144,7 @@ from sdt_deploy.ir.graph import (
     TokenSum,
     json_default,
 )
+from sdt_deploy.quant.contract import settings_of
 
 DT = 1e-4
 OUTPUT = "output"
@@ -256,11 +257,23 @@ def lif_threshold(theta_int: np.ndarray, grid: np.ndarray, time_steps: int) -> n
 
 
 def float32_threshold(theta: float, lowered: float) -> float:
-    """A float32 value in [lowered, theta): `lowered` rounded up to float32, or -- when no float32 lies in
-    that range -- the float32 just below theta. For float32 executors (snntorch): the float64 rule's
-    threshold would round to theta itself once grid + T + 1 passes float32's 24 bits, and `>` would miss
-    every tie; the largest float32 below theta separates `v >= theta` from `v < theta` for every float32 v
-    (and, lying in [theta - 2**-(g+T+1), theta), for every exact membrane too)."""
+    """The one v_threshold of a LIF in the portable and norse profiles, whose consumers (snntorch, norse)
+    compute in float32 and cast the threshold to float32: `lowered` (theta - 2**-(g+T+1), g the finest
+    channel's grid) rounded up to a float32 value, or -- where no float32 lies in [lowered, theta) -- the
+    float32 just below theta.
+
+    What it guarantees. (1) Wherever the bit analysis finds the layer float32-exact, `lowered` is itself a
+    float32 value and is returned unchanged: it has bits(theta_int) + T + 1 significant bits, and
+    float32-exactness asks the layer's bound (at least theta_int) to need at most 24 bits with T more.
+    There every exact membrane v reachable in T steps is a multiple of 2**-(g+T), so v > t <=> v >= theta
+    (v >= theta gives v > t; v < theta gives v <= theta - 2**-(g+T) < t), for float32 and exact consumers
+    alike. (2) Where the layer is not float32-exact (grid + T past 24 bits: the T = 16 DVS configs), the
+    float32 just below theta p gives v32 > p <=> v32 >= theta for every float32 value v32: a float32
+    consumer fires exactly as spikingjelly's float32 `>=` does on the membranes it computes, exact ties
+    included. An exact membrane in (p, theta) -- one float32 cannot hold -- would fire there; no float32
+    consumer can tell it from theta itself, and no single threshold serves float32 and exact consumers in
+    such a layer (lowered would round to theta in float32 and every tie would be missed). Exact consumers
+    take the standard profile: per-channel thresholds, exact in any arithmetic."""
     if float(np.float32(theta)) != theta:
         raise DeployError(f"threshold {theta!r} is not a float32 value")
     up = np.float32(lowered)
@@ -770,6 +783,8 @@ def _graph_metadata(b: _Builder) -> dict:
         "threshold_rule": "v_threshold = theta - 2**-(grid + time_steps + 1): NIR's v > v_threshold equals "
                           "spikingjelly's v >= theta for every membrane reachable in time_steps steps",
         "sdt_config": json.dumps(meta.get("config", {}), sort_keys=True, default=json_default),
+        "sdt_quantization": json.dumps(settings_of(meta), sort_keys=True, default=json_default),
+        "sdt_provenance": json.dumps(meta.get("provenance", {}), sort_keys=True, default=json_default),
         "sdt_graph_meta": json.dumps({k: v for k, v in meta.items() if k != "config"}, sort_keys=True,
                                      default=json_default),
     }

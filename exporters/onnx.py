@@ -93,7 +93,8 @@ from sdt_deploy.ir.graph import (
     Readout,
     TokenSum,
 )
-from sdt_deploy.quant.bits import channel_bounds
+from sdt_deploy.quant.bits import channel_bounds, fits_int64
+from sdt_deploy.quant.contract import settings_of
 
 OPSET = 21
 IR_VERSION = 10
@@ -168,7 +169,7 @@ def int_type_for(bound: float, layer: str, what: str) -> int:
     """int32 where the worst-case magnitude fits, int64 where it does not, refusal beyond."""
     if bound < 2 ** 31:
         return INT32
-    if bound < 2 ** 63:
+    if fits_int64(bound):
         return INT64
     raise DeployError(f"{layer}: the worst-case {what} 2**{np.log2(bound):.1f} does not fit int64; refusing "
                       "rather than risking a wrap-around")
@@ -663,8 +664,8 @@ def metadata(qg: Graph, variant: str, unroll: bool, debug: bool) -> dict:
         "spikes": json.dumps([n.name for n in qg.spike_nodes() if not isinstance(n, Broadcast)] if debug else []),
         "grids": json.dumps(grids, sort_keys=True),
         "config": json.dumps(qg.meta.get("config", {}), sort_keys=True),
-        "quantization": json.dumps({k: qg.meta.get(k) for k in ("weight_bits", "input_bits", "scale_search",
-                                                                 "input_grid", "plif_tau")}, sort_keys=True),
+        "quantization": json.dumps(settings_of(qg.meta), sort_keys=True),
+        "provenance": json.dumps(qg.meta.get("provenance", {}), sort_keys=True),
     }
     if "partition" in qg.meta:
         meta["partition"] = str(qg.meta["partition"])

@@ -11,6 +11,7 @@ import os
 from typing import Any, Mapping, Optional, Union
 
 from models import SpikeDrivenTransformer
+from sdt_deploy import __version__
 from sdt_deploy.errors import DeployError
 from sdt_deploy.files.checkpoint import Checkpoint, LoadedModel, float_model, load_checkpoint
 from sdt_deploy.files.configs import DataConfig, Resolved
@@ -81,9 +82,16 @@ def quantize(source: Source, weight_bits: int = 8, input_bits: int = 8, scale_se
         src.checkpoint.state_dict.clear()
     qg = fold_and_quantize(graph, opts, consume=consume)
     del graph
+    qg.meta["provenance"] = provenance(src.checkpoint)
     check_engine_bounds(qg)   # refuse, naming the layer, rather than hand on a graph that could wrap
     return QuantizedModel(None, qg, src.config, src.resolved.data, keep=keep, resolved=src.resolved,
                           checkpoint=src.checkpoint)
+
+
+def provenance(ck: Checkpoint) -> dict:
+    """What every artifact of a quantized model records of where it came from."""
+    return {"checkpoint": os.path.basename(ck.path) if ck.path else None, "checkpoint_sha256": ck.sha256 or None,
+            "tool_version": __version__}
 
 
 def float_source(source: Source) -> LoadedModel:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from exporters.bundle import partition
-from exporters.nir import DT, OUTPUT, float32_threshold, to_nir, write_nir
+from exporters.nir import DT, OUTPUT, to_nir, write_nir
 from models.sdt import heads_or_pool
 from sdt_deploy.errors import DeployError
 from sdt_deploy.ir.graph import LIF, Conv, Graph, Input, Linear, OrPool, Readout
@@ -239,14 +239,73 @@ def test_lif_threshold_is_exact_for_the_finest_membrane_reachable_in_T_steps():
     assert naive_spikes["lif"][:, 0].sum() > 0              # ... but passes 1 - 2**-(g+1)
 
 
-def test_portable_threshold_survives_float32():
-    """snntorch holds thresholds in float32: theta - 2**-(g+T+1) is kept where float32 has it, else the
-    float32 just below theta (which still lies in [theta - 2**-(g+T+1), theta))."""
-    assert float32_threshold(1.0, 1.0 - 2.0 ** -10) == 1.0 - 2.0 ** -10
-    assert float32_threshold(1.0, 1.0 - 2.0 ** -30) == 1.0 - 2.0 ** -24
-    assert float32_threshold(64.0, 64.0 - 2.0 ** -25) == 64.0 - 2.0 ** -18
-    assert float32_threshold(0.5, 0.5 - 3 * 2.0 ** -28) == 0.5 - 2.0 ** -25     # nearest would be 0.5 itself
-    assert float32_threshold(1.0, 1.0 - 2.0 ** -23 + 2.0 ** -26) == 1.0 - 2.0 ** -24   # up, not to nearest
+def _boundary_case():
+    """A channel whose grid + T passes 24 bits (grid 20, T = 20) and a coarse one (grid 3). Constant input
+    1 + 2**-20 gives H_t = (1 + 2**-20)(1 - 2**-t): at t = 20, 1 - 2**-40, reachable and just under
+    theta = 1; input 2 at step 0 gives H = 1 exactly, a tie."""
+    T, grid = 20, np.array([20, 3], dtype=np.int64)
+    g = lif_graph(grid, 1.0, T)
+    g.meta["cut_bound"] = [2.0 ** 22, 2.0 ** 5]
+    x = np.zeros((3, T, 2, 1, 1))
+    x[0, :, 0] = 1 + 2.0 ** -20
+    x[1, 0, 0] = 2.0
+    x[2, :, 1] = 1 + 2.0 ** -3
+    return g, x
+
+
+def test_standard_thresholds_are_exact_where_grid_plus_T_passes_24_bits():
+    """Per-channel theta - 2**-(g+T+1): the exact membranes (the integer engine) fire exactly, the near miss
+    1 - 2**-40 does not, the tie does."""
+    g, x = _boundary_case()
+    want = run_engine(g, x).spikes["lif"]
+    assert want[:, 0, 0].sum() == 0 and want[0, 1, 0] == 1           # the hand computation, confirmed
+    graph = to_nir(g, profile="standard")
+    assert np.asarray(graph.nodes["lif"].v_threshold).ravel().tolist() == [1 - 2.0 ** -41, 1 - 2.0 ** -24]
+    _, spikes = run_nir(graph, x)
+    assert np.array_equal(spikes["lif"].astype(np.uint8), want)
+
+
+@pytest.mark.parametrize("profile", ["portable", "norse"])
+def test_shared_threshold_is_exact_for_float32_membranes_where_grid_plus_T_passes_24_bits(profile):
+    """The profiles for float32 simulators: one threshold, the float32 just below theta where no float32
+    lies in [theta - 2**-(g+T+1), theta). For every float32 membrane, v > t is v >= theta (checked on every
+    float32 value around theta); the float32 model of the channel (the float executor in float32, as
+    spikingjelly computes) and the file run on those float32 membranes agree spike for spike, the tie
+    included. The near miss 1 - 2**-40, which float32 cannot hold, is float32's 1.0: it fires in float32
+    everywhere, and only the standard profile is exact for it."""
+    g, x = _boundary_case()
+    graph = to_nir(g, profile=profile, dt=None)
+    t = float(np.asarray(graph.nodes["lif"].v_threshold).flat[0])
+    assert t == 1.0 - 2.0 ** -24 and float(np.float32(t)) == t
+    around = np.float32(1.0) + np.arange(-64, 65, dtype=np.float32) * np.float32(2.0 ** -24)
+    values = np.concatenate([np.nextafter(around, np.float32(-2)), around, np.nextafter(around, np.float32(2))])
+    assert np.array_equal(values > np.float32(t), values >= np.float32(1.0))
+    _, want32, _ = execute(g, x.astype(np.float32))            # spikingjelly's float32 arithmetic
+    assert want32["lif"][19, 0, 0] == 1 and want32["lif"][0, 1, 0] == 1      # the near miss rounds to 1.0
+    assert run_engine(g, x).spikes["lif"][19, 0, 0] == 0                      # ... where exactly it is below
+
+
+@pytest.mark.parametrize("name", ["lif_0011", "dvs_tet_t10", "gesture_t16", "odd_1001_t1"])
+def test_shared_threshold_is_the_exact_rule_wherever_the_layer_is_float32_exact(name):
+    """Where the bit analysis finds a layer float32-exact, the portable threshold is theta - 2**-(g+T+1)
+    itself (exact for every reachable membrane), a float32 value."""
+    from sdt_deploy.quant.bits import bit_report
+
+    q = quantized(case_path(name))
+    exact = {r["name"]: r["float32_exact"] for r in bit_report(q.graph)["layers"]}
+    dev = partition(q.graph)
+    part = dev.device if dev else q.graph
+    graph = to_nir(part, profile="portable")
+    T = int(q.graph.meta["time_steps"])
+    checked = 0
+    for n in part.of_type(LIF):
+        th = float(np.asarray(graph.nodes[n.name].v_threshold).flat[0])
+        if exact[n.name]:
+            g = int(np.max(n.grid))
+            assert Fraction(th) == Fraction(n.v_threshold) - Fraction(1, 2 ** (g + T + 1)), n.name
+            assert float(np.float32(th)) == th, n.name
+            checked += 1
+    assert checked >= 1
 
 
 # ---------------------------------------------------------------- structure of the exported file

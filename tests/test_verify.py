@@ -15,6 +15,7 @@ from onnx import numpy_helper
 from exporters.bundle import export_graph
 from sdt_deploy.cli.app import main
 from sdt_deploy.data.datasets import ArrayDataset
+from sdt_deploy.ir.graph import LIF
 from sdt_deploy.run.integer_engine import run_engine
 from sdt_deploy.verify.executors import ALL_EXECUTORS
 from sdt_deploy.verify.verifier import run_verify
@@ -42,10 +43,19 @@ def test_every_executor_agrees_on_the_variants(name):
     assert res.ok, res.tally.first
     j = res.to_json()
     assert j["first_divergence"] is None
-    # every layer was compared in every executor, and there were spikes to compare
+    # the ONNX files are run as `export` writes them (no debug outputs): every LIF's membrane after every
+    # step and the per-step output are compared there; every spike tensor in the other executors
+    lifs = {n.name for n in quantized(case_path(name)).graph.of_type(LIF)}
     for layer, row in j["layers"].items():
-        assert set(row) == set(EVERY), layer
+        want = set(EVERY) if layer in lifs else {"torch", "engine", "nir"}
+        assert set(row) == want, layer
+        for ex in ("onnx-int", "onnx-float"):
+            if layer in lifs:
+                assert row[ex]["membranes"] > 0 and row[ex]["membrane_mismatches"] == 0 and row[ex]["spikes"] is None
+    assert j["per_step_output"] == {"onnx-int": {"mismatches": 0}, "onnx-float": {"mismatches": 0}}
     assert sum(r["torch"]["spikes"] for r in j["layers"].values()) > 0
+    assert {ex: f["origin"] for ex, f in j["artifacts"].items()} == {
+        "onnx-int": "exported for this run", "onnx-float": "exported for this run", "nir": "exported for this run"}
 
 
 @needs_shared
@@ -99,14 +109,17 @@ def _tie(q, x, lif_name):
     return c, int(lif.grid[c])
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+@pytest.fixture(scope="module", params=[False, True], ids=["as-exported", "debug-outputs"])
+def exported(tmp_path_factory, request):
+    """The files `export` writes by default (ONNX without debug outputs: membranes and per-step outputs are
+    compared), and with --debug-outputs (spikes compared as well)."""
     q = quantized(case_path(CASE))
     d = tmp_path_factory.mktemp("artifacts")
     for kind, target, variant in (("onnx-int", "onnx", "int"), ("onnx-float", "onnx", "float"),
-                                  ("nir", "nir", "float")):
+                                  ("nir", "nir", "int")):
         suffix = ".nir" if target == "nir" else ".onnx"
-        export_graph(q.graph, target, str(d / f"m.{kind}{suffix}"), onnx_variant=variant, debug_outputs=True)
+        export_graph(q.graph, target, str(d / f"m.{kind}{suffix}"), onnx_variant=variant,
+                     debug_outputs=request.param)
     return q, d
 
 
@@ -144,7 +157,8 @@ def _assert_caught(code, captured, layer):
     assert len(err) == 1 and "spike mismatch" in err[0] and f"layer {layer}," in err[0], err
     rep = json.loads(captured.out)
     assert rep["ok"] is False and rep["first_divergence"]["layer"] == layer
-    bad = {k for k, row in rep["layers"].items() if any(v["mismatches"] for v in row.values())}
+    bad = {k for k, row in rep["layers"].items()
+           if any(v.get("mismatches") or v.get("membrane_mismatches") for v in row.values())}
     assert layer in bad
     # upstream layers are untouched: the report localises the change
     assert "block.0.attn.q_lif" not in bad and "patch_embed.proj_lif3" not in bad

@@ -25,6 +25,7 @@ import torch
 
 from models import SDTConfig, build_model
 from sdt_deploy.errors import DeployError
+from sdt_deploy.files.artifacts import sha256_of
 from sdt_deploy.files.atomic import save_torch
 from sdt_deploy.files.configs import Resolved, resolve
 
@@ -43,6 +44,7 @@ class Checkpoint:
     ddp_prefix: bool = False
     ema: bool = False
     extra: dict = field(default_factory=dict)   # the quantized format's metadata
+    sha256: str = ""                  # of the file's bytes: the provenance every export records
 
 
 def _refused_global(message: str) -> Optional[str]:
@@ -133,7 +135,9 @@ def normalise(obj: Any, path: str, ema: bool = False) -> Checkpoint:
 
 
 def load_checkpoint(path: str, ema: bool = False) -> Checkpoint:
-    return normalise(read_file(path), path, ema=ema)
+    ck = normalise(read_file(path), path, ema=ema)
+    ck.sha256 = sha256_of(path)
+    return ck
 
 
 def check_values(sd: Mapping[str, torch.Tensor], path: str) -> None:

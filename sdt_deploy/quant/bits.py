@@ -35,6 +35,19 @@ from sdt_deploy.ir.graph import (
 )
 
 FLOAT32_SIGNIFICAND = 24
+# The one overflow limit of the integer side, shared by the engine, the bit report and the ONNX exporter:
+# int64 holds magnitudes below 2**63.
+INT64_LIMIT = 2 ** 63
+
+
+def working_magnitude(n, bound: float) -> float:
+    """The largest magnitude a node's integer arithmetic forms: a LIF's V + X (up to twice its state's bound)
+    before the halving; every other node's result (partial sums stay within the bound of the whole)."""
+    return 2 * bound if isinstance(n, LIF) else bound
+
+
+def fits_int64(magnitude: float) -> bool:
+    return magnitude < INT64_LIMIT
 
 
 def _bits(bound: float) -> int:
@@ -121,12 +134,13 @@ def bit_report(qg: Graph, observed: dict | None = None) -> dict:
         bound = float(bounds[n.name].max())
         lif = isinstance(n, LIF)
         # the integer LIF forms V + X (up to twice the bound) before halving it
-        int_bits = _bits(2 * bound if lif else bound)
+        int_bits = _bits(working_magnitude(n, bound))
         # a LIF's exact H carries T more fractional bits; other currents are exact integers on their grid
         f32_bits = _bits(bound) + (T if lif else 0)
         row = {"name": n.name, "op": n.op, "grid_min": int(np.min(n.grid)), "grid_max": int(np.max(n.grid)),
                "bound": bound, "int_bits": int_bits, "float32_bits": f32_bits,
-               "float32_exact": f32_bits <= FLOAT32_SIGNIFICAND + 1, "fits_int32": int_bits <= 32}
+               "float32_exact": f32_bits <= FLOAT32_SIGNIFICAND + 1, "fits_int32": int_bits <= 32,
+               "fits_int64": fits_int64(working_magnitude(n, bound))}
         if observed and n.name in observed:
             obs = float(observed[n.name])
             row["observed"] = obs
@@ -141,7 +155,7 @@ def bit_report(qg: Graph, observed: dict | None = None) -> dict:
         "max_float32_bits": worst_f32,
         "float32_exact": all(r["float32_exact"] for r in layers),
         "int32_accumulators": worst_int <= 32,
-        "engine_int64_ok": worst_int <= 63,
+        "engine_int64_ok": all(r["fits_int64"] for r in layers),
         "exact_side": ("both: float32 and the integer engine are exact"
                        if all(r["float32_exact"] for r in layers) else
                        "the integer engine (int64) is exact; float32 may round in the layers marked, so the "
@@ -154,7 +168,8 @@ def check_engine_bounds(qg: Graph) -> dict:
     """Refuse a graph whose worst-case integers need more than int64; returns the bounds per node."""
     bounds = node_bounds(qg)
     for name, b in bounds.items():
-        if b >= 2 ** 62:
-            raise DeployError(f"{name}: worst-case integer magnitude 2**{np.log2(b):.1f} exceeds the engine's "
-                              "int64; refusing rather than risking a wrap-around")
+        magnitude = working_magnitude(qg[name], b)
+        if not fits_int64(magnitude):
+            raise DeployError(f"{name}: worst-case integer magnitude 2**{np.log2(magnitude):.1f} exceeds the "
+                              "engine's int64; refusing rather than risking a wrap-around")
     return bounds

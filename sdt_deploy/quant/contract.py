@@ -76,6 +76,15 @@ class QuantOptions:
             raise DeployError(f"--input-range must be a positive number, got {self.input_range!r}")
 
 
+# what a quantized graph's meta records of the quantization, and every artifact repeats
+SETTINGS = ("weight_bits", "input_bits", "scale_search", "input_range", "input_grid", "plif_tau")
+
+
+def settings_of(meta: dict) -> dict:
+    """The quantization settings a quantized graph (or an artifact's copy of its meta) records."""
+    return {k: meta.get(k) for k in SETTINGS}
+
+
 # ---------------------------------------------------------------- weights
 
 def weight_exponents(scale: np.ndarray, w_int: np.ndarray, shape: tuple) -> tuple[np.ndarray, np.ndarray]:

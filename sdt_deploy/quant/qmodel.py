@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Optional
 
+import numpy as np
 import torch
 
 from models import InputQuantizer, SDTConfig, build_model
@@ -16,17 +17,20 @@ from sdt_deploy.files.configs import DataConfig, Resolved
 from sdt_deploy.ir.graph import LIF, SYNAPTIC, Graph
 
 
-def build_quantized_model(qg: Graph, cfg: SDTConfig) -> torch.nn.Module:
-    """A folded SDT (conv biases, no BatchNorm, token *sum* before head_lif) holding qg's values."""
+def build_quantized_model(qg: Graph, cfg: SDTConfig, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """A folded SDT (conv biases, no BatchNorm, token *sum* before head_lif) holding qg's values, in `dtype`:
+    float64 for a reference that must hold values float32 cannot (the values go into the parameters
+    from the graph's integers, never through float32)."""
     if not qg.meta.get("quantized"):
         raise DeployError("build_quantized_model needs a quantized graph")
-    model = build_model(cfg, folded=True, head_pool="sum")
+    model = build_model(cfg, folded=True, head_pool="sum").to(dtype)
     modules = dict(model.named_modules())
+    np_dtype = np.float64 if dtype == torch.float64 else None
     with torch.no_grad():
         for n in qg.nodes:
             if isinstance(n, SYNAPTIC):
                 m = modules[n.name]
-                m.weight.copy_(torch.from_numpy(n.float_weight()).to(m.weight.dtype))
+                m.weight.copy_(torch.from_numpy(n.float_weight(np_dtype)).to(m.weight.dtype))
                 m.bias.copy_(torch.from_numpy(n.bias).to(m.bias.dtype))
             elif isinstance(n, LIF):
                 m = modules[n.name]

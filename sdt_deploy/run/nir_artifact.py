@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from sdt_deploy.errors import DeployError
-from sdt_deploy.files.artifacts import read_manifest
+from sdt_deploy.files.artifacts import partition_paths, read_manifest
 from sdt_deploy.run.nir_interpreter import load_graph, nir_input, nir_layer_spikes, run_nir
 
 
@@ -38,6 +38,12 @@ def open_nir_artifact(path: str) -> NirArtifact:
         raise DeployError(f"NIR artifact {path!r}: not readable by nir.read ({type(exc).__name__}: "
                           f"{str(exc).splitlines()[0][:120] if str(exc) else ''})") from None
     manifest = read_manifest(path)
+    meta = graph.metadata if isinstance(graph.metadata, dict) else {}
+    if manifest is None and str(meta.get("partition", "whole")) == "device":
+        stem, manifest_path = (os.path.basename(p) for p in partition_paths(path))
+        raise DeployError(f"{os.path.basename(path)} is the device part of a partitioned export (it starts at "
+                          f"{meta.get('cut', 'the cut')}); its host stem {stem} and manifest {manifest_path} must "
+                          "be beside it")
     host = None
     if manifest is not None:
         from sdt_deploy.run.onnx_runner import open_onnx
@@ -71,8 +77,19 @@ def host_feed(art: NirArtifact, x: np.ndarray) -> tuple[dict, np.ndarray]:
     if art.host is None:
         return {}, nir_input(art.graph, x)
     stem = art.host.run(x)
-    feed = np.ascontiguousarray(np.asarray(stem.logits, dtype=np.float64).swapaxes(0, 1))   # [B, T, ...]
-    return dict(stem.spikes), nir_input(art.graph, feed)
+    return dict(stem.spikes), nir_input(art.graph, cut_values(stem))
+
+
+def cut_values(stem) -> np.ndarray:
+    """The host stem's per-step output as the NIR input [B, T, C, H, W], in float64 and exact: an int
+    stem's integers times 2**-grid per channel (any width: float64 holds 53 bits), a float stem's
+    float32 values as they are (exact only while the cut's values fit float32's 24 bits)."""
+    if stem.logits_int is not None:
+        grid = np.asarray(stem.logits_grid, dtype=np.float64).reshape(-1, 1, 1)
+        values = stem.logits_int.astype(np.float64) * np.exp2(-grid)          # exact
+    else:
+        values = np.asarray(stem.logits, dtype=np.float64)
+    return np.ascontiguousarray(values.swapaxes(0, 1))
 
 
 def run_artifact(art: NirArtifact, x: np.ndarray) -> tuple[dict, np.ndarray]:

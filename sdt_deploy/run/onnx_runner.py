@@ -42,6 +42,8 @@ class OnnxRun:
     logits_int: Optional[np.ndarray] = None     # int variant: int64 [T, B, ...] per-step integers
     logits_grid: Optional[np.ndarray] = None    # int variant: per-channel exponent of logits_int
     variant: str = "float"
+    per_step: Optional[np.ndarray] = None       # the output at every step [T, B, ...], before the read-out
+    membranes: dict = field(default_factory=dict)   # step model: LIF -> its v_out after every step [T, B, ...]
 
 
 @dataclass(frozen=True)
@@ -137,13 +139,15 @@ def swap_batch_time(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.swapaxes(x, 0, 1))
 
 
-def run_steps(session, info: ModelInfo, frames: np.ndarray) -> tuple[np.ndarray, dict]:
-    """The step model driven over T with its state; returns (per-step output [T, B, ...], spikes)."""
+def run_steps(session, info: ModelInfo, frames: np.ndarray) -> tuple[np.ndarray, dict, dict]:
+    """The step model driven over T with its state; returns (per-step output [T, B, ...], spikes,
+    membranes: every LIF's `v_out` after every step [T, B, ...])."""
     B = frames.shape[1]
     states = {i.name: np.zeros([B] + list(i.shape[1:]), dtype=ORT_TYPES[i.type])
               for i in session.get_inputs() if i.name.startswith(STATE_IN)}
     wanted = [info.output] + [STATE_OUT + s[len(STATE_IN):] for s in states] + list(info.spikes)
     outs, spikes = [], {name: [] for name in info.spikes}
+    membranes: dict = {s[len(STATE_IN):]: [] for s in states}
     for t in range(frames.shape[0]):
         feed = {info.input: np.ascontiguousarray(frames[t]), **states}
         got = dict(zip(wanted, session.run(wanted, feed)))
@@ -151,13 +155,17 @@ def run_steps(session, info: ModelInfo, frames: np.ndarray) -> tuple[np.ndarray,
         outs.append(got[info.output])
         for name in info.spikes:
             spikes[name].append(got[name])
-    return np.stack(outs), {k: np.stack(v).astype(np.uint8, copy=False) for k, v in spikes.items()}
+        for name in membranes:
+            membranes[name].append(got[STATE_OUT + name])
+    return (np.stack(outs), {k: np.stack(v).astype(np.uint8, copy=False) for k, v in spikes.items()},
+            {k: np.stack(v) for k, v in membranes.items()})
 
 
-def run_unrolled(session, info: ModelInfo, frames: np.ndarray) -> tuple[np.ndarray, dict]:
+def run_unrolled(session, info: ModelInfo, frames: np.ndarray) -> tuple[np.ndarray, dict, dict]:
+    """The unrolled model (no state tensors: no membranes to return)."""
     wanted = [info.output] + list(info.spikes)
     got = dict(zip(wanted, session.run(wanted, {info.input: swap_batch_time(frames)})))
-    return got[info.output], {k: got[k].astype(np.uint8, copy=False) for k in info.spikes}
+    return got[info.output], {k: got[k].astype(np.uint8, copy=False) for k in info.spikes}, {}
 
 
 def read_out(per_step: np.ndarray, info: ModelInfo) -> OnnxRun:
@@ -185,14 +193,19 @@ class OnnxSession:
         frames, _ = check_frames(x, self.session, self.info)
         run = run_unrolled if self.info.unrolled else run_steps
         step = batch_size or frames.shape[1]
-        outs, spikes = [], {}
+        outs, spikes, membranes = [], {}, {}
         for start in range(0, frames.shape[1], step):
-            out, sp = run(self.session, self.info, frames[:, start:start + step])
+            out, sp, mem = run(self.session, self.info, frames[:, start:start + step])
             outs.append(out)
             for k, v in sp.items():
                 spikes.setdefault(k, []).append(v)
-        result = read_out(np.concatenate(outs, axis=1), self.info)
+            for k, v in mem.items():
+                membranes.setdefault(k, []).append(v)
+        per_step = np.concatenate(outs, axis=1)
+        result = read_out(per_step, self.info)
+        result.per_step = per_step
         result.spikes = {k: np.concatenate(v, axis=1) for k, v in spikes.items()}
+        result.membranes = {k: np.concatenate(v, axis=1) for k, v in membranes.items()}
         return result
 
 

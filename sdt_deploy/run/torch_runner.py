@@ -48,6 +48,32 @@ def run_model(model: torch.nn.Module, x: np.ndarray, batch_size: int = 64, devic
     return out_logits, {k: np.concatenate(v, axis=1) for k, v in spikes.items()}
 
 
+def run_model_state(model: torch.nn.Module, x: np.ndarray, device: Optional[str] = None) -> tuple:
+    """One batch through the model with everything a layer-by-layer comparison needs: (logits, spikes,
+    membranes, per-step output). `membranes`: each LIF's membrane after the step's reset, [T, B, ...] in
+    the model's dtype (spikingjelly keeps it as the neuron's `v_seq`), keyed by module path, which is the
+    layer name; `per_step`: the head's output at every step [T, B, K], before the mean over T."""
+    from models import is_neuron
+
+    model.eval()
+    dev = torch.device(device) if device else next(model.parameters()).device
+    xb = torch.from_numpy(np.ascontiguousarray(x)).to(dev)
+    taps = _SpikeTaps()
+    heads: list = []
+    hook = model.head.register_forward_hook(lambda _m, _i, out: heads.append(out.detach()))
+    functional.reset_net(model)
+    try:
+        with torch.no_grad():
+            y = model(xb, taps)
+        membranes = {name: m.v_seq.detach().cpu().numpy() for name, m in model.named_modules()
+                     if is_neuron(m) and name in taps}
+    finally:
+        hook.remove()
+        functional.reset_net(model)
+    spikes = {k: v.cpu().numpy() for k, v in taps.items()}
+    return y.float().cpu().numpy(), spikes, membranes, heads[0].cpu().numpy()
+
+
 def predictions(logits: np.ndarray) -> np.ndarray:
     """Class per sample; TET's per-step logits are averaged over T first (as the original evaluates)."""
     if logits.ndim == 3:

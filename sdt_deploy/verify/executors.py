@@ -1,19 +1,23 @@
 """The executors `verify` compares, one entry each in `RUNNERS`: a function from (context, input batch) to
-the batch's spikes (uint8 [T, B, ...] under the layer names) and logits.
+what the executor shows of the batch (`Output`): spikes (uint8 [T, B, ...] under the layer names), the
+logits, and where it has them the membranes and per-step outputs.
 
 - `torch`      the quantized PyTorch model on the CPU (float32; float64 where the bit analysis says
                float32 may round);
 - `cupy`       the same model object on a CUDA device with spikingjelly's CuPy LIF kernel (TF32 off,
                cuDNN off, deterministic algorithms); skipped, saying so, without CUDA or CuPy;
 - `engine`     the integer engine;
-- `onnx-int`, `onnx-float`   the exported ONNX variants in onnxruntime (CPU);
-- `nir`        the exported NIR graph (read back with `nir.read`) in the project's NIR interpreter, fed by
-               the host-side ONNX stem when the graph is partitioned.
-Exports are made on the fly into a temporary folder, or the files given as artifacts are used.
+- `onnx-int`, `onnx-float`   an ONNX export in onnxruntime (CPU): every LIF's state `v_out.<layer>`
+               after every step and the per-step output, plus every spike tensor where the file has
+               debug outputs;
+- `nir`        a NIR export (read back with `nir.read`) in the project's NIR interpreter, fed by the
+               host-side ONNX stem when the export is partitioned.
+Exports are made on the fly into a temporary folder, or the files the user gives are run as they are.
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -23,29 +27,36 @@ import torch
 
 from exporters.bundle import export_graph
 from sdt_deploy.errors import DeployError
-from sdt_deploy.files.artifacts import ONNX_META_PREFIX
 from sdt_deploy.ir.graph import LIF
 from sdt_deploy.quant.qmodel import QuantizedModel
 from sdt_deploy.run.float_executor import execute
 from sdt_deploy.run.integer_engine import run_engine
-from sdt_deploy.run.torch_runner import run_model
+from sdt_deploy.run.torch_runner import run_model, run_model_state
 
 ALL_EXECUTORS = ("torch", "cupy", "engine", "onnx-int", "onnx-float", "nir")
 
 
 @dataclass
 class Output:
-    spikes: dict
+    """What an executor shows of one batch."""
+
+    spikes: dict                                  # layer -> uint8 [T, B, ...] (empty: the file exposes none)
     logits: np.ndarray
+    membranes: dict = field(default_factory=dict)  # LIF layer -> membrane after the step's reset [T, B, ...]
+    per_step: Optional[np.ndarray] = None         # the head's output at every step [T, B, K]
+    arithmetic: str = ""                          # of membranes/per_step: "int" (integers on the grid), "float32"
 
 
 @dataclass
 class Context:
     q: QuantizedModel
     workdir: str
-    artifacts: dict = field(default_factory=dict)      # kind -> path ("onnx-int", "onnx-float", "nir", ...)
+    artifacts: dict = field(default_factory=dict)      # executor -> path of the file it runs
+    user_files: set = field(default_factory=set)       # the executors whose file the user gave
     float64_reference: bool = False
-    cache: dict = field(default_factory=dict)
+    states: set = field(default_factory=set)           # the arithmetics whose membranes are compared
+    cache: dict = field(default_factory=dict)          # models, sessions, opened files
+    batch: dict = field(default_factory=dict)          # outputs of the current batch, by executor
 
     @property
     def graph(self):
@@ -54,16 +65,32 @@ class Context:
 
 # ---------------------------------------------------------------- executors
 
-def _torch(ctx: Context, x: np.ndarray) -> Output:
-    model = ctx.cache.get("torch_model")
-    if model is None:
-        import copy
+def _torch_model(ctx: Context, dtype) -> torch.nn.Module:
+    """The quantized torch model; in float64 built from the graph's integers directly (a float32 model made
+    float64 would keep whatever float32 rounded on the way in)."""
+    key = f"torch_model_{dtype}"
+    if key not in ctx.cache:
+        if dtype == torch.float64:
+            from sdt_deploy.quant.qmodel import build_quantized_model
 
-        model = copy.deepcopy(ctx.q.model).double() if ctx.float64_reference else ctx.q.model
-        ctx.cache["torch_model"] = model
-    xs = x.astype(np.float64) if ctx.float64_reference else x
-    logits, spikes = run_model(model, xs, batch_size=len(x))
-    return Output(spikes, logits)
+            ctx.cache[key] = build_quantized_model(ctx.graph, ctx.q.config, dtype=torch.float64)
+        else:
+            ctx.cache[key] = ctx.q.model
+    return ctx.cache[key]
+
+
+def _torch_run(ctx: Context, x: np.ndarray, dtype) -> Output:
+    xs = x.astype(np.float64) if dtype == torch.float64 else x
+    arithmetic = "float64" if dtype == torch.float64 else "float32"
+    if arithmetic not in ctx.states:          # no one compares its membranes: spikes and logits only
+        logits, spikes = run_model(_torch_model(ctx, dtype), xs, batch_size=len(x))
+        return Output(spikes, logits)
+    logits, spikes, membranes, per_step = run_model_state(_torch_model(ctx, dtype), xs)
+    return Output(spikes, logits, membranes, per_step, arithmetic)
+
+
+def _torch(ctx: Context, x: np.ndarray) -> Output:
+    return _torch_run(ctx, x, torch.float64 if ctx.float64_reference else torch.float32)
 
 
 def cuda_skip_reason() -> Optional[str]:
@@ -100,22 +127,22 @@ def deterministic_cuda():
 
 
 def _cupy(ctx: Context, x: np.ndarray) -> Output:
-    model = ctx.cache.get("cuda_model")
-    if model is None:
-        import copy
-
-        model = copy.deepcopy(ctx.q.model).cuda()
-        ctx.cache["cuda_model"] = model
+    if "cuda_model" not in ctx.cache:
+        ctx.cache["cuda_model"] = copy.deepcopy(ctx.q.model).cuda()
     with deterministic_cuda():
-        logits, spikes = run_model(model, x, batch_size=len(x), device="cuda")
-    return Output(spikes, logits)
+        logits, spikes, membranes, per_step = run_model_state(ctx.cache["cuda_model"], x, device="cuda")
+    return Output(spikes, logits, membranes, per_step, "float32")
 
 
 def _engine(ctx: Context, x: np.ndarray) -> Output:
-    r = run_engine(ctx.graph, x)
-    ctx.cache.setdefault("engine_acs", 0)
-    ctx.cache["engine_acs"] += r.total_acs
-    return Output(r.spikes, r.logits)
+    """The integer engine; its membranes (integers on each LIF's grid) are what an integer export's states
+    are compared with."""
+    if "int" not in ctx.states:
+        r = run_engine(ctx.graph, x)
+        return Output(r.spikes, r.logits)
+    r = run_engine(ctx.graph, x, membranes=True)
+    membranes = {k: np.where(r.spikes[k] != 0, 0, h) for k, h in r.membranes.items()}   # after the reset
+    return Output(r.spikes, r.logits, membranes, r.logits_int, "int")
 
 
 def _onnx(variant: str) -> Callable[[Context, np.ndarray], Output]:
@@ -126,10 +153,8 @@ def _onnx(variant: str) -> Callable[[Context, np.ndarray], Output]:
         if key not in ctx.cache:   # one onnxruntime session for all batches
             ctx.cache[key] = open_onnx(ensure_artifact(ctx, f"onnx-{variant}"))
         res = run_onnx(ctx.cache[key], x)
-        if not res.spikes:
-            raise DeployError(f"onnx-{variant}: the file has no debug outputs (export with --debug-outputs "
-                              "to verify it layer by layer)")
-        return Output(res.spikes, res.logits)
+        per_step = res.logits_int if variant == "int" else res.per_step
+        return Output(res.spikes, res.logits, res.membranes, per_step, "int" if variant == "int" else "float32")
     return run
 
 
@@ -147,9 +172,35 @@ RUNNERS: dict[str, Callable[[Context, np.ndarray], Output]] = {
     "nir": _nir,
 }
 
+# executors that show every spike tensor of the model: one missing is a failure, not a gap
+SHOW_EVERY_SPIKE = ("torch", "cupy", "engine", "nir")
+
+
+def run_executor(ctx: Context, name: str, x: np.ndarray) -> Output:
+    """The executor's output for the current batch (run once per batch, whoever asks)."""
+    if name not in ctx.batch:
+        ctx.batch[name] = RUNNERS[name](ctx, x)
+    return ctx.batch[name]
+
+
+def state_reference(ctx: Context, arithmetic: str, x: np.ndarray) -> Output:
+    """What a candidate's membranes and per-step outputs are compared with, in its own arithmetic: the
+    integer engine's integers for an integer file; the float32 torch model's values for a float one
+    (identical whenever the currents fit float32: the LIF's float updates round the same way in both)."""
+    if arithmetic == "int":
+        return run_executor(ctx, "engine", x)
+    if arithmetic == "float32":
+        if not ctx.float64_reference and "torch" in ctx.batch:
+            return ctx.batch["torch"]
+        key = "torch-float32"
+        if key not in ctx.batch:
+            ctx.batch[key] = _torch_run(ctx, x, torch.float32)
+        return ctx.batch[key]
+    raise DeployError(f"internal: no state reference for {arithmetic!r} arithmetic")
+
 
 def ensure_artifact(ctx: Context, kind: str) -> str:
-    """The file for an executor: given with --artifact, or exported now into the work folder."""
+    """The file for an executor: given by the user, or exported now into the work folder."""
     if kind in ctx.artifacts:
         return ctx.artifacts[kind]
     path = export_artifact(ctx.graph, kind, ctx.workdir)
@@ -158,14 +209,15 @@ def ensure_artifact(ctx: Context, kind: str) -> str:
 
 
 def export_artifact(graph, kind: str, workdir: str) -> str:
-    """Export what an executor runs (`onnx-int`, `onnx-float` with debug outputs, `nir`) into workdir."""
+    """Export what an executor runs (`onnx-int`, `onnx-float` as `export` writes them by default, `nir`
+    partitioned with its integer stem) into workdir."""
     if kind.startswith("onnx-"):
         path = os.path.join(workdir, f"model.{kind}.onnx")
-        export_graph(graph, "onnx", path, onnx_variant=kind.split("-", 1)[1], debug_outputs=True, force=True)
+        export_graph(graph, "onnx", path, onnx_variant=kind.split("-", 1)[1], force=True)
         return path
     if kind == "nir":
         path = os.path.join(workdir, "model.nir")
-        export_graph(graph, "nir", path, onnx_variant="float", force=True)
+        export_graph(graph, "nir", path, force=True)
         return path
     raise DeployError(f"no artifact kind {kind!r}")
 
@@ -176,37 +228,9 @@ def skip_reason(name: str) -> Optional[str]:
     return None
 
 
-def artifacts_by_kind(paths) -> dict:
-    """--artifact files by the executor that runs them (ONNX variant read from its metadata)."""
-    out = {}
-    for p in paths:
-        if not os.path.exists(p):
-            raise DeployError(f"--artifact {p!r}: no such file")
-        if p.endswith(".onnx"):
-            import onnx
-
-            try:
-                m = onnx.load(p, load_external_data=False)
-            except Exception as exc:  # noqa: BLE001 - an unreadable artifact is one message
-                raise DeployError(f"--artifact {p!r}: not a readable ONNX file ({type(exc).__name__})") from None
-            meta = {e.key[len(ONNX_META_PREFIX):]: e.value for e in m.metadata_props
-                    if e.key.startswith(ONNX_META_PREFIX)}
-            variant = meta.get("variant")
-            if variant not in ("int", "float"):
-                raise DeployError(f"--artifact {p!r}: not an sdt-deploy ONNX export (no variant in its metadata)")
-            if meta.get("partition") == "host":
-                raise DeployError(f"--artifact {p!r}: a partition's host stem; pass the .nir file (its manifest "
-                                  "names the stem)")
-            out[f"onnx-{variant}"] = p
-        elif p.endswith(".nir"):
-            out["nir"] = p
-        else:
-            raise DeployError(f"--artifact {p!r}: expected a .onnx or .nir file")
-    return out
-
-
 def membrane_detail(ctx: Context, executor: str, x: np.ndarray, layer: str, t: int, b: int, idx: tuple) -> dict:
-    """Both sides' membrane H at the divergence (exact float64 executor vs the candidate's own state)."""
+    """Both sides' membrane H at a spike divergence (the exact float64 executor vs the candidate's own
+    state where it has one)."""
     node = ctx.graph[layer]
     if not isinstance(node, LIF):
         return {"note": f"{layer} is a {node.op} node: it has no membrane; compare its inputs "
