@@ -19,7 +19,7 @@ from sdt_deploy.cli.quantize import quantize
 from sdt_deploy.cli.report import report
 from sdt_deploy.cli.run import run
 from sdt_deploy.cli.verify import verify
-from sdt_deploy.errors import DeployError
+from sdt_deploy.errors import DeployError, without_unsafe_advice
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -53,20 +53,40 @@ def main(argv=None) -> int:
         click.echo(f"sdt-deploy: error: {exc.format_message()}", err=True)
         return exc.exit_code
     except DeployError as exc:
-        click.echo(f"sdt-deploy: error: {exc}", err=True)
+        click.echo(f"sdt-deploy: error: {_one_line(str(exc))}", err=True)
         return exc.exit_code
     except KeyboardInterrupt:
         click.echo("sdt-deploy: error: interrupted; no partial output was left", err=True)
         return 130
     except BrokenPipeError:
         return 1
+    except OSError as exc:
+        # the system refused a file the library did not wrap (a folder it could not create, a file it
+        # could not open): the user can act on the path and the reason, so it is no internal error
+        if os.environ.get("SDT_DEPLOY_DEBUG"):
+            raise
+        click.echo(f"sdt-deploy: error: {_os_error(exc)}", err=True)
+        return 2
     except Exception as exc:  # noqa: BLE001 - the last line of defence against a traceback
         if os.environ.get("SDT_DEPLOY_DEBUG"):
             raise
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        msg = _one_line(str(exc))
         click.echo(f"sdt-deploy: internal error: {type(exc).__name__}: {msg} "
                    "(set SDT_DEPLOY_DEBUG=1 for the traceback)", err=True)
         return 3
+
+
+def _one_line(text: str) -> str:
+    """The first line of a message, never with torch's advice to load with weights_only=False."""
+    lines = text.strip().splitlines()
+    return without_unsafe_advice(lines[0]) if lines else ""
+
+
+def _os_error(exc: OSError) -> str:
+    """'PATH': reason, in the operating system's words."""
+    reason = os.strerror(exc.errno) if exc.errno else (_one_line(str(exc)) or type(exc).__name__)
+    names = [os.fsdecode(f) for f in (exc.filename, exc.filename2) if isinstance(f, (str, bytes))]
+    return f"{' -> '.join(repr(n) for n in names)}: {reason}" if names else reason
 
 
 def entry() -> None:

@@ -2,11 +2,16 @@
 
 Every artifact is written to a temporary file beside its destination and renamed into place only when
 complete, so an interrupted write (an error, Ctrl-C) never leaves a partial file under the real name.
+The file gets the mode `open()` would have given it (0666 less the umask), not the temporary file's 0600.
+A write the operating system refuses (no space left, a read-only file system, no permission, a directory
+that takes no files) is one `DeployError` line naming the destination and the OS's reason, and leaves
+neither the temporary file nor anything under the destination's name.
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 from typing import Iterator, Optional
 
@@ -14,19 +19,79 @@ import numpy as np
 
 from sdt_deploy.errors import DeployError
 
+TEMP_PREFIX = ".sdt-deploy-"
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it (os.umask can only be read by setting it, which
+    would briefly change it for every other thread): Linux's /proc/self/status, else the set-and-restore."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode `open(path, "w")` gives a new file: 0666 less the umask."""
+    return 0o666 & ~current_umask()
+
+
+def os_reason(exc: OSError) -> str:
+    """The operating system's reason for `exc`, in its own words and on one line ("No space left on
+    device"). h5py reports the C library's errno inside its message ("... errno = 28, ...")."""
+    code = exc.errno
+    if not code:
+        m = re.search(r"errno\s*=\s*(\d+)", str(exc))
+        code = int(m.group(1)) if m else None
+    if code:
+        return os.strerror(code)
+    text = str(exc).strip().splitlines()
+    return (text[0][:200] if text else type(exc).__name__)
+
+
+def cannot_write(path: str, exc: OSError, tmp: Optional[str] = None) -> DeployError:
+    """`cannot write 'PATH': REASON`, naming a third file only when the OS named one that is neither the
+    destination nor its temporary file."""
+    reason = os_reason(exc)
+    others = [f for f in (exc.filename, exc.filename2) if f]
+    known = {os.path.abspath(p) for p in (path, tmp) if p}
+    for other in others:
+        try:
+            other = os.fsdecode(other)
+        except TypeError:
+            continue
+        if os.path.abspath(other) not in known and not os.path.basename(other).startswith(TEMP_PREFIX):
+            reason += f" ({other})"
+            break
+    return DeployError(f"cannot write {path!r}: {reason}")
+
 
 def check_output_path(path: str, force: bool = False) -> str:
-    """Refuse, before any work is done, an output that cannot or should not be written."""
+    """Refuse, before any work is done, an output that cannot or should not be written. The directory is
+    asked for real: a file is created in it and removed (some refuse files although they look writable:
+    /proc, /sys, a read-only mount, a full disk's last inode)."""
     path = os.path.abspath(path)
     parent = os.path.dirname(path)
     if os.path.isdir(path):
         raise DeployError(f"output {path!r} is a directory")
     if not os.path.isdir(parent):
         raise DeployError(f"output directory {parent!r} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise DeployError(f"output directory {parent!r} is not writable")
     if os.path.exists(path) and not force:
         raise DeployError(f"output {path!r} exists (use --force to overwrite)")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".probe", dir=parent)
+    except OSError as exc:
+        raise DeployError(f"cannot write {path!r}: directory {parent!r} is not writable "
+                          f"({os_reason(exc)})") from None
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.remove(probe)
     return path
 
 
@@ -45,19 +110,30 @@ def check_output_paths(paths: dict, force: bool = False) -> None:
 
 @contextlib.contextmanager
 def atomic_write(path: str, suffix: Optional[str] = None) -> Iterator[str]:
-    """Yield a temporary path in the destination's directory; rename it to `path` on success only.
+    """Yield a temporary path in the destination's directory; rename it to `path` on success only, with
+    the mode a new file gets from `open()` (0666 less the umask).
 
-    The temporary name keeps the destination's extension (some writers, numpy's `savez` among them,
-    append one otherwise)."""
+    An OSError while writing, setting the mode or renaming becomes `DeployError("cannot write 'path':
+    reason")`; whatever happens, the temporary file is removed and `path` is left as it was. The
+    temporary name keeps the destination's extension (some writers, numpy's `savez` among them, append
+    one otherwise)."""
     parent = os.path.dirname(os.path.abspath(path)) or "."
     ext = suffix if suffix is not None else os.path.splitext(path)[1]
-    fd, tmp = tempfile.mkstemp(prefix=".sdt-deploy-", suffix=".partial" + ext, dir=parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".partial" + ext, dir=parent)
+    except OSError as exc:
+        raise cannot_write(path, exc) from None
     os.close(fd)
     try:
-        yield tmp
-        os.replace(tmp, path)
+        try:
+            yield tmp
+            # the mode is set on the complete file, whatever the writer did to it (reopened, recreated)
+            os.chmod(tmp, file_mode())
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise cannot_write(path, exc, tmp) from None
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
 
@@ -88,5 +164,3 @@ def save_torch(path: str, obj) -> None:
 def save_npz(path: str, arrays: dict) -> None:
     with atomic_write(path, suffix=".npz") as tmp:
         np.savez_compressed(tmp, **arrays)
-
-
