@@ -31,6 +31,12 @@ def joules(pj: Optional[float]) -> str:
     return f"{pj:.3g} pJ"
 
 
+def counted_of(rep: dict) -> str:
+    """Which model a report counted, in words (reports written before `model.counted` existed counted the
+    quantized model)."""
+    return rep.get("model", {}).get("counted", "quantized (the deployed integer model)")
+
+
 def print_report(rep: dict, console=None) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -41,11 +47,13 @@ def print_report(rep: dict, console=None) -> None:
     if not console.is_terminal and console.width < 180:
         console = Console(width=180, file=console.file)
     tot = rep["totals"]
+    is_float = counted_of(rep).startswith("float")
+    measured_label = "counted" if is_float else "measured"
     t = Table(title=f"operations and energy per sample (T = {tot['time_steps']}, {tot['samples']} samples, "
-                    f"energy table {rep['energy_table']['name']})")
+                    f"energy table {rep['energy_table']['name']})\nmodel counted: {counted_of(rep)}")
     for col, just in (("layer", "left"), ("kind", "left"), ("input", "left"), ("in rate", "right"),
                       ("FLOPs", "right"), ("paper ops", "right"), ("ACs", "right"), ("MACs", "right"),
-                      ("other ops", "right"), ("E paper", "right"), ("E measured", "right")):
+                      ("other ops", "right"), ("E paper", "right"), (f"E {measured_label}", "right")):
         t.add_column(col, justify=just, no_wrap=(col == "layer"))
     for r in rep["layers"]:
         other = sum(v for k, v in r["ops_per_sample"].items() if k not in ("ac", "mac"))
@@ -61,13 +69,17 @@ def print_report(rep: dict, console=None) -> None:
               human(m["acs_per_sample"]), human(m["macs_per_sample"]), human(other),
               joules(p["energy_pj"]), joules(m["energy_pj"]))
     console.print(t)
-    console.print(f"[bold]energy per sample[/]  paper convention {p['energy_mj']:.4g} mJ   measured "
+    console.print(f"[bold]energy per sample[/]  paper convention {p['energy_mj']:.4g} mJ   {measured_label} "
                   f"{m['energy_mj']:.4g} mJ   ANN baseline {a['energy_mj']:.4g} mJ"
-                  + (f"   (ANN / measured = {tot['ann_over_measured']:.3g}x)" if tot["ann_over_measured"] else ""))
-    if "engine" in tot:
-        e = tot["engine"]
+                  + (f"   (ANN / {measured_label} = {tot['ann_over_measured']:.3g}x)"
+                     if tot["ann_over_measured"] else ""))
+    e = tot.get("engine")
+    if e is not None and e.get("applicable", True):
         console.print(f"[bold]measured ACs[/] {m['acs']:,} over the run = the integer engine's counter "
                       f"{e['total_acs']:,} ({'match' if e['matches'] else 'MISMATCH'}); MACs {m['macs']:,}")
+    elif e is not None:
+        console.print(f"[bold]counted ACs[/] {m['acs']:,} over the run, MACs {m['macs']:,}, from the float "
+                      f"model's spikes; engine check {e['why']}", highlight=False)
     if rep["blocks"]:
         b = Table(title="SDSA vs vanilla self-attention, per block and sample")
         for col in ("block", "N x D", "vanilla MACs", "vanilla other", "E vanilla", "SDSA ops", "E SDSA",
@@ -119,46 +131,170 @@ def _cell(v) -> str:
     return "" if v is None else repr(float(v))
 
 
-def plot_report(rep: dict, path: str) -> None:
-    """Per-layer input firing rate (mean and per step) and energy (measured, paper), as a PNG."""
+# The plot's geometry, in inches and points: one row per layer, so a model of any depth keeps legible
+# labels; the width is fixed, the height grows with the layers.
+PLOT_WIDTH_IN = 14.0
+PLOT_ROW_IN = 0.17
+PLOT_TICK_PT = 8.0
+PLOT_GROUP_PT = 10.0
+
+
+def layer_group(name: str) -> str:
+    """The block a layer belongs to: "stem" (patch_embed), "block.j", or "head" (everything after)."""
+    parts = name.split(".")
+    if parts[0] == "patch_embed":
+        return "stem"
+    if parts[0] == "block" and len(parts) > 1:
+        return f"block.{parts[1]}"
+    return "head"
+
+
+def _short_name(name: str, group: str) -> str:
+    """A layer's name within its group (the group is labelled once beside its rows)."""
+    prefix = {"stem": "patch_embed."}.get(group, f"{group}." if group.startswith("block.") else "")
+    return name[len(prefix):] if prefix and name.startswith(prefix) else name
+
+
+def layer_groups(names: list) -> list:
+    """[(group, first row, last row)] in order, for consecutive rows of one group."""
+    spans: list = []
+    for i, name in enumerate(names):
+        g = layer_group(name)
+        if spans and spans[-1][0] == g:
+            spans[-1] = (g, spans[-1][1], i)
+        else:
+            spans.append((g, i, i))
+    return spans
+
+
+def report_figure(rep: dict):
+    """The report's figure (a matplotlib Figure, not yet saved): one row per layer, top to bottom in the
+    network's order, grouped by block (stem, block.0, ..., head: shaded spans, separators and a label per
+    block on the right); left, the input firing rate (mean over steps as a bar, each step as a dot coloured
+    by its step t, with a colourbar for t, and a LIF's own output rate); right, the energy per sample
+    (measured or counted, and the paper's convention). The width is fixed; the height grows with the layers,
+    so the labels keep their size at any depth. The figure is not registered with pyplot (no backend is
+    switched, nothing to close): it draws on its own Agg canvas."""
     import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from sdt_deploy.files.atomic import atomic_write
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.colors import BoundaryNorm, ListedColormap
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+    from matplotlib.ticker import MaxNLocator
 
     layers = rep["layers"]
     names = [r["name"] for r in layers]
-    x = np.arange(len(layers))
-    fig, (ax_rate, ax_energy) = plt.subplots(2, 1, sharex=True, figsize=(max(8.0, 0.22 * len(layers) + 2), 8))
+    n = len(layers)
+    y = np.arange(n)
+    T = int(rep["totals"]["time_steps"])
+    is_float = counted_of(rep).startswith("float")
+    measured_label = "counted from the float model's spikes" if is_float else "measured (integer engine)"
+    groups = layer_groups(names)
+    short = [_short_name(nm, layer_group(nm)) for nm in names]
+
+    # geometry in inches: a fixed band above (title, legends, colourbar) and below (axis labels)
+    top_in, bottom_in, legend_top_in = (2.0 if n > 40 else 1.75), 0.75, 1.05
+    left_in = 0.35 + 0.62 * PLOT_TICK_PT / 72 * max(len(s) for s in short)
+    right_in = 1.25
+    rows_in = max(3.0, PLOT_ROW_IN * n)
+    H = top_in + rows_in + bottom_in
+    W = PLOT_WIDTH_IN
+    fig = Figure(figsize=(W, H))
+    FigureCanvasAgg(fig)
+    gap_in = 0.35
+    panel_w = (W - left_in - right_in - gap_in) / 2
+    ax_rate = fig.add_axes((left_in / W, bottom_in / H, panel_w / W, rows_in / H))
+    ax_energy = fig.add_axes(((left_in + panel_w + gap_in) / W, bottom_in / H, panel_w / W, rows_in / H),
+                             sharey=ax_rate)
+    ax_rate.set_label("firing rates")
+    ax_energy.set_label("energy")
+
+    # blocks: alternate shading, a separator between blocks, the block's name on the right
+    for k, (_, lo, hi) in enumerate(groups):
+        for ax in (ax_rate, ax_energy):
+            if k % 2:
+                ax.axhspan(lo - 0.5, hi + 0.5, color="0.92", zorder=0, lw=0)
+            if k:
+                ax.axhline(lo - 0.5, color="0.45", lw=0.8, zorder=1)
+    blocks = ax_energy.secondary_yaxis("right")
+    blocks.set_yticks([(lo + hi) / 2 for _, lo, hi in groups], labels=[g for g, _, _ in groups],
+                      fontsize=PLOT_GROUP_PT, fontweight="bold")
+    blocks.tick_params(length=0)
+    blocks.set_label("blocks")
+
+    # firing rates
     rate = np.array([np.nan if r["input_rate"] is None else r["input_rate"] for r in layers])
-    ax_rate.bar(x, np.nan_to_num(rate), color="tab:blue", label="mean over steps")
-    T = rep["totals"]["time_steps"]
-    for t in range(T):
-        steps = np.array([np.nan if r["input_rate_per_step"] is None else r["input_rate_per_step"][t] for r in layers])
-        ax_rate.plot(x, steps, ".", ms=3, alpha=0.7, label=f"t = {t}" if T <= 8 else None)
+    ax_rate.barh(y, np.nan_to_num(rate), height=0.8, color="#9ecae1", zorder=2, label="input rate, mean over steps")
+    cmap = ListedColormap(matplotlib.colormaps["viridis"](np.linspace(0.0, 0.85, T)))   # no pale yellow on white
+    norm = BoundaryNorm(np.arange(T + 1) - 0.5, T)
+    px, py, pt = [], [], []
+    for i, r in enumerate(layers):
+        steps = r["input_rate_per_step"]
+        if steps is None:
+            continue
+        for t, v in enumerate(steps):   # step t drawn at its own height within the row: t = 0 on top
+            px.append(v)
+            py.append(i - 0.32 + 0.64 * (t + 0.5) / T)
+            pt.append(t)
+    dots = ax_rate.scatter(px, py, c=pt, cmap=cmap, norm=norm, s=9, linewidths=0, zorder=3)
     out_rate = np.array([r["output_rate"] if r["kind"] == "neuron update" else np.nan for r in layers])
-    ax_rate.plot(x, out_rate, "kx", ms=4, label="LIF output rate")
-    ax_rate.set_ylabel("input firing rate")
-    ax_rate.legend(fontsize=6, ncol=min(T + 1, 9))
+    ax_rate.plot(out_rate, y, "x", color="#d62728", ms=4, mew=1.0, zorder=4)
+    ax_rate.set_xlim(0, max(1e-3, float(np.nanmax(np.concatenate([rate, out_rate, [0.0]] + [np.asarray(px)])))) * 1.05)
+    ax_rate.set_xlabel("firing rate (spikes per neuron per step)")
+    ax_rate.set_yticks(y, labels=short)
+    ax_rate.tick_params(axis="y", labelsize=PLOT_TICK_PT, length=2)
+    ax_rate.set_ylim(n - 0.5, -0.5)          # the first layer on top
+    ax_rate.legend(handles=[Patch(color="#9ecae1", label="input rate, mean over steps"),
+                            Line2D([], [], ls="", marker="o", ms=4, color=cmap(T - 1),
+                                   label=f"input rate per step (colour: step t, {T} steps)"),
+                            Line2D([], [], ls="", marker="x", ms=5, color="#d62728", label="LIF output rate")],
+                   loc="upper left", bbox_to_anchor=(left_in / W, 1 - legend_top_in / H),
+                   bbox_transform=fig.transFigure, fontsize=PLOT_TICK_PT, ncol=1, frameon=False, borderaxespad=0.0)
+
+    # a colourbar for the step colours, above the rate panel's legend
+    cb_w = min(3.2, panel_w * 0.6)
+    cax = fig.add_axes(((left_in + panel_w - cb_w) / W, (H - 0.62) / H, cb_w / W, 0.13 / H))
+    cb = fig.colorbar(dots, cax=cax, orientation="horizontal")
+    cb.set_ticks(MaxNLocator(nbins=min(T, 16), integer=True).tick_values(0, T - 1) if T > 1 else [0])
+    cb.ax.tick_params(labelsize=PLOT_TICK_PT)
+    cb.set_label("time step t of the per-step dots", fontsize=PLOT_TICK_PT)
+    cax.set_label("time step colourbar")
+
+    # energy
     measured = np.array([r["energy_pj"] for r in layers])
     paper = np.array([r["paper_energy_pj"] for r in layers])
-    ax_energy.bar(x - 0.2, measured, width=0.4, label="measured", color="tab:orange")
-    ax_energy.bar(x + 0.2, paper, width=0.4, label="paper convention", color="tab:green")
-    ax_energy.set_yscale("symlog", linthresh=1.0)
-    ax_energy.set_ylabel(f"energy per sample (pJ, {rep['energy_table']['name']})")
-    ax_energy.legend(fontsize=7)
-    ax_energy.set_xticks(x)
-    ax_energy.set_xticklabels(names, rotation=90, fontsize=6)
+    ax_energy.barh(y - 0.2, measured, height=0.4, color="tab:orange", zorder=2, label=measured_label)
+    ax_energy.barh(y + 0.2, paper, height=0.4, color="tab:green", zorder=2, label="paper convention")
+    ax_energy.set_xscale("symlog", linthresh=1.0)
+    ax_energy.set_xlim(0, max(10.0, float(max(measured.max(initial=0), paper.max(initial=0)))) * 3)
+    ax_energy.set_xlabel(f"energy per sample (pJ, {rep['energy_table']['name']})")
+    ax_energy.tick_params(axis="y", labelleft=False, length=0)
+    ax_energy.legend(loc="upper left", bbox_to_anchor=((left_in + panel_w + gap_in) / W, 1 - legend_top_in / H),
+                     bbox_transform=fig.transFigure, fontsize=PLOT_TICK_PT, ncol=1, frameon=False, borderaxespad=0.0)
+    for ax in (ax_rate, ax_energy):
+        ax.tick_params(axis="x", labelsize=PLOT_TICK_PT)
+        ax.grid(axis="x", color="0.85", lw=0.5, zorder=0)
+        if n > 40:   # a tall figure: the scale at the top too
+            ax.tick_params(axis="x", top=True, labeltop=True)
+
     tot = rep["totals"]
-    fig.suptitle(f"T = {T}, {tot['samples']} samples: measured {tot['measured']['energy_mj']:.3g} mJ, "
+    which = "float model (the checkpoint as trained)" if is_float else "quantized model (the deployed integer model)"
+    S = tot["samples"]
+    fig.suptitle(f"{which}: T = {T}, {S} sample{'s' if S != 1 else ''}, {n} layers in {len(groups)} blocks\n"
+                 f"{'counted' if is_float else 'measured'} {tot['measured']['energy_mj']:.3g} mJ, "
                  f"paper {tot['paper']['energy_mj']:.3g} mJ, ANN {tot['ann']['energy_mj']:.3g} mJ per sample",
-                 fontsize=9)
-    fig.tight_layout()
+                 fontsize=PLOT_GROUP_PT, x=0.02, y=1 - 0.08 / H, ha="left", va="top")
+    return fig
+
+
+def plot_report(rep: dict, path: str) -> None:
+    """`report_figure(rep)` as a PNG."""
+    from sdt_deploy.files.atomic import atomic_write
+
+    fig = report_figure(rep)
     with atomic_write(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+        fig.savefig(tmp, format="png", dpi=110)
 
 
 def report_json(rep: dict) -> str:
