@@ -30,7 +30,7 @@ from sdt_deploy.data.digits import digits_split  # noqa: E402
 from sdt_deploy.quant.bits import bit_report  # noqa: E402
 from sdt_deploy.run.integer_engine import run_engine  # noqa: E402
 from sdt_deploy.run.torch_runner import run_model  # noqa: E402
-from sdt_deploy.verify.verifier import cuda_skip_reason, deterministic_cuda  # noqa: E402
+from sdt_deploy.verification.verifier import cuda_skip_reason, deterministic_cuda  # noqa: E402
 
 
 def cases(shared: str):

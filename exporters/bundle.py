@@ -34,6 +34,21 @@ class ExportResult:
     message: Optional[str] = None      # what the user must know (e.g. the partition), one paragraph
 
 
+def check_output_name(target: str, path: str) -> str:
+    """The target (lower case), refusing an unknown one and an output whose suffix says another format:
+    never a NIR file named .onnx."""
+    target = str(target).lower()
+    if target not in TARGETS:
+        raise DeployError(f"unknown target {target!r} (choose from {', '.join(TARGETS)})")
+    stem, suffix = os.path.splitext(path)
+    if suffix.lower() != f".{target}":
+        other = {".onnx": "onnx", ".nir": "nir"}.get(suffix.lower())
+        hint = f", or --target {other}" if other else ""
+        raise DeployError(f"--target {target} writes a .{target} file, but the output {path!r} is named "
+                          f"{suffix or 'without a suffix'}: name it {stem}.{target}{hint}")
+    return target
+
+
 def partition(graph: Graph) -> Optional[Partition]:
     """`split_at_current_maxpool`, with the cut's worst-case bound (the device part's input range, which
     its integer widths are planned from) carried into the device part's meta."""

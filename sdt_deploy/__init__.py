@@ -5,8 +5,9 @@ The public functions are imported lazily, so that `import sdt_deploy` (and the c
 stays cheap and an interrupt during start-up ends as cleanly as one later on."""
 __version__ = "0.1.0"
 
-_LAZY = {"deploy_graph": "api", "quantize": "api", "load_model": "api", "run_onnx": "run.onnx_runner",
-         "run_engine": "run.integer_engine", "run_verify": "verify.verifier"}
+_LAZY = {"load_model": "api", "quantize": "api", "deploy_graph": "api", "export": "api", "verify": "api",
+         "report": "api", "inspect": "api", "run_onnx": "run.onnx_runner", "open_onnx": "run.onnx_runner",
+         "run_engine": "run.integer_engine", "run_nir": "run.nir_interpreter", "run_verify": "verify.verifier"}
 
 __all__ = ["__version__", *_LAZY]
 

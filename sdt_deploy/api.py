@@ -1,14 +1,21 @@
-"""The Python face of the toolchain: loading and quantizing, once, for every command and every user.
+"""The Python face of the toolchain: every command is one of these functions, returning a result object
+instead of printing (`load_model`, `quantize`, `export`, `verify`, `report`, `inspect`).
 
 A *source* is what a user has: a checkpoint path (an original training checkpoint, or a quantized file
 written by `sdt-deploy quantize`), a `LoadedModel`, a `QuantizedModel`, or a `models` SDT in memory.
 `load_model` opens a path; `quantize` turns any source into a `QuantizedModel` and returns a quantized
-one as it is, so a command quantizes at most once however many consumers follow.
+one as it is, so a command loads and quantizes at most once however many consumers follow.
+
+*Inputs* (verify, report) are an array ([B,C,H,W] images, repeated over T, or [B,T,C,H,W] event frames),
+or one of `input=` (a .npy file), `data=` (a dataset folder), `digits=N` (held-out digits), `random=N`,
+as on the command line; the default is the first 32 held-out digits.
 """
 from __future__ import annotations
 
 import os
 from typing import Any, Mapping, Optional, Union
+
+import numpy as np
 
 from models import SpikeDrivenTransformer
 from sdt_deploy import __version__
@@ -58,7 +65,7 @@ def deploy_graph(source: Source) -> Graph:
 
 def quantize(source: Source, weight_bits: int = 8, input_bits: int = 8, scale_search: str = "mse",
              input_range: Optional[float] = None, data: Optional[DataConfig] = None,
-             consume: bool = False) -> QuantizedModel:
+             consume: bool = False, progress: bool = False) -> QuantizedModel:
     """Fold BatchNorm, quantize to power-of-two per-channel grids (brevitas); `.model` of the result is
     the quantized torch model that carries the dequantized weights (runs with CuPy on a GPU, torch on a
     CPU), built on first use. A quantized source is returned as it is. `consume` (a LoadedModel source):
@@ -80,7 +87,7 @@ def quantize(source: Source, weight_bits: int = 8, input_bits: int = 8, scale_se
     if consume:     # then the lowered graph's views are the last references to the float weights
         src.model = None
         src.checkpoint.state_dict.clear()
-    qg = fold_and_quantize(graph, opts, consume=consume)
+    qg = fold_and_quantize(graph, opts, consume=consume, progress=progress)
     del graph
     qg.meta["provenance"] = provenance(src.checkpoint)
     check_engine_bounds(qg)   # refuse, naming the layer, rather than hand on a graph that could wrap
@@ -104,10 +111,13 @@ def float_source(source: Source) -> LoadedModel:
 
 
 def inspect_model(source: Source, graph: bool = False, bits: bool = False, weight_bits: int = 8,
-                  input_bits: int = 8) -> dict:
+                  input_bits: int = 8, scale_search: str = "mse", input_range: Optional[float] = None,
+                  observe: Optional[dict] = None, batch_size: int = 16, progress: bool = False) -> dict:
     """What a model is, as plain data: checkpoint layout, the configuration with the source of every
     value, data settings, parameter count, the module listing; with `graph` the deploy graph's summary,
-    with `bits` the bit-width analysis of its quantized form (quantized here unless it already is)."""
+    with `bits` the bit-width analysis of its quantized form (quantized here unless it already is), and
+    with `observe` (inputs as for `verify`: {"input": path, "digits": N, ...}) the largest integer each
+    layer reached in a run of the integer engine over them."""
     from models import parameter_count
     from models.listing import layer_table
     from sdt_deploy.ir.graph import graph_summary
@@ -128,6 +138,145 @@ def inspect_model(source: Source, graph: bool = False, bits: bool = False, weigh
     if graph:
         report["graph"] = graph_summary(stored if stored is not None else lower(src.model))
     if bits:
-        qg = stored if stored is not None else quantize(src, weight_bits=weight_bits, input_bits=input_bits).graph
-        report["bits"] = bit_report(qg)
+        qg = stored if stored is not None else quantize(src, weight_bits=weight_bits, input_bits=input_bits,
+                                                        scale_search=scale_search, input_range=input_range).graph
+        observed = None
+        if observe is not None:
+            from sdt_deploy.console import progress as progress_bar
+            from sdt_deploy.run.integer_engine import run_engine
+
+            inputs = _inputs(src, **observe, default_digits=None)
+            observed = {}
+            with progress_bar(len(inputs), "engine", enabled=progress) as advance:
+                for xb, _, _ in inputs.batches(batch_size):
+                    for name, v in run_engine(qg, xb, record=False).observed.items():
+                        observed[name] = max(observed.get(name, 0), v)
+                    advance(len(xb))
+            report["observed_on"] = inputs.source
+        report["bits"] = bit_report(qg, observed)
     return report
+
+
+# ---------------------------------------------------------------- the commands
+
+def _inputs(src, x=None, input: Optional[str] = None, data: Optional[str] = None, digits: Optional[int] = None,
+            random: Optional[int] = None, seed: int = 0, default_digits: Optional[int] = 32):
+    from sdt_deploy.data.datasets import ArrayDataset
+    from sdt_deploy.data.inputs import Inputs, choose_inputs
+    from sdt_deploy.files.arrays import check_input
+
+    if x is not None:
+        if any(v is not None for v in (input, data, digits, random)):
+            raise DeployError("give the inputs once: an array, or one of input=, data=, digits=, random=")
+        return Inputs(ArrayDataset(check_input(np.asarray(x), src.config)), {"source": "array"})
+    return choose_inputs(src.config, src.resolved.data, input, data, digits, random, seed,
+                         default_digits=default_digits)
+
+
+def export(source: Source, target: str, output: str, *, nir_profile: str = "standard", onnx_variant: str = "int",
+           partition: bool = True, debug_outputs: bool = False, unroll: bool = False, float_weights: bool = False,
+           weight_bits: int = 8, input_bits: int = 8, scale_search: str = "mse", input_range: Optional[float] = None,
+           force: bool = False, consume: Optional[bool] = None):
+    """Quantize (unless `float_weights`: the BN-folded float weights, NIR only) and write the files of one
+    target, as `sdt-deploy export` does: a NIR export of a graph with the stem's max-pool over currents is
+    partitioned (host stem ONNX + NIR + manifest) unless `partition=False`, which refuses it. Returns the
+    files written and the note the user should read (`exporters.bundle.ExportResult`). `consume`: release
+    the float weights layer by layer as they are quantized (default: when the source is a path, which
+    nothing else holds; the command line's own loaded model too)."""
+    from exporters.bundle import check_output_name, export_graph, planned_outputs
+    from sdt_deploy.files.atomic import check_output_path
+    from sdt_deploy.quant.float_export import float_nir_graph
+
+    target = check_output_name(target, str(output))
+    QuantOptions(weight_bits=weight_bits, input_bits=input_bits, scale_search=scale_search,
+                 input_range=input_range)          # every option checked before any work
+    if float_weights and target != "nir":
+        raise DeployError("--no-quantize (float weights) applies to --target nir (ONNX has --onnx-variant float)")
+    mode = "auto" if partition else "never"
+    check_output_path(str(output), force)
+    src = loaded(source)
+    if float_weights:
+        graph = float_nir_graph(deploy_graph(src))
+    else:
+        # the float checkpoint is not needed past the quantization: each layer's weights go once quantized
+        consume = isinstance(source, (str, os.PathLike)) if consume is None else consume
+        graph = quantize(src, weight_bits=weight_bits, input_bits=input_bits, scale_search=scale_search,
+                         input_range=input_range, consume=consume).graph
+    del src
+    for p in planned_outputs(graph, target, str(output), mode):
+        check_output_path(p, force)
+    return export_graph(graph, target, str(output), onnx_variant=onnx_variant, nir_profile=nir_profile,
+                        partition_mode=mode, debug_outputs=debug_outputs, unroll=unroll, force=force)
+
+
+def verify(source: Source, x=None, *, input: Optional[str] = None, data: Optional[str] = None,
+           digits: Optional[int] = None, random: Optional[int] = None, executors=None, artifacts=(),
+           reference: str = "quantized", batch_size: int = 16, weight_bits: Optional[int] = None,
+           input_bits: Optional[int] = None, scale_search: Optional[str] = None,
+           input_range: Optional[float] = None, flags: Optional[Mapping[str, Any]] = None,
+           config: Optional[str] = None, ema: bool = False, progress: bool = False, rank: int = 0,
+           world: int = 1):
+    """`sdt-deploy verify`: every executor against the quantized torch model on the inputs, every layer at
+    every step; `artifacts`: exported files (.onnx, .nir) to check as they are, their settings read from
+    them (a setting given here must agree). Returns a `VerifyResult` (`.ok`, `.to_json()`, the first
+    divergence in `.tally.first`), or with `reference="float"` the agreement with the float model (a dict).
+    `rank`/`world`: this process's share of the inputs under torchrun (the caller gathers the tallies)."""
+    from sdt_deploy.data.datasets import shard
+    from sdt_deploy.verification.executors import ALL_EXECUTORS
+    from sdt_deploy.verification.provenance import (
+        artifacts_by_kind,
+        open_for_artifacts,
+        quantization_for,
+        read_artifact,
+    )
+    from sdt_deploy.verification.verifier import run_verify
+
+    names = list(ALL_EXECUTORS if executors is None else executors)
+    for e in names:
+        if e not in ALL_EXECUTORS:
+            raise DeployError(f"unknown executor {e!r} (choose from {', '.join(ALL_EXECUTORS)})")
+    if reference not in ("quantized", "float"):
+        raise DeployError(f"reference must be 'quantized' or 'float', got {reference!r}")
+    files = [read_artifact(os.fspath(p)) for p in artifacts]
+    by_kind = artifacts_by_kind(files)
+    settings = quantization_for(files, {"weight_bits": weight_bits, "input_bits": input_bits,
+                                        "scale_search": scale_search, "input_range": input_range})
+    if isinstance(source, (str, os.PathLike)):
+        src = open_for_artifacts(os.fspath(source), dict(flags or {}), config, ema, files)
+    else:
+        src = loaded(source)
+        if files:
+            from sdt_deploy.verification.provenance import check_origin
+
+            origin = (src.graph.meta.get("provenance") or {}) if isinstance(src, QuantizedModel) else {}
+            check_origin(files, origin.get("checkpoint_sha256") or src.checkpoint.sha256 or None,
+                         os.path.basename(src.checkpoint.path) or "the model", src.config.to_dict())
+    inputs = _inputs(src, x, input, data, digits, random)
+    q = quantize(src, **settings)
+    if reference == "float":
+        from sdt_deploy.verification.float_reference import compare_float
+
+        return compare_float(float_source(src), q, inputs.dataset, batch_size=batch_size)
+    return run_verify(q, inputs.dataset, names, artifacts={k: a.path for k, a in by_kind.items()},
+                      batch_size=batch_size, indices=shard(len(inputs), rank, world), progress=progress)
+
+
+def report(source: Source, x=None, *, input: Optional[str] = None, data: Optional[str] = None,
+           digits: Optional[int] = None, random: Optional[int] = None, seed: int = 0, energy: str = "45nm-fp32",
+           batch_size: int = 16, weight_bits: int = 8, input_bits: int = 8, scale_search: str = "mse",
+           input_range: Optional[float] = None, progress: bool = False) -> dict:
+    """`sdt-deploy report`: operations, firing rates and energy per layer of the quantized model on the
+    inputs, in the paper's convention and as the integer engine measured them, with the ANN baseline.
+    Returns the report as plain data (`report.render` prints it, writes JSON, CSV and a plot)."""
+    from sdt_deploy.accounting.energy import load_energy_table
+    from sdt_deploy.accounting.measure import run_report
+
+    table = load_energy_table(energy)
+    src = loaded(source)
+    inputs = _inputs(src, x, input, data, digits, random, seed)
+    q = quantize(src, weight_bits=weight_bits, input_bits=input_bits, scale_search=scale_search,
+                 input_range=input_range)
+    return run_report(q, inputs, table, batch_size=batch_size, progress=progress)
+
+
+inspect = inspect_model

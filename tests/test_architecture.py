@@ -8,10 +8,10 @@ import pytest
 
 from exporters.nir import _EMIT as NIR_EMIT
 from exporters.onnx import LOWER as ONNX_LOWER
+from sdt_deploy.accounting.counting import ACCOUNTING
 from sdt_deploy.ir.graph import NODE_TYPES, And, BatchNorm, Broadcast, Input, MaxPool, OrPool, SpatialMean
 from sdt_deploy.quant.bits import BOUNDS
 from sdt_deploy.quant.contract import RULES as QUANTIZATION_RULES
-from sdt_deploy.report.counting import ACCOUNTING
 from sdt_deploy.run.float_executor import FLOAT_EVAL
 from sdt_deploy.run.integer_engine import INTEGER_EVAL
 

@@ -29,7 +29,7 @@ def test_int8_loses_at_most_half_a_point_on_the_demo():
 
 def test_demo_command_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out)]) == 0
+    assert main(["demo", "-o", str(out)]) == 0
     text = capsys.readouterr().out
     assert "OK: every spike of every layer equal in torch, engine, onnx-int, onnx-float, nir" in text
     files = {p.name for p in out.iterdir()}
@@ -37,6 +37,6 @@ def test_demo_command_end_to_end(tmp_path, capsys):
             "demo_int8.pth", "report.json", "report.csv", "report.png"} <= files
     rep = json.loads((out / "report.json").read_text())
     assert rep["totals"]["engine"]["matches"] is True
-    assert main(["demo", "--out", str(out)]) == 2                     # not over a non-empty folder...
+    assert main(["demo", "-o", str(out)]) == 2                     # not over a non-empty folder...
     assert "not empty" in capsys.readouterr().err
-    assert main(["demo", "--out", str(out), "--force"]) == 0           # ...unless asked
+    assert main(["demo", "-o", str(out), "--force"]) == 0           # ...unless asked

@@ -83,11 +83,11 @@ def test_two_cli_exports_are_byte_identical(tmp_path):
     (["--target", "onnx", "--weight-bits", "9"], "--weight-bits must be an integer from 2 to 8"),
     (["--target", "onnx", "--weight-bits", "1"], "--weight-bits must be an integer from 2 to 8"),
     (["--target", "onnx", "--input-bits", "0"], "--input-bits"),
-    (["--target", "onnx", "--no-quantize"], "--no-quantize applies to --target nir"),
+    (["--target", "onnx", "--no-quantize"], "--no-quantize (float weights) applies to --target nir"),
     (["--target", "nir", "--no-quantize"], "--no-quantize"),
 ])
 def test_bad_export_options_fail_with_one_line_and_no_file(tmp_path, capsys, argv, words):
-    out = tmp_path / "m.out"
+    out = tmp_path / f"m.{argv[1]}"
     code = main(["export", oracle_path(CASE), "-o", str(out), *argv])
     err = capsys.readouterr().err.strip().splitlines()
     assert code != 0 and len(err) == 1 and words in err[0], err

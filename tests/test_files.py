@@ -83,8 +83,8 @@ def test_every_output_honours_the_umask(tmp_path, umask, capsys, mask):
                  ["export", ck, "--target", "onnx", "-o", str(out / "m.onnx")],
                  ["quantize", ck, "-o", str(out / "q.pth")],
                  ["run", ck, "--input", x, "--dump", str(out / "d.npz")],
-                 ["report", ck, "--random", "1", "--json", str(out / "r.json"), "--csv", str(out / "r.csv"),
-                  "--plot", str(out / "r.png")]):
+                 ["report", ck, "--random", "1", "--save-json", str(out / "r.json"), "--save-csv", str(out / "r.csv"),
+                  "--save-plot", str(out / "r.png")]):
         assert main(argv) == 0, capsys.readouterr().err
     names = sorted(os.listdir(out))
     assert names == ["d.npz", "m.manifest.json", "m.nir", "m.onnx", "m.stem.onnx", "q.pth", "r.csv", "r.json",
@@ -125,7 +125,7 @@ def _outputs_under(d: str, x: str) -> list:
             (["export", oracle_path("plif_dvs_0000"), "--target", "nir", "-o", f"{d}/m.nir"], f"{d}/m.nir"),
             (["quantize", ck, "-o", f"{d}/q.pth"], f"{d}/q.pth"),
             (["run", ck, "--input", x, "--dump", f"{d}/d.npz"], f"{d}/d.npz"),
-            (["report", ck, "--random", "1", "--json", f"{d}/r.json"], f"{d}/r.json")]
+            (["report", ck, "--random", "1", "--save-json", f"{d}/r.json"], f"{d}/r.json")]
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="no /proc on this system")

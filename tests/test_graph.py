@@ -44,7 +44,7 @@ FOLD_MAX_LOGIT_DIFF = 1e-3
 
 @pytest.mark.parametrize("name", ALL_CASES)
 def test_fold_bn_agreement_is_measured_and_pinned(name):
-    from sdt_deploy.verify.compare import agreement
+    from sdt_deploy.verification.compare import agreement
 
     lm = loaded(case_path(name))
     folded = fold_bn(lower(lm.model))

@@ -12,7 +12,7 @@ from sdt_deploy import quantize
 from sdt_deploy.data.datasets import ArrayDataset
 from sdt_deploy.data.synth import random_inputs, random_model
 from sdt_deploy.errors import DeployError
-from sdt_deploy.verify.verifier import run_verify
+from sdt_deploy.verification.verifier import run_verify
 
 from conftest import case_path, loaded, small_configs
 

@@ -1,4 +1,4 @@
-"""The operation and energy report (sdt_deploy.report, sdt_deploy.energy, sdt_deploy.report_cmd).
+"""The operation and energy report (sdt_deploy.accounting, sdt_deploy.energy, sdt_deploy.report_cmd).
 
 Every expected value here is computed independently of the report code: from spikes the quantized
 torch model dumps, by brute-force loops, or by hand-written FLOPs formulas.
@@ -12,9 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from sdt_deploy.accounting.energy import load_energy_table, table_from_mapping
+from sdt_deploy.accounting.measure import operation_report
 from sdt_deploy.errors import DeployError
-from sdt_deploy.report.energy import load_energy_table, table_from_mapping
-from sdt_deploy.report.measure import operation_report
 
 from conftest import DEMO_CKPT, FIXTURE_CKPT, FIXTURE_INPUT, needs_shared, oracle_path, oracle_ref, quantized
 
@@ -143,7 +143,7 @@ def test_padded_conv_counts_match_brute_force_on_a_small_model():
 
 
 def test_event_fanout_by_hand():
-    from sdt_deploy.report.counting import taps_per_input_position
+    from sdt_deploy.accounting.counting import taps_per_input_position
 
     # 3 positions, k 3, pad 1: an edge input is read by 2 (output, tap) pairs, the middle one by 3
     assert taps_per_input_position(3, 3, 1, 1).tolist() == [2, 3, 2]
@@ -161,9 +161,9 @@ def test_event_fanout_by_hand():
 
 def test_paper_energy_of_sdt_8_512_by_hand():
     from models import SDTConfig, build_model
+    from sdt_deploy.accounting.counting import paper_convention, paper_energy_pj
     from sdt_deploy.files.configs import PUBLISHED, model_keys
     from sdt_deploy.ir.lower import lower
-    from sdt_deploy.report.counting import paper_convention, paper_energy_pj
 
     cfg = SDTConfig(**model_keys(PUBLISHED["imagenet/8_512_300E_t4"]))
     assert (cfg.dim, cfg.depth, cfg.img_size, cfg.time_steps, cfg.pooling_stat) == (512, 8, 224, 4, "1111")
@@ -208,7 +208,7 @@ def test_paper_energy_of_sdt_8_512_by_hand():
 
 
 def test_vanilla_attention_ops_of_sdt_8_512_block_by_hand():
-    from sdt_deploy.report.counting import vanilla_attention_ops
+    from sdt_deploy.accounting.counting import vanilla_attention_ops
 
     N, D, h = 14 * 14, 512, 8
     ops = vanilla_attention_ops(N, D, h)
@@ -241,7 +241,7 @@ def test_measured_total_equals_the_engine_counter(case):
 def test_a_wrong_engine_counter_is_caught(monkeypatch):
     """The report counts every layer from the spikes and holds the engine's own counters against that
     count: an engine that miscounts one layer's additions by one is refused, naming the layer."""
-    import sdt_deploy.report.measure as M
+    import sdt_deploy.accounting.measure as M
 
     real = M.run_engine
 
@@ -296,7 +296,7 @@ def _tiny_graph():
 
 
 def test_firing_rates_weight_samples_not_batches_by_hand():
-    from sdt_deploy.report.counting import firing_rates, measured_ops_from_tally, tally_spikes
+    from sdt_deploy.accounting.counting import firing_rates, measured_ops_from_tally, tally_spikes
 
     g, T = _tiny_graph(), 10
     one = np.zeros((T, 1, 2, 4, 4), np.uint8)
@@ -382,8 +382,9 @@ def _invoke(args):
 
 def test_report_command_writes_json_csv_plot(tmp_path, small_input):
     out = {k: str(tmp_path / f"r.{k}") for k in ("json", "csv", "png")}
-    res = _invoke([oracle_path("lif_0011"), "--input", small_input, "--json", out["json"], "--csv", out["csv"],
-                   "--plot", out["png"], "--energy", "45nm-int8", "--batch-size", "2", "--no-progress"])
+    res = _invoke([oracle_path("lif_0011"), "--input", small_input, "--save-json", out["json"],
+                   "--save-csv", out["csv"], "--save-plot", out["png"], "--energy", "45nm-int8", "--batch-size", "2",
+                   "--no-progress"])
     assert res.exit_code == 0, res.output
     rep = json.loads(open(out["json"]).read())
     assert {"layers", "totals", "convention", "blocks", "energy_table"} <= set(rep)
@@ -408,24 +409,29 @@ def test_report_command_refuses_existing_outputs_before_any_work(tmp_path, small
         raise AssertionError("the model was loaded before the outputs were checked")
 
     monkeypatch.setattr(rc, "open_model", no_work)
-    res = _invoke([oracle_path("lif_0011"), "--input", small_input, "--json", str(existing)])
+    res = _invoke([oracle_path("lif_0011"), "--input", small_input, "--save-json", str(existing)])
     assert isinstance(res.exception, DeployError) and "exists" in str(res.exception)
     assert existing.read_text() == "{}"
 
 
 def test_report_command_inputs(tmp_path):
-    res = _invoke([oracle_path("lif_0011"), "--quiet", "--no-progress"])
-    assert res.exit_code == 2 and "exactly one input" in res.output
+    d = str(tmp_path / "default.json")
+    res = _invoke([oracle_path("lif_0011"), "--quiet", "--no-progress", "--save-json", d])
+    assert res.exit_code == 0, res.output                  # no input given: the first 32 held-out digits
+    assert json.loads(open(d).read())["input"] == {"source": "digits", "split": "test", "first": 32,
+                                                   "static_input": True, "samples": 32, "time_steps": 4}
+    res = _invoke([oracle_path("lif_0011"), "--digits", "2", "--random", "2", "--quiet", "--no-progress"])
+    assert isinstance(res.exception, DeployError) and "give only one of" in str(res.exception)
     res = _invoke([oracle_path("lif_0011"), "--data", str(tmp_path), "--quiet", "--no-progress"])
     assert isinstance(res.exception, DeployError) and "--data" in str(res.exception)
     j = str(tmp_path / "d.json")
-    res = _invoke([oracle_path("lif_0011"), "--digits", "5", "--json", j, "--quiet", "--no-progress"])
+    res = _invoke([oracle_path("lif_0011"), "--digits", "5", "--save-json", j, "--quiet", "--no-progress"])
     assert res.exit_code == 0, res.output
     rep = json.loads(open(j).read())
     assert rep["input"]["source"] == "digits" and rep["totals"]["samples"] == 5
-    res = _invoke([oracle_path("lif_0011"), "--random", "3", "--json", j, "--quiet", "--no-progress"])
+    res = _invoke([oracle_path("lif_0011"), "--random", "3", "--save-json", j, "--quiet", "--no-progress"])
     assert isinstance(res.exception, DeployError)        # exists, no --force
-    res = _invoke([oracle_path("lif_0011"), "--random", "3", "--json", j, "--force", "--quiet", "--no-progress"])
+    res = _invoke([oracle_path("lif_0011"), "--random", "3", "--save-json", j, "--force", "--quiet", "--no-progress"])
     assert res.exit_code == 0, res.output
     assert json.loads(open(j).read())["totals"]["samples"] == 3
 
@@ -440,7 +446,7 @@ def test_report_command_reads_a_dataset_folder(tmp_path):
         for i in range(3):
             Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(tmp_path / "data" / c / f"{i}.png")
     j = str(tmp_path / "d.json")
-    res = _invoke([oracle_path("lif_0011"), "--data", str(tmp_path / "data"), "--batch-size", "4", "--json", j,
+    res = _invoke([oracle_path("lif_0011"), "--data", str(tmp_path / "data"), "--batch-size", "4", "--save-json", j,
                    "--quiet", "--no-progress"])
     assert res.exit_code == 0, res.output
     rep = json.loads(open(j).read())

@@ -17,8 +17,8 @@ from sdt_deploy.cli.app import main
 from sdt_deploy.data.datasets import ArrayDataset
 from sdt_deploy.ir.graph import LIF
 from sdt_deploy.run.integer_engine import run_engine
-from sdt_deploy.verify.executors import ALL_EXECUTORS
-from sdt_deploy.verify.verifier import run_verify
+from sdt_deploy.verification.executors import ALL_EXECUTORS
+from sdt_deploy.verification.verifier import run_verify
 
 from conftest import DEMO_CKPT, FIXTURE_CKPT, case_input, case_path, loaded, needs_shared, quantized
 
@@ -26,7 +26,7 @@ EVERY = [e for e in ALL_EXECUTORS if e != "cupy"]
 
 
 def verify_all(path, x):
-    from sdt_deploy.verify.executors import cuda_skip_reason
+    from sdt_deploy.verification.executors import cuda_skip_reason
 
     res = run_verify(quantized(path), ArrayDataset(x), list(ALL_EXECUTORS))
     why = cuda_skip_reason()
@@ -234,7 +234,7 @@ def test_one_nir_threshold_off_is_caught(exported, tmp_path, capsys):
 
 def test_engine_divergence_reports_both_membranes(monkeypatch):
     """A wrong engine (threshold off by one on the integer grid) is diagnosed with both membranes."""
-    import sdt_deploy.verify.executors as V
+    import sdt_deploy.verification.executors as V
 
     real = V.run_engine
 

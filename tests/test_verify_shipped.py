@@ -17,7 +17,7 @@ from exporters.bundle import export_graph
 from sdt_deploy.cli.app import main
 from sdt_deploy.data.datasets import ArrayDataset
 from sdt_deploy.errors import DeployError
-from sdt_deploy.verify.verifier import run_verify
+from sdt_deploy.verification.verifier import run_verify
 
 from conftest import DEMO_CKPT, FIXTURE_CKPT, ROOT, case_input, case_path, oracle_path, quantized
 

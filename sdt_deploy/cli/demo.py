@@ -17,18 +17,20 @@ from sdt_deploy.errors import DeployError
 
 
 @click.command()
-@click.option("--out", "out_dir", default="sdt-deploy-demo", show_default=True, type=click.Path(file_okay=False),
-              help="folder for the quantized model, the exports and the report")
-@click.option("--checkpoint", default=None, type=click.Path(dir_okay=False),
-              help="another checkpoint instead of the shipped demo")
-@click.option("--force", is_flag=True, help="overwrite files in a non-empty --out folder")
-def demo(out_dir, checkpoint, force):
-    """The whole toolchain on the shipped demo checkpoint: accuracy, quantize, export NIR and ONNX,
-    verify every executor on the exported files, report operations and energy."""
-    checkpoint = checkpoint or DEMO_CHECKPOINT
+@click.argument("ckpt", required=False)
+@click.option("-o", "--output", "out_dir", default="sdt-deploy-demo", show_default=True,
+              type=click.Path(file_okay=False), help="folder for the quantized model, the exports and the report")
+@click.option("--force", is_flag=True, help="overwrite files in a non-empty output folder")
+@click.option("--quiet", "-q", is_flag=True, help="only the results: no notes or progress")
+@click.option("--no-progress", is_flag=True, help="no progress bars")
+def demo(ckpt, out_dir, force, quiet, no_progress):
+    """The whole toolchain on a checkpoint (default: the shipped demo, an SDT trained on scikit-learn's
+    digits): accuracy, quantize, export NIR and ONNX, verify every executor on the exported files, report
+    operations and energy."""
+    checkpoint = ckpt or DEMO_CHECKPOINT
     if not os.path.exists(checkpoint):
         raise DeployError(f"demo checkpoint {checkpoint!r} is missing")
-    run_demo(checkpoint, out_dir, force=force)
+    run_demo(checkpoint, out_dir, force=force, progress=not (quiet or no_progress), quiet=quiet)
 
 
 def _accuracy(model, x, y) -> float:
@@ -38,19 +40,20 @@ def _accuracy(model, x, y) -> float:
     return 100.0 * float((predictions(logits) == y).mean())
 
 
-def run_demo(checkpoint: str, out_dir: str, force: bool = False, verify_samples: int = 32) -> dict:
+def run_demo(checkpoint: str, out_dir: str, force: bool = False, verify_samples: int = 32, progress: bool = True,
+             quiet: bool = False) -> dict:
     from exporters.bundle import export_graph, planned_outputs
+    from sdt_deploy.accounting.energy import load_energy_table
+    from sdt_deploy.accounting.measure import run_report
+    from sdt_deploy.accounting.render import print_report, write_outputs
     from sdt_deploy.api import float_source, load_model, quantize
     from sdt_deploy.data.datasets import ArrayDataset
     from sdt_deploy.data.digits import digits_split
     from sdt_deploy.data.inputs import Inputs
     from sdt_deploy.files.atomic import check_output_path
-    from sdt_deploy.report.energy import load_energy_table
-    from sdt_deploy.report.measure import run_report
-    from sdt_deploy.report.render import print_report, write_outputs
-    from sdt_deploy.verify.executors import ALL_EXECUTORS
-    from sdt_deploy.verify.render import describe_divergence, print_result
-    from sdt_deploy.verify.verifier import run_verify
+    from sdt_deploy.verification.executors import ALL_EXECUTORS
+    from sdt_deploy.verification.render import describe_divergence, print_result
+    from sdt_deploy.verification.verifier import run_verify
 
     out_dir = os.path.abspath(out_dir)
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not force:
@@ -63,7 +66,7 @@ def run_demo(checkpoint: str, out_dir: str, force: bool = False, verify_samples:
     click.echo(f"[1/5] {os.path.basename(checkpoint)}: SDT dim {cfg.dim}, depth {cfg.depth}, T {cfg.time_steps}, "
                f"{cfg.img_size}x{cfg.img_size}; {len(test.y)} held-out digits")
     acc_float = _accuracy(loaded.model, test.x, test.y)
-    q = quantize(loaded)
+    q = quantize(loaded, progress=progress)
     acc_int8 = _accuracy(q.model, test.x, test.y)
     q_path = os.path.join(out_dir, "demo_int8.pth")
     check_output_path(q_path, True)
@@ -77,14 +80,14 @@ def run_demo(checkpoint: str, out_dir: str, force: bool = False, verify_samples:
             check_output_path(p, True)
         res = export_graph(q.graph, target, path, onnx_variant=variant, debug_outputs=(target == "onnx"), force=True)
         files[name] = res.files
-        if res.message:
+        if res.message and not quiet:
             click.echo(f"      note: {res.message}")
     click.echo("[3/5] exported: " + ", ".join(os.path.basename(f) for fs in files.values() for f in fs))
     inputs = Inputs(ArrayDataset(test.x[:verify_samples], test.y[:verify_samples]),
                     {"source": "digits", "split": "test", "first": verify_samples})
     artifacts = {"nir": os.path.join(out_dir, "demo.nir"), "onnx-int": os.path.join(out_dir, "demo_int.onnx"),
                  "onnx-float": os.path.join(out_dir, "demo_float.onnx")}
-    res = run_verify(q, inputs.dataset, list(ALL_EXECUTORS), artifacts=artifacts)
+    res = run_verify(q, inputs.dataset, list(ALL_EXECUTORS), artifacts=artifacts, progress=progress)
     click.echo(f"[4/5] verify on {verify_samples} digits, every spike of every layer, against the quantized "
                "torch model:")
     print_result(res)
@@ -93,7 +96,7 @@ def run_demo(checkpoint: str, out_dir: str, force: bool = False, verify_samples:
     click.echo(f"      OK: every spike of every layer equal in {', '.join(res.executors)}"
                + (f" ({', '.join(f'{k} skipped: {v}' for k, v in res.skipped.items())})" if res.skipped else ""))
     click.echo("[5/5] operations and energy:")
-    rep = run_report(q, inputs, load_energy_table("45nm-fp32"))
+    rep = run_report(q, inputs, load_energy_table("45nm-fp32"), progress=progress)
     write_outputs(rep, os.path.join(out_dir, "report.json"), os.path.join(out_dir, "report.csv"),
                   os.path.join(out_dir, "report.png"))
     print_report(rep)

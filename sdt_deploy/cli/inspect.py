@@ -3,23 +3,39 @@ from __future__ import annotations
 
 import click
 
-from sdt_deploy.cli.options import echo_json, model_options, open_model
+from sdt_deploy.cli.options import (
+    echo_json,
+    input_options,
+    json_option,
+    model_options,
+    open_model,
+    quant_options,
+    run_options,
+)
 
 
 @click.command()
-@click.argument("ckpt", required=False)
 @model_options
-@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@json_option
 @click.option("--graph", is_flag=True, help="show the deploy graph (nodes, edge kinds, shapes)")
-@click.option("--bits", is_flag=True, help="bit-width analysis of the quantized integer path")
-@click.option("--weight-bits", type=int, default=8, show_default=True)
-@click.option("--input-bits", type=int, default=8, show_default=True)
-def inspect(ckpt, as_json, graph, bits, weight_bits, input_bits, **kw):
+@click.option("--bits", is_flag=True, help="bit-width analysis of the quantized integer path; with an input "
+                                          "option, also the largest integers a run of the engine saw")
+@quant_options
+@input_options(default_note="none: the worst case only")
+@run_options
+def inspect(ckpt, as_json, graph, bits, weight_bits, input_bits, scale_search, input_range, input_path, data_dir,
+            digits, random_n, seed, batch_size, quiet, no_progress, **kw):
     """The resolved configuration (with the source of every value), parameter count and layers."""
     from sdt_deploy.api import inspect_model
 
     source = open_model(ckpt, kw, allow_config_only=True)
-    report = inspect_model(source, graph=graph, bits=bits, weight_bits=weight_bits, input_bits=input_bits)
+    observe = any(v is not None for v in (input_path, data_dir, digits, random_n))
+    if observe and not bits:
+        raise click.UsageError("--input/--data/--digits/--random fill the observed bits of --bits: give --bits")
+    report = inspect_model(source, graph=graph, bits=bits, weight_bits=weight_bits, input_bits=input_bits,
+                           scale_search=scale_search, input_range=input_range,
+                           observe=dict(input=input_path, data=data_dir, digits=digits, random=random_n, seed=seed)
+                           if observe else None, batch_size=batch_size, progress=not (quiet or no_progress))
     if as_json:
         echo_json(report)
     else:
@@ -79,15 +95,23 @@ def print_graph_summary(summary: dict, console) -> None:
 def print_bit_report(rep: dict, console) -> None:
     from rich.table import Table
 
-    t = Table(title=f"bit widths (T = {rep['summary']['time_steps']})")
-    for col in ("layer", "op", "grid", "worst |int|", "int bits", "float32 bits", "float32 exact", "observed bits"):
+    observed = any("observed" in r for r in rep["layers"])
+    t = Table(title=f"bit widths (T = {rep['summary']['time_steps']}; worst case"
+                    + (", and the largest integers the run saw)" if observed else ")"))
+    cols = ["layer", "op", "grid", "worst |int|", "integer bits", "float32 needs", "float32 exact"]
+    cols += ["observed |int|", "observed float32 needs"] if observed else []
+    for col in cols:
         t.add_column(col, no_wrap=(col == "layer"))
     for r in rep["layers"]:
         grid = f"2^-{r['grid_min']}" if r["grid_min"] == r["grid_max"] else f"2^-{r['grid_min']}..2^-{r['grid_max']}"
-        t.add_row(r["name"], r["op"], grid, f"{r['bound']:.4g}", str(r["int_bits"]), str(r["float32_bits"]),
-                  "yes" if r["float32_exact"] else "[red]no[/]", str(r.get("observed_bits", "")))
+        row = [r["name"], r["op"], grid, f"{r['bound']:.4g}", str(r["int_bits"]), f"{r['float32_bits'] - 1} bits",
+               "yes" if r["float32_exact"] else "[red]no[/]"]
+        if observed:
+            row += [f"{r['observed']:.4g}" if "observed" in r else "-",
+                    f"{r['observed_float32_bits'] - 1} bits" if "observed" in r else "-"]
+        t.add_row(*row)
     console.print(t)
     s = rep["summary"]
-    console.print(f"[bold]integer[/] needs {s['max_int_bits']} bits (int32 accumulators: "
-                  f"{'yes' if s['int32_accumulators'] else 'no'}); [bold]float32[/] needs up to "
-                  f"{s['max_float32_bits']} bits of 25. Exact side: {s['exact_side']}.")
+    console.print(f"[bold]integer[/] needs {s['max_int_bits']} bits (signed; int32 accumulators: "
+                  f"{'yes' if s['int32_accumulators'] else 'no'}); [bold]float32[/] needs {s['max_float32_bits'] - 1} "
+                  f"bits; float32 is exact to 24. Exact side: {s['exact_side']}.", highlight=False, soft_wrap=True)

@@ -1,4 +1,12 @@
-"""The options the commands share, and the one way a command opens its model.
+"""The options the commands share, one definition each, and the one way a command opens its model.
+
+The conventions, the same for every command: the checkpoint is the positional CKPT (default: the
+shipped demo); `--json` prints JSON on stdout instead of the tables; files are written through
+`-o/--output` or a named option (`--dump`, `--save-json`, ...), never over an existing file without
+`--force`; inputs are `-i/--input`, `--data`, `--digits`, `--random`; `--batch-size` is 16 everywhere;
+`--quiet` leaves only the results (no notes, no progress, no "wrote" lines) and `--no-progress` only
+drops the progress bars; quantization takes `--weight-bits`, `--input-bits`, `--scale-search`,
+`--input-range` wherever it happens.
 
 A leaf module: it imports click and nothing heavy at import time, so that starting the command line
 (and `--help`) stays light; the library is imported inside the functions that need it.
@@ -11,6 +19,8 @@ from typing import Optional
 import click
 
 from sdt_deploy.data import DEMO_CHECKPOINT
+
+BATCH_SIZE = 16
 
 # the configuration fields a flag can set (the SDTConfig field names)
 FLAG_FIELDS = ("img_size", "in_channels", "num_classes", "dim", "depth", "num_heads", "mlp_ratio",
@@ -26,35 +36,82 @@ def _apply(options, f):
 def model_options(f):
     """Options that resolve the model: checkpoint layout, config file, and per-field overrides."""
     return _apply([
+        click.argument("ckpt", required=False),
         click.option("--config", "config", metavar="YAML|NAME",
                      help="an original conf YAML file, or a published name such as cifar10/2_256_300E_t4"),
         click.option("--ema", is_flag=True, help="use the checkpoint's EMA weights (state_dict_ema)"),
         click.option("--img-size", type=int, help="input height = width"),
-        click.option("--in-channels", type=int),
-        click.option("--num-classes", type=int),
+        click.option("--in-channels", type=int, help="input channels (3 for images, 2 for DVS events)"),
+        click.option("--num-classes", type=int, help="classes of the head"),
         click.option("--dim", type=int, help="embedding width"),
         click.option("--depth", "--layer", "depth", type=int, help="number of blocks (the conf's `layer`)"),
-        click.option("--num-heads", type=int),
-        click.option("--mlp-ratio", type=float),
+        click.option("--num-heads", type=int, help="attention heads (they partition the channels)"),
+        click.option("--mlp-ratio", type=float, help="MLP hidden width / dim"),
         click.option("-T", "--time-steps", "time_steps", type=int, help="simulation time steps T"),
         click.option("--pooling-stat", type=str, help="which of the stem's four max-pools exist, e.g. 1111"),
-        click.option("--spike-mode", type=click.Choice(["lif", "plif"])),
+        click.option("--spike-mode", type=click.Choice(["lif", "plif"]), help="LIF, or PLIF (learned decay)"),
         click.option("--dvs-mode/--no-dvs-mode", default=None, help="the 3x3 OR-pools of CIFAR10-DVS"),
         click.option("--tet/--no-tet", default=None, help="per-step logits (TET)"),
     ], f)
 
 
-def quant_options(f):
-    """The bit widths of the quantization."""
+def quant_options(f=None, *, from_artifacts: bool = False):
+    """How the weights and the input are put on power-of-two grids. `from_artifacts` (verify): no defaults
+    here; the artifacts' settings, else the tool's defaults, are taken."""
+    def decorate(f):
+        d = (lambda v: None) if from_artifacts else (lambda v: v)
+        show = not from_artifacts
+        later = " (default: the artifacts' setting, else {})" if from_artifacts else ""
+        return _apply([
+            click.option("--weight-bits", type=int, default=d(8), show_default=show,
+                         help="weight bits, 2..8" + later.format(8)),
+            click.option("--input-bits", type=int, default=d(8), show_default=show,
+                         help="bits of the input grid, 2..8" + later.format(8)),
+            click.option("--scale-search", type=click.Choice(["mse", "max"]), default=d("mse"), show_default=show,
+                         help="power-of-two scale per channel: least squared error (mse) or the max-based one"
+                              + later.format("mse")),
+            click.option("--input-range", type=float,
+                         help="largest |input| the input grid must hold"
+                              + (later.format("from the data's mean/std") if from_artifacts
+                                 else " (default: from the data's mean/std)")),
+        ], f)
+    return decorate(f) if f is not None else decorate
+
+
+def input_options(f=None, *, default_note: str = "the first 32 held-out digits"):
+    """The inputs a command runs on: one of four sources."""
+    def decorate(f):
+        return _apply([
+            click.option("-i", "--input", "input_path", type=click.Path(dir_okay=False),
+                         help="[B,C,H,W] images or [B,T,C,H,W] event frames (.npy / .npz)"),
+            click.option("--data", "data_dir", type=click.Path(file_okay=False), metavar="DIR",
+                         help="a dataset folder (ImageFolder, the original CIFAR/ImageNet layouts), read with the "
+                              "conf's evaluation transform"),
+            click.option("--digits", type=click.IntRange(min=1), metavar="N",
+                         help=f"the first N held-out scikit-learn digits (default: {default_note})"),
+            click.option("--random", "random_n", type=click.IntRange(min=1), metavar="N",
+                         help="N random inputs (standard-normal images or Poisson event frames)"),
+            click.option("--seed", type=int, default=0, show_default=True, help="seed of --random"),
+        ], f)
+    return decorate(f) if f is not None else decorate
+
+
+def run_options(f):
+    """Batch size and what the command prints besides its results."""
     return _apply([
-        click.option("--weight-bits", type=int, default=8, show_default=True, help="weight bits, 2..8"),
-        click.option("--input-bits", type=int, default=8, show_default=True, help="input grid bits, 2..8"),
+        click.option("--batch-size", type=click.IntRange(min=1), default=BATCH_SIZE, show_default=True,
+                     help="samples per step of the run"),
+        click.option("--quiet", "-q", is_flag=True, help="only the results: no notes, progress or 'wrote' lines"),
+        click.option("--no-progress", is_flag=True, help="no progress bars"),
     ], f)
 
 
-def scale_search_option(f):
-    return click.option("--scale-search", type=click.Choice(["mse", "max"]), default="mse", show_default=True,
-                        help="power-of-two scale per channel: least squared error (mse) or the max-based one")(f)
+def json_option(f):
+    return click.option("--json", "as_json", is_flag=True, help="print JSON on stdout instead of the tables")(f)
+
+
+def force_option(f):
+    return click.option("--force", is_flag=True, help="overwrite existing output files")(f)
 
 
 def flags_of(kw: dict) -> dict:
@@ -82,3 +139,9 @@ def echo_json(obj) -> None:
     from sdt_deploy.ir.graph import json_default
 
     click.echo(json.dumps(obj, indent=2, sort_keys=False, default=json_default))
+
+
+def say(quiet: bool, text: str, err: bool = True) -> None:
+    """A note or a 'wrote' line: on stderr, unless --quiet."""
+    if not quiet:
+        click.echo(text, err=err)

@@ -3,25 +3,27 @@ from __future__ import annotations
 
 import click
 
-from sdt_deploy.cli.options import model_options, open_model
+from sdt_deploy.cli.options import force_option, json_option, model_options, open_model, quant_options, run_options, say
 
 
 @click.command()
-@click.argument("ckpt", required=False)
 @model_options
-@click.option("--input", "input_path", required=True, type=click.Path(dir_okay=False),
-              help="[B,C,H,W] images or [B,T,C,H,W] event frames (.npy)")
-@click.option("--dump", type=click.Path(dir_okay=False), help="write logits and every spike tensor (.npz)")
+@click.option("-i", "--input", "input_path", required=True, type=click.Path(dir_okay=False),
+              help="[B,C,H,W] images or [B,T,C,H,W] event frames (.npy / .npz)")
+@click.option("--dump", type=click.Path(dir_okay=False), help="write the logits and every spike tensor (.npz)")
 @click.option("--quantize", "quantized", is_flag=True, help="run the dyadic-quantized model")
-@click.option("--weight-bits", type=int, default=8, show_default=True)
-@click.option("--input-bits", type=int, default=8, show_default=True)
-@click.option("--batch-size", type=int, default=64, show_default=True)
-@click.option("--force", is_flag=True, help="overwrite an existing --dump file")
-def run(ckpt, input_path, dump, quantized, weight_bits, input_bits, batch_size, force, **kw):
+@quant_options
+@force_option
+@json_option
+@run_options
+def run(ckpt, input_path, dump, quantized, weight_bits, input_bits, scale_search, input_range, force, as_json,
+        batch_size, quiet, no_progress, **kw):
     """Run the model on an input array; print predictions; optionally dump every layer's spikes."""
     import numpy as np
 
     from sdt_deploy.api import quantize
+    from sdt_deploy.cli.options import echo_json
+    from sdt_deploy.console import progress
     from sdt_deploy.files.arrays import check_input, load_array
     from sdt_deploy.files.atomic import check_output_path, save_npz
     from sdt_deploy.run.torch_runner import predictions, run_model
@@ -30,9 +32,16 @@ def run(ckpt, input_path, dump, quantized, weight_bits, input_bits, batch_size, 
         check_output_path(dump, force)
     source = open_model(ckpt, kw)
     x = check_input(load_array(input_path), source.config, name=f"input {input_path!r}")
-    model = quantize(source, weight_bits=weight_bits, input_bits=input_bits).model if quantized else source.model
-    logits, spikes = run_model(model, x, batch_size=batch_size, record=dump is not None)
-    click.echo("predictions: " + " ".join(str(int(p)) for p in predictions(logits)))
+    model = quantize(source, weight_bits=weight_bits, input_bits=input_bits, scale_search=scale_search,
+                     input_range=input_range).model if quantized else source.model
+    with progress(len(x), "run", enabled=not (quiet or no_progress)) as advance:
+        logits, spikes = run_model(model, x, batch_size=batch_size, record=dump is not None, progress=advance)
+    pred = predictions(logits)
     if dump:
         save_npz(dump, {"logits": logits.astype(np.float32), **spikes})
-        click.echo(f"wrote {dump}: logits {list(logits.shape)} and {len(spikes)} spike tensors")
+    if as_json:
+        echo_json({"predictions": pred.tolist(), "logits": logits.tolist(), "dump": dump})
+    else:
+        click.echo("predictions: " + " ".join(str(int(p)) for p in pred))
+    if dump:
+        say(quiet, f"wrote {dump}: logits {list(logits.shape)} and {len(spikes)} spike tensors", err=False)

@@ -39,6 +39,11 @@ def check_input(x: np.ndarray, cfg: SDTConfig, name: str = "input") -> np.ndarra
         raise DeployError(f"{name}: shape {x.shape} does not end in [C,H,W] = {list(want)} of the model")
     if x.shape[0] < 1 or (x.ndim == 5 and x.shape[1] < 1):
         raise DeployError(f"{name}: shape {x.shape} has an empty batch or time axis")
+    if x.ndim == 5 and x.shape[1] != cfg.time_steps:
+        # the frames would set T, but the bit analysis, the NIR thresholds and the exports are made for the
+        # configuration's T: run with the frames' T only when it is the configuration's
+        raise DeployError(f"{name}: {x.shape[1]} event frames per sample, the model's T is {cfg.time_steps}; "
+                          f"give -T {x.shape[1]} to run {x.shape[1]} steps")
     x = x.astype(np.float32, copy=False)
     if not np.isfinite(x).all():
         raise DeployError(f"{name}: contains NaN or Inf values")

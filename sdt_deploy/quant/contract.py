@@ -259,21 +259,21 @@ def quantize_node(n: Node, p: _Pass, weights=None) -> Node:
 
 # ---------------------------------------------------------------- the pass
 
-def quantize_graph(g: Graph, opts: QuantOptions) -> Graph:
+def quantize_graph(g: Graph, opts: QuantOptions, progress: bool = False) -> Graph:
     """The dyadic-quantized graph: integer fields on every node, float fields the exact dequantized values."""
     if not g.meta.get("folded"):
         raise DeployError("quantize needs a BatchNorm-folded graph (run fold_bn first)")
-    return _quantize_nodes(g.nodes, g.meta, opts, _synaptic_count(g))
+    return _quantize_nodes(g.nodes, g.meta, opts, _synaptic_count(g), progress)
 
 
-def fold_and_quantize(g: Graph, opts: QuantOptions, consume: bool = False) -> Graph:
+def fold_and_quantize(g: Graph, opts: QuantOptions, consume: bool = False, progress: bool = False) -> Graph:
     """`quantize_graph(fold_bn(g), opts)`, the same graph, folding each layer just before it is quantized:
     one layer's folded weights exist at a time instead of the whole model's (8-768: 530 MB in float64).
     Folded straight into float32, what the back end reads: the same values as the float64 fold rounded
     afterwards."""
     layers = _synaptic_count(g)
     return _quantize_nodes(fold_nodes(g, consume, weight_dtype=np.float32), {**g.meta, "folded": True}, opts,
-                           layers)
+                           layers, progress)
 
 
 def _synaptic_count(g: Graph) -> int:
@@ -291,10 +291,11 @@ def _weights_out(nodes: Iterable[Node]) -> Iterator[tuple]:
             yield (n, None), None
 
 
-def _quantize_nodes(nodes: Iterable, meta: dict, opts: QuantOptions, layers: int = 0) -> Graph:
-    """Quantize a stream of folded nodes in graph order (each node is dropped once quantized); a
-    progress bar over the `layers` weights on a terminal (none when stderr is not one)."""
-    from tqdm import tqdm
+def _quantize_nodes(nodes: Iterable, meta: dict, opts: QuantOptions, layers: int = 0,
+                    progress: bool = False) -> Graph:
+    """Quantize a stream of folded nodes in graph order (each node is dropped once quantized); with
+    `progress`, a bar over the `layers` weights (on a terminal)."""
+    from sdt_deploy.console import progress as progress_bar
 
     head_rewrite = meta.get("head_pool", "mean") == "mean"
     if head_rewrite:
@@ -302,14 +303,13 @@ def _quantize_nodes(nodes: Iterable, meta: dict, opts: QuantOptions, layers: int
         nodes = (head_mean_as_sum(n, meta) for n in nodes)
     p = _Pass(opts)
     out = []
-    with backend.quantizer_session(), tqdm(total=layers, desc="quantize", unit="layer", leave=False,
-                                           disable=None if layers > 8 else True) as bar:
+    with backend.quantizer_session(), progress_bar(layers, "quantize", unit="layers", enabled=progress) as advance:
         for (node, shape), future in backend.weights_ahead(_weights_out(nodes), opts.weight_bits,
                                                             opts.scale_search):
             n = quantize_node(node, p, None if future is None else (future, shape))
             p.grids[n.name] = n.grid if n.out_kind == CURRENT else None
             out.append(n)
-            bar.update(future is not None)
+            advance(future is not None)
     return Graph(out, {**meta, "quantized": True, "weight_bits": opts.weight_bits, "input_bits": opts.input_bits,
                        "scale_search": opts.scale_search, "input_grid": input_grid(opts),
                        "input_range": input_range(opts), "plif_tau": p.plif_tau})

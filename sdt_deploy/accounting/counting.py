@@ -10,6 +10,8 @@
   the encoder's MACs over valid taps, bias adds, the SDSA's ANDs and token-sum increments, OR-pool
   inputs, max-pool comparisons, residual adds and neuron updates. The per-layer counts are recomputed
   here from the spikes and the graph and must agree with the engine's own counters exactly.
+  For the float model (`report --float`) the same rules count its own spikes on its BN-folded deploy
+  graph; no engine runs, and the report says which model was counted (`model.counted`).
 - *ann*: the dense ANN of the same architecture (every conv/linear as MAC, vanilla softmax attention in
   place of the SDSA), the baseline the paper compares against.
 
@@ -24,6 +26,7 @@ from typing import Callable, Iterable, Mapping, Optional
 
 import numpy as np
 
+from sdt_deploy.accounting.energy import EnergyTable
 from sdt_deploy.errors import DeployError
 from sdt_deploy.ir.graph import (
     LIF,
@@ -44,7 +47,6 @@ from sdt_deploy.ir.graph import (
     SpatialMean,
     TokenSum,
 )
-from sdt_deploy.report.energy import EnergyTable
 
 # ---- what each layer is ----
 
@@ -429,6 +431,18 @@ def _sum_ops(items: Iterable[Mapping[str, float]]) -> dict:
     return out
 
 
+COUNTED = {"quantized": "quantized (the deployed integer model)",
+           "float": "float (the checkpoint as trained)"}
+
+ENGINE_NOT_APPLICABLE = ("not applicable: the float model runs in torch, and the integer engine executes only the "
+                         "quantized model, so no engine count of this run exists to compare with")
+
+
+def counted_model(g: Graph) -> str:
+    """Which model a report over `g` counts: "quantized" for a quantized graph, else "float"."""
+    return "quantized" if g.meta.get("quantized") else "float"
+
+
 def attention_blocks(g: Graph) -> list[str]:
     scopes = []
     for n in g.nodes:
@@ -443,7 +457,9 @@ def build_report(g: Graph, tally: SpikeTally, table: EnergyTable, engine_totals:
     """The report as plain data (see `convention_notes` for what every number means).
 
     The measured column is counted from the spikes (`measured_ops_from_tally`); `engine_totals` ({"acs",
-    "macs"}: the integer engine's own counters over the same run) are compared with that count."""
+    "macs"}: the integer engine's own counters over the same run) are compared with that count. A float
+    graph's report (the float model's own spikes) has no engine run: `totals["engine"]` says it is not
+    applicable, and `model.counted` says which model was counted."""
     measured = measured_ops_from_tally(g, tally)
     S, T = tally.samples, tally.time_steps
     per_step = firing_rates(g, tally)
@@ -531,13 +547,20 @@ def build_report(g: Graph, tally: SpikeTally, table: EnergyTable, engine_totals:
         "ann_over_measured": ann_e / measured_e if measured_e else None,
         "ann_over_paper": ann_e / paper_e if paper_e else None,
     }
-    if engine_totals is not None:
+    counted = counted_model(g)
+    if counted == "float":
+        if engine_totals is not None:
+            raise DeployError("report: the integer engine runs the quantized model; a float graph's report "
+                              "has no engine counters")
+        totals["engine"] = {"applicable": False, "matches": None, "why": ENGINE_NOT_APPLICABLE}
+    elif engine_totals is not None:
         # the engine's own counters against the count from the spikes: two independent counts
-        totals["engine"] = {"total_acs": int(engine_totals["acs"]), "total_macs": int(engine_totals["macs"]),
+        totals["engine"] = {"applicable": True,
+                            "total_acs": int(engine_totals["acs"]), "total_macs": int(engine_totals["macs"]),
                             "recount_acs": totals["measured"]["acs"], "recount_macs": totals["measured"]["macs"],
                             "matches": (int(engine_totals["acs"]) == totals["measured"]["acs"]
                                         and int(engine_totals["macs"]) == totals["measured"]["macs"])}
-    convention = convention_notes(table, engine_checked=engine_totals is not None, graph=g)
+    convention = convention_notes(table, engine_checked=engine_totals is not None, graph=g, counted=counted)
     unpriced = sorted({op for r in layers for op in r["ops"] if op not in MEASURED_PRICE})
     if unpriced:   # a counter this report does not know: shown, never silently priced
         convention["measured"].append(f"counted but not priced (no rule for them): {', '.join(unpriced)}")
@@ -554,8 +577,8 @@ def build_report(g: Graph, tally: SpikeTally, table: EnergyTable, engine_totals:
 
 def _model_summary(g: Graph) -> dict:
     cfg = g.meta.get("config", {})
-    return {"config": cfg, "params": g.param_count(), "quantized": bool(g.meta.get("quantized")),
-            "token_shape": list(g.meta.get("token_shape", []))}
+    return {"counted": COUNTED[counted_model(g)], "config": cfg, "params": g.param_count(),
+            "quantized": bool(g.meta.get("quantized")), "token_shape": list(g.meta.get("token_shape", []))}
 
 
 def _block_comparison(g: Graph, scope: str, layers: list, heads: int, table: EnergyTable) -> dict:
@@ -595,13 +618,42 @@ def _block_comparison(g: Graph, scope: str, layers: list, heads: int, table: Ene
     }
 
 
-def convention_notes(table: EnergyTable, engine_checked: bool = True, graph: Optional[Graph] = None) -> dict:
+def _plif_taus(graph: Optional[Graph]) -> list:
+    return [] if graph is None else [n.tau for n in graph.of_type(LIF) if n.plif_w is not None]
+
+
+def convention_notes(table: EnergyTable, engine_checked: bool = True, graph: Optional[Graph] = None,
+                     counted: str = "quantized") -> dict:
     """Every choice of the accounting, in words, carried in the report itself."""
-    model = ["spikes, rates and counts are those of the deployed model (the quantized graph; spike-exact "
-             "with the quantized torch model); the float checkpoint's rates can differ slightly"]
-    if graph is not None and graph.meta.get("plif_tau"):
+    if counted == "float":
+        model = ["counted: the float model (the checkpoint as trained): spikes, rates and counts are those of "
+                 "the torch model in float32 with spikingjelly's neurons and BatchNorm unfolded, the model the "
+                 "paper's firing rates were measured on (run without --float for the deployed integer model, "
+                 "whose rates can differ)",
+                 "the layers, shapes, fan-outs and biases counted are those of its BatchNorm-folded deploy graph "
+                 "(the same layers as the quantized graph); the head averages its tokens (head_mean) where the "
+                 "quantized graph sums them, at the same count of adds",
+                 "engine check: " + ENGINE_NOT_APPLICABLE]
+        taus = _plif_taus(graph)
+        if taus:
+            model.append(f"PLIF: these are the trained decays (tau {min(taus):.4g} to {max(taus):.4g}); the "
+                         "quantized model sets every decay to 1/2 (tau = 2), so its spikes, rates and counts "
+                         "differ from these")
+    else:
+        model = ["counted: the quantized model (the deployed integer model): spikes, rates and counts are those "
+                 "of the quantized graph (spike-exact with the quantized torch model); the float checkpoint's "
+                 "rates can differ (report --float counts the float model)"]
+    if counted != "float" and graph is not None and graph.meta.get("plif_tau"):
         model.append("PLIF: the quantizer sets every decay to 1/2 (tau = 2); the trained taus are in the "
                      "graph's meta['plif_tau'], and this report describes the tau = 2 model")
+    if counted == "float":
+        measured_what = ("counted from the float model's own spikes by the integer engine's counting rules "
+                         "(what the engine would perform on these spikes); no engine ran, so nothing here is "
+                         "checked against its counters")
+    else:
+        measured_what = ("what the integer engine performed on the quantized graph for these inputs"
+                         + ("; recomputed here from the spikes and the graph, and equal to the engine's counters"
+                            if engine_checked else "; computed from the spikes and the graph by the engine's rules"))
     return {
         "model": model,
         "units": [
@@ -635,9 +687,7 @@ def convention_notes(table: EnergyTable, engine_checked: bool = True, graph: Opt
             "the 45nm-fp32 table gives the paper's E_MAC = 4.6 pJ, E_AC = 0.9 pJ",
         ],
         "measured": [
-            "what the integer engine performed on the quantized graph for these inputs"
-            + ("; recomputed here from the spikes and the graph, and equal to the engine's counters"
-               if engine_checked else "; computed from the spikes and the graph by the engine's rules"),
+            measured_what,
             "synaptic AC: one weight added per (nonzero input event, kernel tap reaching a real output "
             "position) per output channel; padding never triggers an addition",
             "encoder MAC: valid (non-padding) taps x c_in x c_out per output step, at every one of the T steps",
@@ -661,8 +711,11 @@ def convention_notes(table: EnergyTable, engine_checked: bool = True, graph: Opt
             "every one of its operations priced as one AC; the q/k/v/proj projections compared separately",
         ],
         "not_counted": [
-            "the input's quantization and the read-out (mean over T) run on the host; broadcasts are wiring; "
-            "BatchNorm is folded into the convolutions",
+            ("the read-out (mean over T) runs on the host; broadcasts are wiring; BatchNorm is counted folded "
+             "into the convolutions (its shift as bias_add), as deployed, not as the float model's separate "
+             "scale and shift" if counted == "float" else
+             "the input's quantization and the read-out (mean over T) run on the host; broadcasts are wiring; "
+             "BatchNorm is folded into the convolutions"),
             "memory access and data movement (neither convention prices them; on real hardware they often "
             "dominate)",
         ],

@@ -15,7 +15,7 @@ from sdt_deploy.ir.passes import fold_bn
 from sdt_deploy.quant.qmodel import QuantizedModel
 from sdt_deploy.run.float_executor import execute
 from sdt_deploy.run.torch_runner import predictions, run_model
-from sdt_deploy.verify.compare import agreement
+from sdt_deploy.verification.compare import agreement
 
 
 def compare_float(loaded: LoadedModel, q: QuantizedModel, dataset, batch_size: int = 32) -> dict:

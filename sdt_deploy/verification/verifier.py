@@ -29,8 +29,8 @@ from sdt_deploy.files.artifacts import sha256_of
 from sdt_deploy.quant.bits import bit_report
 from sdt_deploy.quant.qmodel import QuantizedModel
 from sdt_deploy.run.torch_runner import predictions
-from sdt_deploy.verify.compare import first_divergence, mismatch_table
-from sdt_deploy.verify.executors import (
+from sdt_deploy.verification.compare import first_divergence, mismatch_table
+from sdt_deploy.verification.executors import (
     ALL_EXECUTORS,
     RUNNERS,
     SHOW_EVERY_SPIKE,
