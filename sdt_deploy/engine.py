@@ -21,7 +21,6 @@ the exact state and every threshold decision matches the float model's exactly (
 """
 from __future__ import annotations
 
-import concurrent.futures
 import os
 import weakref
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from typing import Optional
 import numpy as np
 import scipy.sparse as sp
 
+from . import engine_kernels as K
 from .bits import check_engine_bounds
 from .errors import DeployError
 from .graph import (Add, And, Broadcast, Conv, Graph, Input, LIF, Linear, MaxPool, OrPool, Readout, TokenSum)
@@ -87,12 +87,6 @@ def _shift_left(a: np.ndarray, shift: np.ndarray, channel_axis: int = 2) -> np.n
     return a << shift.astype(a.dtype).reshape(shape)
 
 
-try:   # Y += A @ X for a CSR matrix A, accumulating into Y in place (the kernel behind scipy's A @ X)
-    from scipy.sparse._sparsetools import csr_matvecs as _csr_matvecs
-except ImportError:   # pragma: no cover - a scipy without it: the public product, then an add
-    _csr_matvecs = None
-
-
 I16_MAX = 2 ** 15 - 1
 
 
@@ -128,7 +122,6 @@ def int16_plan(w_int: np.ndarray) -> Optional[list]:
 
 PARALLEL_MIN_WORK = 1 << 22     # inputs x outputs of a layer below which it runs on one thread
 PARALLEL_MIN_NEURONS = 1 << 20  # neurons x steps of a LIF below which it runs on one thread
-_POOLS: dict = {}
 
 
 def default_threads() -> int:
@@ -140,15 +133,11 @@ def default_threads() -> int:
     return max(1, min(8, n))
 
 
-def _pool(threads: int) -> concurrent.futures.ThreadPoolExecutor:
-    if threads not in _POOLS:
-        _POOLS[threads] = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="sdt-engine")
-    return _POOLS[threads]
-
-
 def _add_event_rows(Y: np.ndarray, rows: np.ndarray, cols: np.ndarray, w_cols: np.ndarray) -> None:
     """Y[rows[i]] += w_cols[cols[i]] for every event i (rows nondecreasing): one weight row added per
-    event, as a CSR matrix of the events (indptr from the row counts, no sorting) times w_cols."""
+    event, as a CSR matrix of the events (indptr from the row counts, no sorting) times w_cols -- scipy's
+    public product. The numpy path, where the C kernels (`engine_kernels`) are absent or cannot take the
+    weight."""
     M, n_in = Y.shape[0], w_cols.shape[0]
     index = np.int32 if max(M, n_in, rows.size) < 2 ** 31 else np.int64
     indptr = np.zeros(M + 1, dtype=index)
@@ -156,20 +145,13 @@ def _add_event_rows(Y: np.ndarray, rows: np.ndarray, cols: np.ndarray, w_cols: n
     cols = cols.astype(index, copy=False)
     ones = np.ones(cols.size, dtype=Y.dtype)
     w_cols = np.ascontiguousarray(w_cols, dtype=Y.dtype)
-    if _csr_matvecs is not None:   # releases the GIL: the blocks of `_in_blocks` run in parallel
-        _csr_matvecs(M, n_in, Y.shape[1], indptr, cols, ones, w_cols.ravel(), Y.ravel())
-    else:   # pragma: no cover
-        Y += sp.csr_matrix((ones, cols, indptr), shape=(M, n_in)) @ w_cols
+    Y += sp.csr_matrix((ones, cols, indptr), shape=(M, n_in)) @ w_cols
 
 
 def _over_samples(fn, n: int, parts: int) -> list:
     """[fn(a, b)] for the sample ranges [a, b) that split n samples into `parts`, on the engine's
     threads when there are several (each sample's integers are its own: the split changes nothing)."""
-    if parts <= 1:
-        return [fn(0, n)]
-    cuts = np.linspace(0, n, parts + 1).astype(int)
-    jobs = [_pool(parts).submit(fn, a, b) for a, b in zip(cuts[:-1], cuts[1:])]
-    return [job.result() for job in jobs]
+    return K.over_parts(fn, n, parts)
 
 
 def _in_blocks(fn, S: np.ndarray, Y: np.ndarray, rows_per_sample: int, threads: int) -> int:
@@ -215,6 +197,12 @@ def synaptic_conv(S: np.ndarray, w_int: np.ndarray, padding: int, threads: int =
     N, C, H, W = S.shape
     O, _, k, _ = w_int.shape
     Ho, Wo = H + 2 * padding - k + 1, W + 2 * padding - k + 1
+    packed = K.event_weights(w_int)
+    if packed is not None:     # the C kernel (engine_kernels.conv_events): int16 in registers, int32 rows
+        parts = min(threads, N) if S.size * O >= PARALLEL_MIN_WORK else 1
+        Y, pairs = K.conv_events(S, packed, padding, parts)
+        out = Y.reshape(N, Ho, Wo, O).transpose(0, 3, 1, 2).astype(out_dtype, copy=False)
+        return out, pairs * O
     dtype, plan = weight_plan(w_int)
     Y = np.zeros((N * Ho * Wo, O), dtype=dtype)
     pairs = _in_blocks(lambda s, y: _conv_events(s, w_int, padding, y, plan), S, Y, Ho * Wo, threads)
@@ -280,6 +268,13 @@ def _conv_events(S: np.ndarray, w_int: np.ndarray, padding: int, Y: np.ndarray, 
 
 def synaptic_linear(S: np.ndarray, w_int: np.ndarray, threads: int = 1) -> tuple[np.ndarray, int]:
     """Event-driven linear layer on spikes [N, C]; returns (out int64 [N, O], additions)."""
+    packed = K.event_weights(w_int)
+    if packed is not None:     # the event kernel, as a 1x1 convolution of [N, C, 1, 1]
+        N, O = S.shape[0], w_int.shape[0]
+        parts = min(threads, N) if S.size * O >= PARALLEL_MIN_WORK else 1
+        Y, events = K.conv_events(S.reshape(N, -1, 1, 1), packed, 0, parts)
+        return Y.astype(INT), events * O
+
     def add(s: np.ndarray, y: np.ndarray) -> int:
         rows, cols = np.nonzero(s)
         _add_event_rows(y, rows, cols, w_int.T)
@@ -290,12 +285,19 @@ def synaptic_linear(S: np.ndarray, w_int: np.ndarray, threads: int = 1) -> tuple
     return Y.astype(INT), events * w_int.shape[0]
 
 
-def dense_conv(x: np.ndarray, w_int: np.ndarray, stride: int, padding: int) -> tuple[np.ndarray, int]:
+def dense_conv(x: np.ndarray, w_int: np.ndarray, stride: int, padding: int, threads: int = 1,
+               out_dtype=INT) -> tuple[np.ndarray, int]:
     """Integer convolution of a real-valued (integer-coded) input: the encoder's MACs.
 
-    Returns (out int64, multiply-accumulates over valid, non-padding taps)."""
+    Returns (out as out_dtype (int64 by default; int32 only where the caller knows the values fit),
+    multiply-accumulates over valid, non-padding taps). Runs in int32 (the C kernel, `threads` splitting
+    the samples) where max |x| times every output's sum of |w| stays below 2**31, else in int64."""
     N, C, H, W = x.shape
     O, _, k, _ = w_int.shape
+    if K.dense_conv_fits_int32(x, w_int):
+        parts = min(threads, N) if x.size * O >= PARALLEL_MIN_WORK else 1
+        out = K.dense_conv_i32(x, w_int, stride, padding, parts).astype(out_dtype, copy=False)
+        return out, int(_valid_taps(H, W, k, stride, padding)) * C * O * N
     xp = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
     Ho = (H + 2 * padding - k) // stride + 1
     Wo = (W + 2 * padding - k) // stride + 1
@@ -319,7 +321,9 @@ def _valid_taps(H: int, W: int, k: int, stride: int, padding: int) -> int:
 
 
 def _pool_max(a: np.ndarray, k: int, stride: int, pad: int, fill) -> np.ndarray:
-    """Max over k x k windows of [..., H, W] with constant padding `fill`."""
+    """Max over k x k windows of [..., H, W] with constant padding `fill` (`engine_kernels.pool_max`)."""
+    if a.size:
+        return K.pool_max(a, k, stride, pad, fill)
     H, W = a.shape[-2:]
     Ho, Wo = (H + 2 * pad - k) // stride + 1, (W + 2 * pad - k) // stride + 1
     widths = [(0, 0)] * (a.ndim - 2) + [(pad, pad), (pad, pad)]
@@ -343,7 +347,14 @@ def heads_or_pool_np(a: np.ndarray, heads: int) -> np.ndarray:
 def lif_int(X: np.ndarray, theta: np.ndarray, channel_axis: int = 2, membranes: Optional[list] = None,
             out: Optional[np.ndarray] = None):
     """Integer LIF over T: H = (V + X) >> 1, S = H >= theta, V = H * (1 - S). Returns (spikes uint8, the
-    largest |H|); the spikes go into `out` where given."""
+    largest |H|); the spikes go into `out` where given. The C kernel (`engine_kernels.lif`) where it is
+    built and no membrane trace is asked for."""
+    if membranes is None and K.compiled_kernels() and X.ndim >= 2 and X.dtype.kind in "iu":
+        spikes, peak = K.lif(X, theta, channel_axis)
+        if out is None:
+            return spikes, peak
+        out[...] = spikes
+        return out, peak
     shape = [1] * (X.ndim - 1)
     shape[channel_axis - 1] = -1
     th = theta.astype(X.dtype).reshape(shape)
@@ -368,6 +379,8 @@ def lif_int_parallel(X: np.ndarray, theta: np.ndarray, threads: int):
     enough: every neuron's state is its own, so the spikes are the same; the peak is the parts' largest."""
     B = X.shape[1]
     parts = min(threads, B) if X.size >= PARALLEL_MIN_NEURONS else 1
+    if K.compiled_kernels() and X.dtype.kind in "iu":
+        return K.lif(X, theta, 2, parts)
     out = np.empty_like(X, dtype=np.uint8)     # X's memory layout, as `lif_int` keeps it
     peaks = _over_samples(lambda a, b: lif_int(X[:, a:b], theta, out=out[:, a:b])[1], B, parts)
     return out, max(peaks)
@@ -411,7 +424,7 @@ def run_engine(qg: Graph, x: np.ndarray, record: bool = True, membranes: bool = 
                 out, adds = synaptic_conv(flat, n.w_int, n.padding, threads, out_dtype=width(n.name))
                 ops[n.name] = {"acs": adds, "macs": 0}
             else:
-                out, macs = dense_conv(flat, n.w_int, n.stride, n.padding)
+                out, macs = dense_conv(flat, n.w_int, n.stride, n.padding, threads, out_dtype=width(n.name))
                 ops[n.name] = {"acs": 0, "macs": macs}
             out += n.b_int.astype(out.dtype)[None, :, None, None]
             ops[n.name]["bias_adds"] = int(out.size)
