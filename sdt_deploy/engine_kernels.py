@@ -119,6 +119,8 @@ _PACKED: dict = {}
 def event_weights(w_int: np.ndarray) -> Optional[EventWeights]:
     """`pack_event_weights`, remembered while the array lives and is unchanged (a copy is compared on
     every use: an array changed in place is packed anew)."""
+    if _c is None:
+        return None
     key = id(w_int)
     held = _PACKED.get(key)
     if held is not None and held[0]() is w_int and np.array_equal(held[1], w_int):
