@@ -19,6 +19,7 @@ from typing import Callable, Optional, Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "bench", "out")
+os.makedirs(OUT, exist_ok=True)    # git-ignored: absent on a fresh clone
 PYTHON = sys.executable
 SDT_DEPLOY = os.path.join(os.path.dirname(PYTHON), "sdt-deploy")
 

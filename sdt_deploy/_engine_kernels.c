@@ -54,13 +54,14 @@ static void build_events(const uint8_t *s, int64_t npos, int64_t C, int64_t *ptr
  * xo + kx - pad) lies inside the input, the weight rows wt[tap][c][0:L] of the channels c that spiked
  * there are added into int16 accumulators held in registers. Before an event could take any lane past
  * 2**15 - 1 (its running budget, the sum of mag[tap][c] = max over the tile's lanes of |w|, would
- * exceed it), the int16 accumulators are emptied into an int32 row: exact. The row (int32) is written
- * to out[r * O + o0 + j] for j < min(L, O - o0). Returns the (event, tap) pairs visited.
+ * exceed it), the int16 accumulators are emptied into an int32 row: exact. The row plus bias[o0 + j]
+ * (int32) is written to out[r * O + o0 + j] for j < min(L, O - o0). Returns the (event, tap) pairs
+ * visited.
  */
 #define DEFINE_CONV_TILE(NAME, NV, WT, LOAD)                                                                             \
 static MULTIVERSION int64_t NAME(const int64_t *ptr, const int32_t *chan, int64_t N,                    \
         int64_t H, int64_t W, int64_t C, int64_t k, int64_t pad, const WT *wt, const int32_t *mag,       \
-        int32_t *out, int64_t O, int64_t o0)                                                             \
+        const int32_t *bias, int32_t *out, int64_t O, int64_t o0)                                        \
 {                                                                                                        \
     const int64_t L = NV * LANES, Ho = H + 2 * pad - k + 1, Wo = W + 2 * pad - k + 1;                    \
     const int64_t valid = (O - o0) < L ? (O - o0) : L;                                                   \
@@ -104,8 +105,9 @@ static MULTIVERSION int64_t NAME(const int64_t *ptr, const int32_t *chan, int64_
         }                                                                                                \
         for (int v = 0; v < NV; v++) store_v(row16 + v * LANES, acc[v]);                                 \
         int32_t *dst = out + ((n * Ho + yo) * Wo + xo) * O + o0;                                         \
-        if (flushed) for (int64_t j = 0; j < valid; j++) dst[j] = row32[j] + row16[j];                   \
-        else for (int64_t j = 0; j < valid; j++) dst[j] = row16[j];                                      \
+        const int32_t *b = bias + o0;                                                                    \
+        if (flushed) for (int64_t j = 0; j < valid; j++) dst[j] = row32[j] + row16[j] + b[j];            \
+        else for (int64_t j = 0; j < valid; j++) dst[j] = row16[j] + b[j];                               \
     }                                                                                                    \
     return pairs;                                                                                        \
 }
@@ -116,19 +118,20 @@ DEFINE_CONV_TILE(conv16_4, 4, int16_t, load_v)
 DEFINE_CONV_TILE(conv16_8, 8, int16_t, load_v)
 
 
-/* conv_events(spikes, N, H, W, C, k, pad, wt, mag, L, O, out) -> pairs
+/* conv_events(spikes, N, H, W, C, k, pad, wt, mag, L, O, bias, out) -> pairs
  *   spikes: uint8 [N, H, W, C] contiguous; wt: int16 [ceil(O / L), k*k, C, L];
- *   mag: int32 [tiles, k*k, C]; out: int32 [N, Ho, Wo, O] (written, not added to). */
+ *   mag: int32 [tiles, k*k, C]; bias: int32 [tiles * L] (zero past O); out: int32 [N, Ho, Wo, O] (written,
+ *   not added to). */
 static PyObject *py_conv_events(PyObject *self, PyObject *args)
 {
-    Py_buffer sb, wb, mb, ob;
+    Py_buffer sb, wb, mb, bb, ob;
     long long N, H, W, C, k, pad, L, O;
-    if (!PyArg_ParseTuple(args, "y*LLLLLLy*y*LLw*", &sb, &N, &H, &W, &C, &k, &pad, &wb, &mb, &L, &O, &ob))
+    if (!PyArg_ParseTuple(args, "y*LLLLLLy*y*LLy*w*", &sb, &N, &H, &W, &C, &k, &pad, &wb, &mb, &L, &O, &bb, &ob))
         return NULL;
     const int64_t Ho = H + 2 * pad - k + 1, Wo = W + 2 * pad - k + 1, tiles = (O + L - 1) / L;
     PyObject *result = NULL;
     if ((L != 32 && L != 64 && L != 128 && L != 256) || Ho <= 0 || Wo <= 0 || wb.len < (Py_ssize_t)(tiles * k * k * C * L * 2) ||
-        sb.len < N * H * W * C || mb.len < (Py_ssize_t)(tiles * k * k * C * 4) ||
+        sb.len < N * H * W * C || mb.len < (Py_ssize_t)(tiles * k * k * C * 4) || bb.len < (Py_ssize_t)(tiles * L * 4) ||
         ob.len < (Py_ssize_t)(N * Ho * Wo * O * 4)) {
         PyErr_SetString(PyExc_ValueError, "conv_events: inconsistent sizes");
         goto done;
@@ -144,10 +147,10 @@ static PyObject *py_conv_events(PyObject *self, PyObject *args)
         int64_t p;
         const int16_t *wt = (const int16_t *)wb.buf + t * k * k * C * L;
         switch (L) {
-            case 32: p = conv16_1(ptr, chan, N, H, W, C, k, pad, wt, mag, ob.buf, O, t * L); break;
-            case 64: p = conv16_2(ptr, chan, N, H, W, C, k, pad, wt, mag, ob.buf, O, t * L); break;
-            case 128: p = conv16_4(ptr, chan, N, H, W, C, k, pad, wt, mag, ob.buf, O, t * L); break;
-            default: p = conv16_8(ptr, chan, N, H, W, C, k, pad, wt, mag, ob.buf, O, t * L); break;
+            case 32: p = conv16_1(ptr, chan, N, H, W, C, k, pad, wt, mag, bb.buf, ob.buf, O, t * L); break;
+            case 64: p = conv16_2(ptr, chan, N, H, W, C, k, pad, wt, mag, bb.buf, ob.buf, O, t * L); break;
+            case 128: p = conv16_4(ptr, chan, N, H, W, C, k, pad, wt, mag, bb.buf, ob.buf, O, t * L); break;
+            default: p = conv16_8(ptr, chan, N, H, W, C, k, pad, wt, mag, bb.buf, ob.buf, O, t * L); break;
         }
         if (t == 0) pairs = p;           /* every tile visits the same (event, tap) pairs */
     }
@@ -156,7 +159,8 @@ static PyObject *py_conv_events(PyObject *self, PyObject *args)
     free(chan);
     result = PyLong_FromLongLong(pairs);
 done:
-    PyBuffer_Release(&sb); PyBuffer_Release(&wb); PyBuffer_Release(&mb); PyBuffer_Release(&ob);
+    PyBuffer_Release(&sb); PyBuffer_Release(&wb); PyBuffer_Release(&mb); PyBuffer_Release(&bb);
+    PyBuffer_Release(&ob);
     return result;
 }
 
@@ -220,63 +224,166 @@ done:
 }
 
 /* ------------------------------------------------------------------------------------------------
- * Dense integer convolution (the encoder) in int32: out[n, o, yo, xo] = sum over c, ky, kx of
- * w[o, c, ky, kx] * x[n, c, yo*stride + ky - pad, xo*stride + kx - pad] over the taps inside the input.
- * x int32 [N, C, H, W], w int32 [O, C, k, k], out int32 [N, O, Ho, Wo]; the caller guarantees
- * sum |w| * max |x| < 2**31 per output channel.
+ * Dense integer convolution (the encoder) in int32, written channel-last: out[n, yo, xo, o] = sum over
+ * c, ky, kx of w[ky, kx, c, o] * x[n, c, yo*stride + ky - pad, xo*stride + kx - pad] over the taps inside
+ * the input, plus bias[o]. x int32 [N, C, H, W], w int32 [k, k, C, O], bias int32 [O], out int32
+ * [N, Ho, Wo, O]; the caller guarantees sum |w| * max |x| + |bias| < 2**31 per output channel. acc: O
+ * int32 of scratch.
  */
-static MULTIVERSION void dense_conv_i32(const int32_t *x, const int32_t *w, int32_t *out, int64_t N,
-        int64_t C, int64_t H, int64_t W, int64_t O, int64_t k, int64_t stride, int64_t pad)
+static MULTIVERSION void dense_conv_i32(const int32_t *x, const int32_t *w, const int32_t *bias, int32_t *out,
+        int32_t *acc,
+        int64_t N, int64_t C, int64_t H, int64_t W, int64_t O, int64_t k, int64_t stride, int64_t pad)
 {
     const int64_t Ho = (H + 2 * pad - k) / stride + 1, Wo = (W + 2 * pad - k) / stride + 1;
     for (int64_t n = 0; n < N; n++)
-    for (int64_t o = 0; o < O; o++) {
-        int32_t *dst = out + (n * O + o) * Ho * Wo;
-        memset(dst, 0, Ho * Wo * sizeof(int32_t));
-        for (int64_t c = 0; c < C; c++)
-        for (int64_t ky = 0; ky < k; ky++)
-        for (int64_t kx = 0; kx < k; kx++) {
-            const int32_t wv = w[((o * C + c) * k + ky) * k + kx];
-            if (wv == 0) continue;
-            /* xo range whose input column xo*stride + kx - pad lies in [0, W) */
-            int64_t x0 = 0, x1 = Wo;
-            while (x0 < Wo && x0 * stride + kx - pad < 0) x0++;
-            while (x1 > x0 && (x1 - 1) * stride + kx - pad >= W) x1--;
-            for (int64_t yo = 0; yo < Ho; yo++) {
-                const int64_t yi = yo * stride + ky - pad;
-                if (yi < 0 || yi >= H) continue;
-                const int32_t *src = x + ((n * C + c) * H + yi) * W + kx - pad;
-                int32_t *d = dst + yo * Wo;
-                if (stride == 1) for (int64_t xo = x0; xo < x1; xo++) d[xo] += wv * src[xo];
-                else for (int64_t xo = x0; xo < x1; xo++) d[xo] += wv * src[xo * stride];
+    for (int64_t yo = 0; yo < Ho; yo++)
+    for (int64_t xo = 0; xo < Wo; xo++) {
+        for (int64_t o = 0; o < O; o++) acc[o] = bias[o];
+        for (int64_t ky = 0; ky < k; ky++) {
+            const int64_t yi = yo * stride + ky - pad;
+            if (yi < 0 || yi >= H) continue;
+            for (int64_t kx = 0; kx < k; kx++) {
+                const int64_t xi = xo * stride + kx - pad;
+                if (xi < 0 || xi >= W) continue;
+                for (int64_t c = 0; c < C; c++) {
+                    const int32_t xv = x[((n * C + c) * H + yi) * W + xi];
+                    const int32_t *wr = w + ((ky * k + kx) * C + c) * O;
+                    for (int64_t o = 0; o < O; o++) acc[o] += xv * wr[o];
+                }
             }
         }
+        memcpy(out + ((n * Ho + yo) * Wo + xo) * O, acc, O * sizeof(int32_t));
     }
 }
 
-/* dense_conv(x, w, out, N, C, H, W, O, k, stride, pad) */
+/* dense_conv(x, w, bias, out, N, C, H, W, O, k, stride, pad) */
 static PyObject *py_dense_conv(PyObject *self, PyObject *args)
 {
-    Py_buffer xb, wb, ob;
+    Py_buffer xb, wb, bb, ob;
     long long N, C, H, W, O, k, stride, pad;
-    if (!PyArg_ParseTuple(args, "y*y*w*LLLLLLLL", &xb, &wb, &ob, &N, &C, &H, &W, &O, &k, &stride, &pad))
+    if (!PyArg_ParseTuple(args, "y*y*y*w*LLLLLLLL", &xb, &wb, &bb, &ob, &N, &C, &H, &W, &O, &k, &stride, &pad))
         return NULL;
     PyObject *result = NULL;
     const int64_t Ho = stride > 0 ? (H + 2 * pad - k) / stride + 1 : 0;
     const int64_t Wo = stride > 0 ? (W + 2 * pad - k) / stride + 1 : 0;
-    if (stride <= 0 || Ho <= 0 || Wo <= 0 || xb.len < N * C * H * W * 4 || wb.len < O * C * k * k * 4 ||
+    if (stride <= 0 || Ho <= 0 || Wo <= 0 || xb.len < N * C * H * W * 4 || wb.len < O * C * k * k * 4 || bb.len < O * 4 ||
         ob.len < N * O * Ho * Wo * 4) {
         PyErr_SetString(PyExc_ValueError, "dense_conv: inconsistent sizes");
         goto done;
     }
+    int32_t *acc = malloc((O > 0 ? O : 1) * sizeof(int32_t));
+    if (!acc) { PyErr_NoMemory(); goto done; }
     Py_BEGIN_ALLOW_THREADS
-    dense_conv_i32(xb.buf, wb.buf, ob.buf, N, C, H, W, O, k, stride, pad);
+    dense_conv_i32(xb.buf, wb.buf, bb.buf, ob.buf, acc, N, C, H, W, O, k, stride, pad);
+    Py_END_ALLOW_THREADS
+    free(acc);
+    Py_INCREF(Py_None);
+    result = Py_None;
+done:
+    PyBuffer_Release(&xb); PyBuffer_Release(&wb); PyBuffer_Release(&bb); PyBuffer_Release(&ob);
+    return result;
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * Max pool over channel-last data: src [N, H, W, C], dst [N, Ho, Wo, C]; dst[n, yo, xo, c] = max of
+ * src[n, yo*stride + ky - pad, xo*stride + kx - pad, c] over the taps inside the input, and `fill`
+ * where the window reaches outside it.
+ */
+#define DEFINE_POOL(NAME, TYPE)                                                                          \
+static MULTIVERSION void NAME(const TYPE *src, TYPE *dst, TYPE fill, int64_t N, int64_t H, int64_t W,    \
+                              int64_t C, int64_t k, int64_t stride, int64_t pad)                         \
+{                                                                                                        \
+    const int64_t Ho = (H + 2 * pad - k) / stride + 1, Wo = (W + 2 * pad - k) / stride + 1;              \
+    for (int64_t n = 0; n < N; n++)                                                                      \
+    for (int64_t yo = 0; yo < Ho; yo++)                                                                  \
+    for (int64_t xo = 0; xo < Wo; xo++) {                                                                \
+        TYPE *d = dst + ((n * Ho + yo) * Wo + xo) * C;                                                   \
+        int first = 1, padded = 0;                                                                       \
+        for (int64_t ky = 0; ky < k; ky++) {                                                             \
+            const int64_t yi = yo * stride + ky - pad;                                                   \
+            if (yi < 0 || yi >= H) { padded = 1; continue; }                                             \
+            for (int64_t kx = 0; kx < k; kx++) {                                                         \
+                const int64_t xi = xo * stride + kx - pad;                                               \
+                if (xi < 0 || xi >= W) { padded = 1; continue; }                                         \
+                const TYPE *r = src + ((n * H + yi) * W + xi) * C;                                       \
+                if (first) memcpy(d, r, C * sizeof(TYPE));                                               \
+                else for (int64_t c = 0; c < C; c++) d[c] = r[c] > d[c] ? r[c] : d[c];                   \
+                first = 0;                                                                               \
+            }                                                                                            \
+        }                                                                                                \
+        if (first) for (int64_t c = 0; c < C; c++) d[c] = fill;                                          \
+        else if (padded) for (int64_t c = 0; c < C; c++) d[c] = fill > d[c] ? fill : d[c];              \
+    }                                                                                                    \
+}
+
+DEFINE_POOL(pool_u8, uint8_t)
+DEFINE_POOL(pool_i32, int32_t)
+DEFINE_POOL(pool_i64, int64_t)
+
+/* pool_max(src, dst, kind, fill, N, H, W, C, k, stride, pad); kind: 1 uint8, 4 int32, 8 int64 */
+static PyObject *py_pool_max(PyObject *self, PyObject *args)
+{
+    Py_buffer sb, db;
+    long long kind, fill, N, H, W, C, k, stride, pad;
+    if (!PyArg_ParseTuple(args, "y*w*LLLLLLLLL", &sb, &db, &kind, &fill, &N, &H, &W, &C, &k, &stride, &pad))
+        return NULL;
+    PyObject *result = NULL;
+    const int64_t Ho = stride > 0 ? (H + 2 * pad - k) / stride + 1 : 0;
+    const int64_t Wo = stride > 0 ? (W + 2 * pad - k) / stride + 1 : 0;
+    if ((kind != 1 && kind != 4 && kind != 8) || stride <= 0 || Ho <= 0 || Wo <= 0 ||
+        sb.len < N * H * W * C * kind || db.len < N * Ho * Wo * C * kind) {
+        PyErr_SetString(PyExc_ValueError, "pool_max: inconsistent sizes");
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    if (kind == 1) pool_u8(sb.buf, db.buf, (uint8_t)fill, N, H, W, C, k, stride, pad);
+    else if (kind == 4) pool_i32(sb.buf, db.buf, (int32_t)fill, N, H, W, C, k, stride, pad);
+    else pool_i64(sb.buf, db.buf, (int64_t)fill, N, H, W, C, k, stride, pad);
     Py_END_ALLOW_THREADS
     Py_INCREF(Py_None);
     result = Py_None;
 done:
-    PyBuffer_Release(&xb); PyBuffer_Release(&wb); PyBuffer_Release(&ob);
+    PyBuffer_Release(&sb); PyBuffer_Release(&db);
     return result;
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * max |a| over a contiguous int32 / int64 buffer, one pass (as an unsigned magnitude: exact at the
+ * type's minimum).
+ */
+#define DEFINE_ABSMAX(NAME, TYPE)                                                                        \
+static MULTIVERSION uint64_t NAME(const TYPE *a, int64_t n)                                              \
+{                                                                                                        \
+    TYPE hi = 0, lo = 0;                                                                                 \
+    for (int64_t i = 0; i < n; i++) {                                                                    \
+        hi = a[i] > hi ? a[i] : hi;                                                                      \
+        lo = a[i] < lo ? a[i] : lo;                                                                      \
+    }                                                                                                    \
+    uint64_t x = (uint64_t)hi, m = (uint64_t)0 - (uint64_t)lo;                                            \
+    return x > m ? x : m;                                                                                \
+}
+
+DEFINE_ABSMAX(absmax_i32, int32_t)
+DEFINE_ABSMAX(absmax_i64, int64_t)
+
+/* abs_max(buf, itemsize) */
+static PyObject *py_abs_max(PyObject *self, PyObject *args)
+{
+    Py_buffer b;
+    long long isz;
+    if (!PyArg_ParseTuple(args, "y*L", &b, &isz))
+        return NULL;
+    if (isz != 4 && isz != 8) {
+        PyBuffer_Release(&b);
+        PyErr_SetString(PyExc_ValueError, "abs_max: int32 or int64");
+        return NULL;
+    }
+    uint64_t m;
+    Py_BEGIN_ALLOW_THREADS
+    m = isz == 4 ? absmax_i32(b.buf, b.len / 4) : absmax_i64(b.buf, b.len / 8);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&b);
+    return PyLong_FromUnsignedLongLong(m);
 }
 
 /* ------------------------------------------------------------------------------------------------
@@ -344,6 +451,21 @@ static PyObject *py_peak_adds(PyObject *self, PyObject *args)
     return Py_BuildValue("LL", (long long)sum, (long long)adds);
 }
 
+/* same_bytes(a, b) -> whether two buffers hold the same bytes (memcmp) */
+static PyObject *py_same_bytes(PyObject *self, PyObject *args)
+{
+    Py_buffer a, b;
+    if (!PyArg_ParseTuple(args, "y*y*", &a, &b))
+        return NULL;
+    int same;
+    Py_BEGIN_ALLOW_THREADS
+    same = a.len == b.len && memcmp(a.buf, b.buf, a.len) == 0;
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&a);
+    PyBuffer_Release(&b);
+    return PyBool_FromLong(same);
+}
+
 /* which clone the loader chose, for the benchmark report */
 static PyObject *py_isa(PyObject *self, PyObject *noargs)
 {
@@ -361,6 +483,9 @@ static PyMethodDef methods[] = {
     {"conv_events", py_conv_events, METH_VARARGS, "event-driven convolution (see engine_kernels.py)"},
     {"lif", py_lif, METH_VARARGS, "integer LIF over T (see engine_kernels.py)"},
     {"dense_conv", py_dense_conv, METH_VARARGS, "dense int32 convolution (see engine_kernels.py)"},
+    {"pool_max", py_pool_max, METH_VARARGS, "channel-last max pool (see engine_kernels.py)"},
+    {"abs_max", py_abs_max, METH_VARARGS, "max |a| of an int32 / int64 buffer"},
+    {"same_bytes", py_same_bytes, METH_VARARGS, "memcmp of two buffers"},
     {"peak_adds", py_peak_adds, METH_VARARGS, "int16 add-rate micro-benchmark"},
     {"isa", py_isa, METH_NOARGS, "the instruction set the kernels run with"},
     {NULL, NULL, 0, NULL}

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import weakref
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -185,7 +186,7 @@ def weight_plan(w_int: np.ndarray) -> tuple:
 
 
 def synaptic_conv(S: np.ndarray, w_int: np.ndarray, padding: int, threads: int = 1,
-                  out_dtype=INT) -> tuple[np.ndarray, int]:
+                  out_dtype=INT, bias: Optional[np.ndarray] = None) -> tuple[np.ndarray, int]:
     """Event-driven conv of spikes [N, C, H, W] with integer weights [O, C, k, k], stride 1.
 
     Every input spike (n, c, y, x) adds, for each kernel tap (ky, kx) that lands on an output
@@ -193,15 +194,18 @@ def synaptic_conv(S: np.ndarray, w_int: np.ndarray, padding: int, threads: int =
     over the events, nothing for the silent inputs. Accumulates in int32 where `accumulator_dtype`
     proves it safe; `threads` split the samples. Returns (out [N, O, H', W'] as out_dtype (int64 by
     default; int32 only where the caller knows the values fit), additions performed = (event, tap)
-    pairs x O)."""
+    pairs x O). `bias` [O], where given, is added to every output (the caller counts those additions)."""
     N, C, H, W = S.shape
     O, _, k, _ = w_int.shape
     Ho, Wo = H + 2 * padding - k + 1, W + 2 * padding - k + 1
     packed = K.event_weights(w_int)
     if packed is not None:     # the C kernel (engine_kernels.conv_events): int16 in registers, int32 rows
         parts = min(threads, N) if S.size * O >= PARALLEL_MIN_WORK else 1
-        Y, pairs = K.conv_events(S, packed, padding, parts)
+        in_kernel = bias is not None and K.bias_fits(packed, bias)
+        Y, pairs = K.conv_events(S, packed, padding, parts, bias if in_kernel else None)
         out = Y.reshape(N, Ho, Wo, O).transpose(0, 3, 1, 2).astype(out_dtype, copy=False)
+        if bias is not None and not in_kernel:
+            out += bias.astype(out.dtype)[None, :, None, None]
         return out, pairs * O
     dtype, plan = weight_plan(w_int)
     Y = np.zeros((N * Ho * Wo, O), dtype=dtype)
@@ -209,6 +213,8 @@ def synaptic_conv(S: np.ndarray, w_int: np.ndarray, padding: int, threads: int =
     # [N, O, H', W'] over memory laid out [N, H', W', O] (no transposing copy; numpy's element-wise
     # operations follow the memory order, and the next synaptic layer reads this layout directly)
     out = Y.reshape(N, Ho, Wo, O).transpose(0, 3, 1, 2).astype(out_dtype, copy=False)
+    if bias is not None:
+        out += bias.astype(out.dtype)[None, :, None, None]
     return out, pairs * O
 
 
@@ -286,17 +292,18 @@ def synaptic_linear(S: np.ndarray, w_int: np.ndarray, threads: int = 1) -> tuple
 
 
 def dense_conv(x: np.ndarray, w_int: np.ndarray, stride: int, padding: int, threads: int = 1,
-               out_dtype=INT) -> tuple[np.ndarray, int]:
+               out_dtype=INT, bias: Optional[np.ndarray] = None) -> tuple[np.ndarray, int]:
     """Integer convolution of a real-valued (integer-coded) input: the encoder's MACs.
 
     Returns (out as out_dtype (int64 by default; int32 only where the caller knows the values fit),
     multiply-accumulates over valid, non-padding taps). Runs in int32 (the C kernel, `threads` splitting
-    the samples) where max |x| times every output's sum of |w| stays below 2**31, else in int64."""
+    the samples) where max |x| times every output's sum of |w| (plus |bias|) stays below 2**31, else in
+    int64. `bias` [O], where given, is added to every output (the caller counts those additions)."""
     N, C, H, W = x.shape
     O, _, k, _ = w_int.shape
-    if K.dense_conv_fits_int32(x, w_int):
+    if K.dense_conv_fits_int32(x, w_int, bias):
         parts = min(threads, N) if x.size * O >= PARALLEL_MIN_WORK else 1
-        out = K.dense_conv_i32(x, w_int, stride, padding, parts).astype(out_dtype, copy=False)
+        out = K.dense_conv_i32(x, w_int, stride, padding, parts, bias).astype(out_dtype, copy=False)
         return out, int(_valid_taps(H, W, k, stride, padding)) * C * O * N
     xp = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
     Ho = (H + 2 * padding - k) // stride + 1
@@ -307,8 +314,10 @@ def dense_conv(x: np.ndarray, w_int: np.ndarray, stride: int, padding: int, thre
         for kx in range(k):
             patch = xp[:, :, ky:ky + stride * Ho:stride, kx:kx + stride * Wo:stride]   # [N, C, Ho, Wo]
             out += np.einsum("nchw,oc->nohw", patch, w[:, :, ky, kx], dtype=INT, optimize=False)
+    if bias is not None:
+        out += bias.astype(INT)[None, :, None, None]
     valid = _valid_taps(H, W, k, stride, padding)
-    return out, int(valid) * C * O * N
+    return out.astype(out_dtype, copy=False), int(valid) * C * O * N
 
 
 def _valid_taps(H: int, W: int, k: int, stride: int, padding: int) -> int:
@@ -387,8 +396,8 @@ def lif_int_parallel(X: np.ndarray, theta: np.ndarray, threads: int):
 
 
 def abs_max(a: np.ndarray) -> int:
-    """max |a| as a Python int (no temporary array; exact at the int64 minimum too)."""
-    return max(int(a.max()), -int(a.min())) if a.size else 0
+    """max |a| as a Python int (no temporary array; exact at the int64 minimum too): `engine_kernels.abs_max`."""
+    return K.abs_max(a)
 
 
 def run_engine(qg: Graph, x: np.ndarray, record: bool = True, membranes: bool = False,
@@ -398,7 +407,7 @@ def run_engine(qg: Graph, x: np.ndarray, record: bool = True, membranes: bool = 
     threads = default_threads() if threads is None else max(1, int(threads))
     if not qg.meta.get("quantized"):
         raise DeployError("the integer engine runs quantized graphs only")
-    bounds = check_engine_bounds(qg)
+    bounds = K.graph_memo(qg, check_engine_bounds)    # the bit analysis, redone when the integers change
 
     def width(name: str, factor: int = 1):
         """int32 where the node's worst case (times factor) stays below 2**31, else int64."""
@@ -409,7 +418,8 @@ def run_engine(qg: Graph, x: np.ndarray, record: bool = True, membranes: bool = 
     vals: dict[str, np.ndarray] = {}
     grids: dict[str, Optional[np.ndarray]] = {}
     spikes, ops, observed, mems = {}, {}, {}, {}
-    remaining = {n.name: sum(n.name in m.inputs for m in qg.nodes) for n in qg.nodes}
+    consumers = Counter(i for m in qg.nodes for i in set(m.inputs))      # (linear, not nodes x nodes)
+    remaining = {n.name: consumers[n.name] for n in qg.nodes}
     for n in qg.nodes:
         ins = [vals[i] for i in n.inputs]
         in_grids = [grids[i] for i in n.inputs]
@@ -421,13 +431,13 @@ def run_engine(qg: Graph, x: np.ndarray, record: bool = True, membranes: bool = 
             if in_grids[0] is None:
                 if n.stride != 1 or n.groups != 1:
                     raise DeployError(f"{n.name}: only stride-1, ungrouped synaptic convolutions are supported")
-                out, adds = synaptic_conv(flat, n.w_int, n.padding, threads, out_dtype=width(n.name))
+                out, adds = synaptic_conv(flat, n.w_int, n.padding, threads, out_dtype=width(n.name), bias=n.b_int)
                 ops[n.name] = {"acs": adds, "macs": 0}
             else:
-                out, macs = dense_conv(flat, n.w_int, n.stride, n.padding, threads, out_dtype=width(n.name))
+                out, macs = dense_conv(flat, n.w_int, n.stride, n.padding, threads, out_dtype=width(n.name),
+                                       bias=n.b_int)
                 ops[n.name] = {"acs": 0, "macs": macs}
-            out += n.b_int.astype(out.dtype)[None, :, None, None]
-            ops[n.name]["bias_adds"] = int(out.size)
+            ops[n.name]["bias_adds"] = int(out.size)      # added by the kernels, one per output
             y = out.reshape((T, B) + out.shape[1:])
         elif isinstance(n, Linear):
             a = ins[0]
@@ -446,7 +456,7 @@ def run_engine(qg: Graph, x: np.ndarray, record: bool = True, membranes: bool = 
             y, peak = lif_int_parallel(X, n.theta_int, threads) if trace is None else \
                 lif_int(X, n.theta_int, membranes=trace)
             observed[n.name] = max(peak, abs_max(X))
-            ops[n.name] = {"neuron_updates": int(X.size), "spikes": int(y.sum(dtype=INT))}
+            ops[n.name] = {"neuron_updates": int(X.size), "spikes": int(np.count_nonzero(y))}
             if membranes:
                 mems[n.name] = np.stack(trace)
         elif isinstance(n, And):
@@ -458,7 +468,7 @@ def run_engine(qg: Graph, x: np.ndarray, record: bool = True, membranes: bool = 
                 y = heads_or_pool_np(a, n.heads)
             else:
                 y = _pool_max(a, n.kernel, n.stride, n.padding, 0)
-            ops[n.name] = {"or_inputs": int(a.sum(dtype=INT))}
+            ops[n.name] = {"or_inputs": int(np.count_nonzero(a))}
         elif isinstance(n, MaxPool):
             y = _pool_max(ins[0], n.kernel, n.stride, n.padding, np.iinfo(ins[0].dtype).min)
             ops[n.name] = {"comparisons": int(y.size) * (n.kernel * n.kernel - 1)}

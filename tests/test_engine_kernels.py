@@ -264,3 +264,30 @@ def test_heads_or_pool_is_unchanged():
     rng = np.random.default_rng(3)
     a = (rng.random((2, 3, 16, 4, 4)) < 0.3).astype(np.uint8)
     np.testing.assert_array_equal(engine.heads_or_pool_np(a, 4), REF.heads_or_pool_np(a, 4))
+
+
+def test_remembered_bounds_and_packed_weights_follow_changes_in_place():
+    """The bit analysis is remembered per graph and the packed weights per array; both are compared with
+    copies on every use, so an integer changed in place (same objects) is seen at once."""
+    from sdt_deploy.errors import DeployError
+
+    q = quantize(loaded(case_path("lif_0011")))
+    x = case_input("lif_0011")
+    run_engine(q.graph, x)
+    node = q.graph["block.0.mlp.fc2_conv"]
+    saved = node.b_int.copy()
+    node.b_int[0] += np.int64(2 ** 62)                  # in place: the same array object
+    with pytest.raises(DeployError, match="block.0.mlp.fc2_conv"):
+        run_engine(q.graph, x)
+    node.b_int[:] = saved
+    assert_same_run(run_engine(q.graph, x), REF.run_engine(q.graph, x))
+    w = node.w_int
+    w[:, :] = -w                                        # every weight of the layer negated in place
+    assert_same_run(run_engine(q.graph, x), REF.run_engine(q.graph, x), "weights changed in place")
+
+    rng = np.random.default_rng(1)
+    S = (rng.random((2, 8, 4, 4)) < 0.5).astype(np.uint8)
+    w = rng.integers(-127, 128, size=(16, 8, 3, 3)).astype(np.int8)
+    engine.synaptic_conv(S, w, 1)
+    w[3, 2, 1, 1] += 1 if w[3, 2, 1, 1] < 127 else -1
+    np.testing.assert_array_equal(engine.synaptic_conv(S, w, 1)[0], REF.synaptic_conv(S, w, 1)[0])
