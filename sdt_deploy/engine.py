@@ -4,17 +4,23 @@ on its grid), event-driven, counting the operations it performs.
 - currents are integer arrays on per-channel grids (value = integer * 2**-grid): int32 where the bit
   analysis (`bits.channel_bounds`) bounds the node below 2**31 (a LIF: its V + X, twice its bound),
   int64 elsewhere -- never a wrap-around; the read-out and membrane traces are int64;
-- a synaptic layer on spikes adds the weight columns of the inputs that spiked and nothing else: per
-  kernel tap, the spikes become a sparse 0/1 matrix of input events (built from the event list, no
-  sorting) whose product with that tap's weights (scipy's CSR kernel, integer, accumulating in place)
-  adds exactly those columns; its count of additions is (event, tap) pairs x c_out. The additions run
-  in int16 where the weights bound a group of events below 2**15 (emptied into an int32 / int64
-  accumulator before it could overflow), and the samples are split over threads (`threads`);
-- the encoder (the only layer reading a real value) is a dense integer convolution: its multiply-
-  accumulates are counted per valid (non-padding) tap;
+- a synaptic layer on spikes adds the weight columns of the inputs that spiked and nothing else; its
+  count of additions is (event, tap) pairs x c_out (padding excluded). The additions run in the C
+  kernels of `engine_kernels` (sdt_deploy/_engine_kernels.c): per output position, the weight rows of
+  the events that reach it are added into int16 accumulators held in vector registers, emptied into an
+  int32 row before they could overflow (budget: the events' largest |w|); the bias is added on writing
+  the row. Where the C kernels are absent (no compiler at install) or a weight does not fit their
+  integers (beyond int16, or a worst-case sum beyond int32), the numpy path: per kernel tap, the
+  spikes as a sparse 0/1 matrix of input events times that tap's weights (scipy's public sparse
+  product), in int16 where the weights bound a group of events below 2**15. Either way the samples
+  are split over threads (`threads`);
+- the encoder (the only layer reading a real value) is a dense integer convolution (int32 in the C
+  kernel where max |x| times the weights' sum bounds it, else int64 numpy): its multiply-accumulates
+  are counted per valid (non-padding) tap;
 - a LIF is `H = (V + X) >> 1` (arithmetic shift: floor), `S = H >= theta`, `V = H * (1 - S)`, on its
-  channel's grid; contributions on a coarser grid are shifted left first (exact); a large layer's
-  samples are updated on the same threads.
+  channel's grid; contributions on a coarser grid are shifted left first (exact); one pass over the T
+  steps in the C kernel (numpy where membrane traces are asked for), a large layer's samples on the
+  same threads.
 
 Because floor((floor(a) + n) / 2) = floor((a + n) / 2) for integer n, the integer state is the floor of
 the exact state and every threshold decision matches the float model's exactly (DESIGN.md §4).

@@ -215,7 +215,35 @@ def spikes_channel_last(S: np.ndarray) -> np.ndarray:
 
 def bias_fits(pw: EventWeights, bias: np.ndarray) -> bool:
     """Whether every output's worst case plus its bias stays below 2**31 (the kernel may add the bias)."""
-    return int((pw.wsum + np.abs(bias.astype(np.int64))).max(initial=0)) < I32_LIMIT
+    return _kernel_bias(pw, bias) is not None
+
+
+_BIASES: dict = {}
+
+
+def _kernel_bias(pw: EventWeights, bias: Optional[np.ndarray]) -> Optional[np.ndarray]:
+    """The bias as the kernel takes it (int32, zero-padded to the tiles; zeros where None), or None where
+    an output's worst case plus its bias could reach 2**31; remembered per (weights, bias) while the bias
+    array lives and is unchanged (compared with a copy)."""
+    if bias is None:
+        return np.zeros(pw.wt.shape[0] * pw.L, np.int32)
+    key = (id(pw), id(bias))
+    held = _BIASES.get(key)
+    if held is not None and held[0]() is bias and held[1]() is pw and same_array(held[2], bias):
+        return held[3]
+    if len(_BIASES) > 4096:
+        _BIASES.clear()
+    b = np.asarray(bias).astype(np.int64)
+    fits = b.shape == (pw.O,) and int((pw.wsum + np.abs(b)).max(initial=0)) < I32_LIMIT
+    b32 = None
+    if fits:
+        b32 = np.zeros(pw.wt.shape[0] * pw.L, np.int32)
+        b32[:pw.O] = b
+    try:
+        _BIASES[key] = (weakref.ref(bias), weakref.ref(pw), np.array(bias, copy=True), b32)
+    except TypeError:   # pragma: no cover
+        pass
+    return b32
 
 
 def conv_events(S: np.ndarray, pw: EventWeights, padding: int, parts: int = 1,
@@ -239,9 +267,9 @@ def conv_events(S: np.ndarray, pw: EventWeights, padding: int, parts: int = 1,
     Ho, Wo = H + 2 * padding - pw.k + 1, W + 2 * padding - pw.k + 1
     Sc = spikes_channel_last(S)
     Y = np.empty((N * Ho * Wo, pw.O), np.int32)
-    b32 = np.zeros(pw.wt.shape[0] * pw.L, np.int32)
-    if bias is not None:
-        b32[:pw.O] = bias
+    b32 = _kernel_bias(pw, bias)
+    if b32 is None:
+        raise ValueError("conv_events: the bias could take an output past int32 (check bias_fits first)")
 
     def part(a: int, b: int) -> int:
         return _c.conv_events(Sc[a:b], b - a, H, W, C, pw.k, padding, pw.wt, pw.mag, pw.L, pw.O, b32,
@@ -277,15 +305,39 @@ def lif(X: np.ndarray, theta: np.ndarray, channel_axis: int, parts: int = 1) -> 
     (every neuron's state is its own: the same spikes)."""
     Xp, perm, B = lif_layout(X, channel_axis)
     T = Xp.shape[0]
-    shape = [1] * (X.ndim - 1)
-    shape[channel_axis - 1] = -1
-    th = np.broadcast_to(theta.astype(Xp.dtype).reshape(shape), X.shape[1:]).transpose([p - 1 for p in perm[1:]])
-    pattern = np.ascontiguousarray(th[0] if B > 1 or (X.ndim >= 3 and perm[1] != channel_axis) else th)
+    pattern = _theta_pattern(theta, X.shape, perm, Xp.dtype, channel_axis, X.ndim >= 3 and perm[1] != channel_axis)
     P = pattern.size
     out = np.empty(Xp.shape, np.uint8)
     peaks = over_parts(lambda a, b: _c.lif(Xp, pattern, out, Xp.itemsize, T, B, P, a, b), B, parts) \
         if Xp.size else [0]
-    return out.transpose(np.argsort(perm)), int(max(peaks))
+    inverse = [0] * len(perm)
+    for i, p in enumerate(perm):
+        inverse[p] = i
+    return out.transpose(inverse), int(max(peaks))
+
+
+_PATTERNS: dict = {}
+
+
+def _theta_pattern(theta: np.ndarray, shape: tuple, perm: list, dtype, channel_axis: int, per_sample: bool):
+    """The threshold of every neuron of one sample (per_sample) or of one whole step, in the memory order
+    `perm` of an X of `shape`, as a contiguous array of X's dtype; remembered per theta array while it
+    lives and is unchanged (compared with a copy)."""
+    key = (id(theta), shape, tuple(perm), np.dtype(dtype).char, channel_axis, per_sample)
+    held = _PATTERNS.get(key)
+    if held is not None and held[0]() is theta and same_array(held[1], theta):
+        return held[2]
+    if len(_PATTERNS) > 4096:
+        _PATTERNS.clear()
+    th_shape = [1] * (len(shape) - 1)
+    th_shape[channel_axis - 1] = -1
+    th = np.broadcast_to(theta.astype(dtype).reshape(th_shape), shape[1:]).transpose([p - 1 for p in perm[1:]])
+    pattern = np.ascontiguousarray(th[0] if per_sample else th)
+    try:
+        _PATTERNS[key] = (weakref.ref(theta), theta.copy(), pattern)
+    except TypeError:   # pragma: no cover
+        pass
+    return pattern
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -339,7 +391,7 @@ def abs_max(a: np.ndarray) -> int:
     if a.size == 0:
         return 0
     if _c is not None and a.dtype in (np.int32, np.int64):
-        v = memory_order(a)
+        v = a if a.flags.c_contiguous else memory_order(a)
         if v is not None:
             return int(_c.abs_max(v, a.itemsize))
     return max(int(a.max()), -int(a.min()))
