@@ -27,7 +27,10 @@ images, engine, previous engine and torch on 1 thread; time against the measured
 bench/out/engine_sweep.png.
 
 Targets (issue 19, part 3): the engine's throughput >= 2x the torch model's at the calibrated ~21 % and
->= 5x at 5 %, batch 1 and 32, 1 and 2 threads.
+>= 5x at 5 %, batch 1 and 32, 1 and 2 threads. A row counts as met when both its ratio against the torch
+model on the same thread count and its ratio against the torch model at whichever thread count was
+faster in this run reach the target (on a loaded machine torch's OpenMP threads can make its 2-thread
+run far slower than its 1-thread run; that would flatter the engine).
 """
 from __future__ import annotations
 
@@ -132,6 +135,7 @@ def main() -> None:
             identical = mism == 0 and set(ref) <= set(r.spikes)
             as_before = same_as_previous(r, engine_reference.run_engine(q.graph, x, threads=1))
             rate = firing_rate(r.ops)
+            timings = {}
             for threads in (1, 2):
                 torch.set_num_threads(threads)
                 t = C.interleaved({
@@ -139,26 +143,33 @@ def main() -> None:
                     "engine": lambda: run_engine(q.graph, x, record=False, threads=threads),
                     "previous": lambda: engine_reference.run_engine(q.graph, x, record=False, threads=threads),
                 }, runs)
+                timings[threads] = t
+            torch_best = min(timings[1]["torch"]["median"], timings[2]["torch"]["median"])
+            for threads in (1, 2):
+                t = timings[threads]
                 speedup = C.ratio(t["torch"]["median"], t["engine"]["median"])
+                fair = C.ratio(torch_best, t["engine"]["median"])
                 before = C.ratio(t["torch"]["median"], t["previous"]["median"])
                 acs_s = r.total_acs / t["engine"]["median"]
                 reg = peaks.get(("C kernel int16, registers", threads), float("nan"))
                 l2 = peaks.get(("C kernel int16, rows, L2", threads), float("nan"))
                 target = TARGETS[label]
                 rows.append([label, f"{rate:.3f}", batch, threads, t["torch"]["median"], t["engine"]["median"],
-                             speedup, f">= {target:g}", "yes" if speedup >= target else "no",
+                             speedup, fair, f">= {target:g}", "yes" if min(speedup, fair) >= target else "no",
                              t["previous"]["median"], before, acs_s / 1e9, acs_s / reg, acs_s / l2,
                              f"yes ({ref_dtype})" if identical else f"NO ({mism})", "yes" if as_before else "NO",
                              f"{t['torch']['load1'][0]:.1f}"])
                 result["throughput"].append({
                     "model": label, "firing_rate": rate, "batch": batch, "threads": threads, "times": t,
-                    "speedup_vs_torch": speedup, "previous_speedup_vs_torch": before, "acs": r.total_acs,
+                    "speedup_vs_torch": speedup, "speedup_vs_torch_faster_thread_count": fair,
+                    "previous_speedup_vs_torch": before, "acs": r.total_acs,
                     "acs_per_s": acs_s, "fraction_of_register_peak": acs_s / reg, "fraction_of_l2_rows_peak": acs_s / l2,
                     "spikes_identical_to_torch": identical, "reference_dtype": ref_dtype,
                     "identical_to_previous_engine": as_before})
                 print(rows[-1], flush=True)
     md = C.md_table(["model", "mean firing rate", "batch", "threads (both)", "torch s", "engine s",
-                     "engine throughput / torch", "target", "met?", "previous engine s", "previous / torch",
+                     "engine throughput / torch", "/ torch at its faster thread count", "target",
+                     "met? (both ratios)", "previous engine s", "previous / torch",
                      "engine G ACs/s", "ACs/s / register peak", "ACs/s / L2-rows peak", "spikes = torch",
                      "= previous engine (spikes, logits, op counts)", "load (1 min)"], rows)
     # the firing sweep

@@ -291,3 +291,42 @@ def test_remembered_bounds_and_packed_weights_follow_changes_in_place():
     engine.synaptic_conv(S, w, 1)
     w[3, 2, 1, 1] += 1 if w[3, 2, 1, 1] < 127 else -1
     np.testing.assert_array_equal(engine.synaptic_conv(S, w, 1)[0], REF.synaptic_conv(S, w, 1)[0])
+
+
+_EVENTS_IN_A_FRESH_PROCESS = """
+import sys
+import numpy as np
+from sdt_deploy import engine
+rng = np.random.default_rng(5)
+outs = []
+for C in (1, 15, 16, 17, 40, 64):
+    for rate in (0.0, 0.05, 0.5, 1.0):
+        S = (rng.random((3, C, 6, 5)) < rate).astype(np.uint8)
+        w = rng.integers(-127, 128, size=(33, C, 3, 3)).astype(np.int8)
+        out, adds = engine.synaptic_conv(S, w, 1)
+        outs += [out, np.array([adds])]
+np.savez(sys.argv[1], *outs)
+"""
+
+
+def test_event_lists_with_and_without_avx512_are_the_same(tmp_path):
+    """The event lists are built with AVX-512 where the CPU has it, by a plain loop elsewhere (or with
+    SDT_ENGINE_PLAIN_EVENTS set): both, in fresh processes, give the same convolutions and counts."""
+    import os
+    import subprocess
+    import sys
+
+    got = {}
+    for how in ("default", "plain"):
+        env = dict(os.environ)
+        env.pop("SDT_ENGINE_PLAIN_EVENTS", None)
+        if how == "plain":
+            env["SDT_ENGINE_PLAIN_EVENTS"] = "1"
+        path = tmp_path / f"{how}.npz"
+        proc = subprocess.run([sys.executable, "-c", _EVENTS_IN_A_FRESH_PROCESS, str(path)], env=env,
+                              capture_output=True, text=True, timeout=300, cwd=str(ROOT))
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        with np.load(path) as z:
+            got[how] = [z[k] for k in sorted(z.files, key=lambda k: int(k.split("_")[1]))]
+    assert len(got["default"]) == len(got["plain"]) > 0
+    assert all(np.array_equal(a, b) for a, b in zip(got["default"], got["plain"]))
