@@ -9,7 +9,9 @@ standard-normal images (seed 5). The 5 % model: every BatchNorm beta of the cali
 the factor (found by bisection, printed) that brings the engine's mean firing rate (spikes / neuron
 updates over all LIF layers, on 8 images) to 5 %. Both sides compute the logits of all T steps
 (`record=False`: no spike tensors handed back); the engine also counts every operation it performs, as
-it always does. Three contenders take turns round by round (`_common.interleaved`): the torch model
+it always does. On one thread the ratio of the process's CPU seconds per run is given too (it does not
+count the time the process waits for a core while other processes run; on a shared machine it is the
+steadier figure). Three contenders take turns round by round (`_common.interleaved`): the torch model
 (`sdt_deploy.runner.run_model` on the quantized model, spikingjelly's torch backend; intra-op threads =
 the thread count), the engine (`run_engine(threads=)`) and the previous engine (tests/engine_reference.py,
 the engine before its C kernels: the "before" figures, measured in the same run). Median of the runs.
@@ -149,26 +151,30 @@ def main() -> None:
                 t = timings[threads]
                 speedup = C.ratio(t["torch"]["median"], t["engine"]["median"])
                 fair = C.ratio(torch_best, t["engine"]["median"])
+                cpu = C.ratio(t["torch"]["cpu_median"], t["engine"]["cpu_median"]) if threads == 1 else None
                 before = C.ratio(t["torch"]["median"], t["previous"]["median"])
                 acs_s = r.total_acs / t["engine"]["median"]
                 reg = peaks.get(("C kernel int16, registers", threads), float("nan"))
                 l2 = peaks.get(("C kernel int16, rows, L2", threads), float("nan"))
                 target = TARGETS[label]
                 rows.append([label, f"{rate:.3f}", batch, threads, t["torch"]["median"], t["engine"]["median"],
-                             speedup, fair, f">= {target:g}", "yes" if min(speedup, fair) >= target else "no",
+                             speedup, fair, "-" if cpu is None else cpu, f">= {target:g}",
+                             "yes" if min(speedup, fair) >= target else "no",
                              t["previous"]["median"], before, acs_s / 1e9, acs_s / reg, acs_s / l2,
                              f"yes ({ref_dtype})" if identical else f"NO ({mism})", "yes" if as_before else "NO",
                              f"{t['torch']['load1'][0]:.1f}"])
                 result["throughput"].append({
                     "model": label, "firing_rate": rate, "batch": batch, "threads": threads, "times": t,
                     "speedup_vs_torch": speedup, "speedup_vs_torch_faster_thread_count": fair,
+                    "cpu_time_ratio_1_thread": cpu,
                     "previous_speedup_vs_torch": before, "acs": r.total_acs,
                     "acs_per_s": acs_s, "fraction_of_register_peak": acs_s / reg, "fraction_of_l2_rows_peak": acs_s / l2,
                     "spikes_identical_to_torch": identical, "reference_dtype": ref_dtype,
                     "identical_to_previous_engine": as_before})
                 print(rows[-1], flush=True)
     md = C.md_table(["model", "mean firing rate", "batch", "threads (both)", "torch s", "engine s",
-                     "engine throughput / torch", "/ torch at its faster thread count", "target",
+                     "engine throughput / torch", "/ torch at its faster thread count",
+                     "CPU-time ratio (1 thread)", "target",
                      "met? (both ratios)", "previous engine s", "previous / torch",
                      "engine G ACs/s", "ACs/s / register peak", "ACs/s / L2-rows peak", "spikes = torch",
                      "= previous engine (spikes, logits, op counts)", "load (1 min)"], rows)
@@ -188,18 +194,26 @@ def main() -> None:
         sweep_rows.append([s, point["firing_rate"], r.total_acs / 1e6, t["engine"]["median"], t["previous"]["median"],
                            t["torch"]["median"], C.ratio(t["torch"]["median"], t["engine"]["median"]),
                            C.ratio(t["torch"]["median"], t["previous"]["median"]),
+                           t["engine"]["cpu_median"], t["previous"]["cpu_median"], t["torch"]["cpu_median"],
+                           C.ratio(t["torch"]["cpu_median"], t["engine"]["cpu_median"]),
                            r.total_acs / t["engine"]["median"] / 1e9])
         print(sweep_rows[-1], flush=True)
     md += "\n\nFiring sweep (batch 8, all on 1 thread):\n\n" + C.md_table(
         ["beta scale", "mean firing rate", "ACs (M)", "engine s", "previous engine s", "torch s",
-         "engine throughput / torch", "previous / torch", "engine G ACs/s"], sweep_rows)
+         "engine throughput / torch", "previous / torch", "engine CPU s", "previous CPU s", "torch CPU s",
+         "CPU-time ratio torch / engine", "engine G ACs/s"], sweep_rows)
     rates = [pt["firing_rate"] for pt in result["sweep"]]
     times = [pt["times"]["engine"]["median"] for pt in result["sweep"]]
+    cpu = {k: [pt["times"][k]["cpu_median"] for pt in result["sweep"]] for k in ("engine", "previous", "torch")}
     slope = float(np.polyfit(rates, times, 1)[0])
     corr = float(np.corrcoef(rates, times)[0, 1])
+    cslope = float(np.polyfit(rates, cpu["engine"], 1)[0])
+    ccorr = float(np.corrcoef(rates, cpu["engine"])[0, 1])
     md += (f"\n\nEngine time against firing rate: least-squares slope {slope:.3f} s per unit rate, correlation "
-           f"{corr:.3f} (torch's time does not depend on the rate). Plot: bench/out/engine_sweep.png.")
-    result["sweep_fit"] = {"slope_s_per_rate": slope, "correlation": corr}
+           f"{corr:.3f} (wall); CPU seconds: slope {cslope:.3f}, correlation {ccorr:.3f} (torch's time does not "
+           "depend on the rate). Plot (CPU seconds per batch): bench/out/engine_sweep.png.")
+    result["sweep_fit"] = {"slope_s_per_rate": slope, "correlation": corr, "cpu_slope_s_per_rate": cslope,
+                           "cpu_correlation": ccorr}
     try:
         import matplotlib
 
@@ -207,12 +221,11 @@ def main() -> None:
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
-        ax.plot(rates, times, "o-", label="integer engine (C kernels)")
-        ax.plot(rates, [pt["times"]["previous"]["median"] for pt in result["sweep"]], "^:",
-                label="previous engine (numpy/scipy)")
-        ax.plot(rates, [pt["times"]["torch"]["median"] for pt in result["sweep"]], "s--", label="torch model (dense)")
+        ax.plot(rates, cpu["engine"], "o-", label="integer engine (C kernels)")
+        ax.plot(rates, cpu["previous"], "^:", label="previous engine (numpy/scipy)")
+        ax.plot(rates, cpu["torch"], "s--", label="torch model (dense)")
         ax.set_xlabel("mean firing rate (spikes / neuron update)")
-        ax.set_ylabel("seconds per batch of 8 (T = 4), 1 thread")
+        ax.set_ylabel("CPU seconds per batch of 8 (T = 4), 1 thread")
         ax.set_title("CIFAR 2-256: time against firing rate")
         ax.set_ylim(bottom=0)
         ax.legend()
