@@ -19,6 +19,7 @@ from typing import Callable, Optional, Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "bench", "out")
+os.makedirs(OUT, exist_ok=True)    # git-ignored: absent on a fresh clone
 PYTHON = sys.executable
 SDT_DEPLOY = os.path.join(os.path.dirname(PYTHON), "sdt-deploy")
 
@@ -103,22 +104,25 @@ def timed(fn: Callable[[], object], runs: int, warmup: int = 1) -> dict:
 
 
 def interleaved(fns: dict, runs: int, warmup: int = 1) -> dict:
-    """Like `timed` for several functions taking turns: round r runs each in order, each time first once
-    untimed (a runtime's worker threads keep spinning for a while after a call -- onnxruntime's and
+    """Like `timed` for several functions taking turns (wall seconds, and the process's CPU seconds, all
+    threads, per run: less sensitive to other processes' load on one thread): round r runs each in order,
+    each time first once untimed (a runtime's worker threads keep spinning for a while after a call -- onnxruntime's and
     OpenMP's do -- and would otherwise slow whichever runs next), then once timed."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
-    out = {k: {"runs": [], "load1": []} for k in fns}
+    out = {k: {"runs": [], "load1": [], "cpu_runs": []} for k in fns}
     for _ in range(runs):
         for k, fn in fns.items():
             fn()
             out[k]["load1"].append(load_average()[0])
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             fn()
             out[k]["runs"].append(time.perf_counter() - t0)
+            out[k]["cpu_runs"].append(time.process_time() - c0)
     for v in out.values():
         v["median"] = median(v["runs"])
+        v["cpu_median"] = median(v["cpu_runs"])   # the process's CPU seconds (all its threads) per run
     return out
 
 

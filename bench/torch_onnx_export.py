@@ -1,12 +1,18 @@
 """What a user would otherwise run: the SDT checkpoint loaded into the torch model (spikingjelly's torch
 backend, the LIF looping over T) and exported with `torch.onnx.export`.
 
-    python bench/torch_onnx_export.py CKPT OUT.onnx [--config imagenet/8_768_300E_t4]
+    python bench/torch_onnx_export.py CKPT OUT.onnx [--config imagenet/8_768_300E_t4] [--dynamo]
 
-torch 2.13 offers two exporters: `dynamo=True` (the default) needs `onnxscript`, which is not
-installed here and cannot be downloaded (offline), so this uses the TorchScript-based exporter,
-`dynamo=False`, opset 17, constant folding on (its default), input [1, 3, S, S]. The file holds the
-float32 weights and one graph unrolled over the T time steps (the tracer records the LIF loop).
+torch 2.13 offers two exporters, both measured by bench_export.py:
+
+- `dynamo=False` (default here): the TorchScript-based exporter, opset 17, constant folding on (its
+  default);
+- `--dynamo`: `dynamo=True`, torch's default exporter (torch.export, then onnxscript's translation;
+  needs `onnxscript`: `pip install -c constraints.txt -e '.[bench]'`), opset 18 (its default),
+  `optimize=True` (its default).
+
+Input [1, 3, S, S]. Either file holds the float32 weights and one graph unrolled over the T time steps
+(the tracer records the LIF loop).
 """
 from __future__ import annotations
 
@@ -29,6 +35,7 @@ def main() -> None:
     p.add_argument("ckpt")
     p.add_argument("out")
     p.add_argument("--config", default="imagenet/8_768_300E_t4")
+    p.add_argument("--dynamo", action="store_true", help="torch.onnx.export(dynamo=True) (needs onnxscript)")
     a = p.parse_args()
     cfg = resolve(yaml_path=a.config).config
     model = build_model(cfg)
@@ -38,8 +45,11 @@ def main() -> None:
     x = torch.zeros(1, cfg.in_channels, cfg.img_size, cfg.img_size)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (x,), a.out, dynamo=False, opset_version=17, input_names=["input"],
-                          output_names=["logits"])
+        if a.dynamo:
+            torch.onnx.export(model, (x,), a.out, dynamo=True, input_names=["input"], output_names=["logits"])
+        else:
+            torch.onnx.export(model, (x,), a.out, dynamo=False, opset_version=17, input_names=["input"],
+                              output_names=["logits"])
     print(f"wrote {a.out}")
 
 

@@ -2,28 +2,34 @@
 on its grid), event-driven, counting the operations it performs.
 
 - currents are integer arrays on per-channel grids (value = integer * 2**-grid): int32 where the bit
-  analysis (`bits.channel_bounds`) bounds the node below 2**31 (a LIF: its V + X, twice its bound),
+  analysis (`quant.bits.channel_bounds`) bounds the node below 2**31 (a LIF: its V + X, twice its bound),
   int64 elsewhere -- never a wrap-around; the read-out and membrane traces are int64;
-- a synaptic layer on spikes adds the weight columns of the inputs that spiked and nothing else: per
-  kernel tap, the spikes become a sparse 0/1 matrix of input events (built from the event list, no
-  sorting) whose product with that tap's weights (scipy's CSR kernel, integer, accumulating in place)
-  adds exactly those columns; its count of additions is (event, tap) pairs x c_out. The additions run
-  in int16 where the weights bound a group of events below 2**15 (emptied into an int32 / int64
-  accumulator before it could overflow), and the samples are split over threads (`threads`);
-- the encoder (the only layer reading a real value) is a dense integer convolution: its multiply-
-  accumulates are counted per valid (non-padding) tap;
+- a synaptic layer on spikes adds the weight columns of the inputs that spiked and nothing else; its
+  count of additions is (event, tap) pairs x c_out (padding excluded). The additions run in the C
+  kernels of `engine_kernels` (sdt_deploy/run/_engine_kernels.c): per output position, the weight rows of
+  the events that reach it are added into int16 accumulators held in vector registers, emptied into an
+  int32 row before they could overflow (budget: the events' largest |w|); the bias is added on writing
+  the row. Where the C kernels are absent (no compiler at install) or a weight does not fit their
+  integers (beyond int16, or a worst-case sum beyond int32), the numpy path: per kernel tap, the
+  spikes as a sparse 0/1 matrix of input events times that tap's weights (scipy's public sparse
+  product), in int16 where the weights bound a group of events below 2**15. Either way the samples
+  are split over threads (`threads`);
+- the encoder (the only layer reading a real value) is a dense integer convolution (int32 in the C
+  kernel where max |x| times the weights' sum bounds it, else int64 numpy): its multiply-accumulates
+  are counted per valid (non-padding) tap;
 - a LIF is `H = (V + X) >> 1` (arithmetic shift: floor), `S = H >= theta`, `V = H * (1 - S)`, on its
-  channel's grid; contributions on a coarser grid are shifted left first (exact); a large layer's
-  samples are updated on the same threads.
+  channel's grid; contributions on a coarser grid are shifted left first (exact); one pass over the T
+  steps in the C kernel (numpy where membrane traces are asked for), a large layer's samples on the
+  same threads.
 
 Because floor((floor(a) + n) / 2) = floor((a + n) / 2) for integer n, the integer state is the floor of
 the exact state and every threshold decision matches the float model's exactly (docs/numeric-contract.md).
 """
 from __future__ import annotations
 
-import concurrent.futures
 import os
 import weakref
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -49,9 +55,11 @@ from sdt_deploy.ir.graph import (
     TokenSum,
 )
 from sdt_deploy.quant.bits import check_engine_bounds
-from sdt_deploy.run.lif import abs_max, integer_lif
+from sdt_deploy.run import engine_kernels as K
+from sdt_deploy.run.lif import integer_lif
 
 INT = np.int64
+I16_MAX = 2 ** 15 - 1            # int16 partial sums in the event kernels
 
 
 @dataclass
@@ -103,15 +111,6 @@ def _shift_left(a: np.ndarray, shift: np.ndarray, channel_axis: int = 2) -> np.n
     return a << shift.astype(a.dtype).reshape(shape)
 
 
-try:   # Y += A @ X for a CSR matrix A, accumulating into Y in place (the kernel behind scipy's A @ X)
-    from scipy.sparse._sparsetools import csr_matvecs as _csr_matvecs
-except ImportError:   # pragma: no cover - a scipy without it: the public product, then an add
-    _csr_matvecs = None
-
-
-I16_MAX = 2 ** 15 - 1
-
-
 def accumulator_dtype(w_int: np.ndarray) -> type:
     """The narrowest of int16, int32, int64 that no output can overflow even with every input spiking
     (the sum of |w| over a row's inputs, as `bits.channel_bounds` bounds it). Narrower is faster: scipy's
@@ -144,7 +143,6 @@ def int16_plan(w_int: np.ndarray) -> Optional[list]:
 
 PARALLEL_MIN_WORK = 1 << 22     # inputs x outputs of a layer below which it runs on one thread
 PARALLEL_MIN_NEURONS = 1 << 20  # neurons x steps of a LIF below which it runs on one thread
-_POOLS: dict = {}
 
 
 def default_threads() -> int:
@@ -156,15 +154,11 @@ def default_threads() -> int:
     return max(1, min(8, n))
 
 
-def _pool(threads: int) -> concurrent.futures.ThreadPoolExecutor:
-    if threads not in _POOLS:
-        _POOLS[threads] = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="sdt-engine")
-    return _POOLS[threads]
-
-
 def _add_event_rows(Y: np.ndarray, rows: np.ndarray, cols: np.ndarray, w_cols: np.ndarray) -> None:
     """Y[rows[i]] += w_cols[cols[i]] for every event i (rows nondecreasing): one weight row added per
-    event, as a CSR matrix of the events (indptr from the row counts, no sorting) times w_cols."""
+    event, as a CSR matrix of the events (indptr from the row counts, no sorting) times w_cols -- scipy's
+    public product. The numpy path, where the C kernels (`engine_kernels`) are absent or cannot take the
+    weight."""
     M, n_in = Y.shape[0], w_cols.shape[0]
     index = np.int32 if max(M, n_in, rows.size) < 2 ** 31 else np.int64
     indptr = np.zeros(M + 1, dtype=index)
@@ -172,20 +166,13 @@ def _add_event_rows(Y: np.ndarray, rows: np.ndarray, cols: np.ndarray, w_cols: n
     cols = cols.astype(index, copy=False)
     ones = np.ones(cols.size, dtype=Y.dtype)
     w_cols = np.ascontiguousarray(w_cols, dtype=Y.dtype)
-    if _csr_matvecs is not None:   # releases the GIL: the blocks of `_in_blocks` run in parallel
-        _csr_matvecs(M, n_in, Y.shape[1], indptr, cols, ones, w_cols.ravel(), Y.ravel())
-    else:   # pragma: no cover
-        Y += sp.csr_matrix((ones, cols, indptr), shape=(M, n_in)) @ w_cols
+    Y += sp.csr_matrix((ones, cols, indptr), shape=(M, n_in)) @ w_cols
 
 
 def _over_samples(fn, n: int, parts: int) -> list:
     """[fn(a, b)] for the sample ranges [a, b) that split n samples into `parts`, on the engine's
     threads when there are several (each sample's integers are its own: the split changes nothing)."""
-    if parts <= 1:
-        return [fn(0, n)]
-    cuts = np.linspace(0, n, parts + 1).astype(int)
-    jobs = [_pool(parts).submit(fn, a, b) for a, b in zip(cuts[:-1], cuts[1:])]
-    return [job.result() for job in jobs]
+    return K.over_parts(fn, n, parts)
 
 
 def _in_blocks(fn, S: np.ndarray, Y: np.ndarray, rows_per_sample: int, threads: int) -> int:
@@ -219,7 +206,7 @@ def weight_plan(w_int: np.ndarray) -> tuple:
 
 
 def synaptic_conv(S: np.ndarray, w_int: np.ndarray, padding: int, threads: int = 1,
-                  out_dtype=INT) -> tuple[np.ndarray, int]:
+                  out_dtype=INT, bias: Optional[np.ndarray] = None) -> tuple[np.ndarray, int]:
     """Event-driven conv of spikes [N, C, H, W] with integer weights [O, C, k, k], stride 1.
 
     Every input spike (n, c, y, x) adds, for each kernel tap (ky, kx) that lands on an output
@@ -227,16 +214,27 @@ def synaptic_conv(S: np.ndarray, w_int: np.ndarray, padding: int, threads: int =
     over the events, nothing for the silent inputs. Accumulates in int32 where `accumulator_dtype`
     proves it safe; `threads` split the samples. Returns (out [N, O, H', W'] as out_dtype (int64 by
     default; int32 only where the caller knows the values fit), additions performed = (event, tap)
-    pairs x O)."""
+    pairs x O). `bias` [O], where given, is added to every output (the caller counts those additions)."""
     N, C, H, W = S.shape
     O, _, k, _ = w_int.shape
     Ho, Wo = H + 2 * padding - k + 1, W + 2 * padding - k + 1
+    packed = K.event_weights(w_int)
+    if packed is not None:     # the C kernel (engine_kernels.conv_events): int16 in registers, int32 rows
+        parts = min(threads, N) if S.size * O >= PARALLEL_MIN_WORK else 1
+        in_kernel = bias is not None and K.bias_fits(packed, bias)
+        Y, pairs = K.conv_events(S, packed, padding, parts, bias if in_kernel else None)
+        out = Y.reshape(N, Ho, Wo, O).transpose(0, 3, 1, 2).astype(out_dtype, copy=False)
+        if bias is not None and not in_kernel:
+            out += bias.astype(out.dtype)[None, :, None, None]
+        return out, pairs * O
     dtype, plan = weight_plan(w_int)
     Y = np.zeros((N * Ho * Wo, O), dtype=dtype)
     pairs = _in_blocks(lambda s, y: _conv_events(s, w_int, padding, y, plan), S, Y, Ho * Wo, threads)
     # [N, O, H', W'] over memory laid out [N, H', W', O] (no transposing copy; numpy's element-wise
     # operations follow the memory order, and the next synaptic layer reads this layout directly)
     out = Y.reshape(N, Ho, Wo, O).transpose(0, 3, 1, 2).astype(out_dtype, copy=False)
+    if bias is not None:
+        out += bias.astype(out.dtype)[None, :, None, None]
     return out, pairs * O
 
 
@@ -296,6 +294,13 @@ def _conv_events(S: np.ndarray, w_int: np.ndarray, padding: int, Y: np.ndarray, 
 
 def synaptic_linear(S: np.ndarray, w_int: np.ndarray, threads: int = 1) -> tuple[np.ndarray, int]:
     """Event-driven linear layer on spikes [N, C]; returns (out int64 [N, O], additions)."""
+    packed = K.event_weights(w_int)
+    if packed is not None:     # the event kernel, as a 1x1 convolution of [N, C, 1, 1]
+        N, O = S.shape[0], w_int.shape[0]
+        parts = min(threads, N) if S.size * O >= PARALLEL_MIN_WORK else 1
+        Y, events = K.conv_events(S.reshape(N, -1, 1, 1), packed, 0, parts)
+        return Y.astype(INT), events * O
+
     def add(s: np.ndarray, y: np.ndarray) -> int:
         rows, cols = np.nonzero(s)
         _add_event_rows(y, rows, cols, w_int.T)
@@ -306,12 +311,20 @@ def synaptic_linear(S: np.ndarray, w_int: np.ndarray, threads: int = 1) -> tuple
     return Y.astype(INT), events * w_int.shape[0]
 
 
-def dense_conv(x: np.ndarray, w_int: np.ndarray, stride: int, padding: int) -> tuple[np.ndarray, int]:
+def dense_conv(x: np.ndarray, w_int: np.ndarray, stride: int, padding: int, threads: int = 1,
+               out_dtype=INT, bias: Optional[np.ndarray] = None) -> tuple[np.ndarray, int]:
     """Integer convolution of a real-valued (integer-coded) input: the encoder's MACs.
 
-    Returns (out int64, multiply-accumulates over valid, non-padding taps)."""
+    Returns (out as out_dtype (int64 by default; int32 only where the caller knows the values fit),
+    multiply-accumulates over valid, non-padding taps). Runs in int32 (the C kernel, `threads` splitting
+    the samples) where max |x| times every output's sum of |w| (plus |bias|) stays below 2**31, else in
+    int64. `bias` [O], where given, is added to every output (the caller counts those additions)."""
     N, C, H, W = x.shape
     O, _, k, _ = w_int.shape
+    if K.dense_conv_fits_int32(x, w_int, bias):
+        parts = min(threads, N) if x.size * O >= PARALLEL_MIN_WORK else 1
+        out = K.dense_conv_i32(x, w_int, stride, padding, parts, bias).astype(out_dtype, copy=False)
+        return out, int(_valid_taps(H, W, k, stride, padding)) * C * O * N
     xp = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
     Ho = (H + 2 * padding - k) // stride + 1
     Wo = (W + 2 * padding - k) // stride + 1
@@ -321,8 +334,10 @@ def dense_conv(x: np.ndarray, w_int: np.ndarray, stride: int, padding: int) -> t
         for kx in range(k):
             patch = xp[:, :, ky:ky + stride * Ho:stride, kx:kx + stride * Wo:stride]   # [N, C, Ho, Wo]
             out += np.einsum("nchw,oc->nohw", patch, w[:, :, ky, kx], dtype=INT, optimize=False)
+    if bias is not None:
+        out += bias.astype(INT)[None, :, None, None]
     valid = _valid_taps(H, W, k, stride, padding)
-    return out, int(valid) * C * O * N
+    return out.astype(out_dtype, copy=False), int(valid) * C * O * N
 
 
 def _valid_taps(H: int, W: int, k: int, stride: int, padding: int) -> int:
@@ -335,7 +350,9 @@ def _valid_taps(H: int, W: int, k: int, stride: int, padding: int) -> int:
 
 
 def _pool_max(a: np.ndarray, k: int, stride: int, pad: int, fill) -> np.ndarray:
-    """Max over k x k windows of [..., H, W] with constant padding `fill`."""
+    """Max over k x k windows of [..., H, W] with constant padding `fill` (`engine_kernels.pool_max`)."""
+    if a.size:
+        return K.pool_max(a, k, stride, pad, fill)
     H, W = a.shape[-2:]
     Ho, Wo = (H + 2 * pad - k) // stride + 1, (W + 2 * pad - k) // stride + 1
     widths = [(0, 0)] * (a.ndim - 2) + [(pad, pad), (pad, pad)]
@@ -351,19 +368,35 @@ def _pool_max(a: np.ndarray, k: int, stride: int, pad: int, fill) -> np.ndarray:
 def heads_or_pool_np(a: np.ndarray, heads: int) -> np.ndarray:
     """numpy twin of models.sdt.heads_or_pool on [T, B, C, H, W] spikes."""
     T, B, C, H, W = a.shape
-    xh = a.reshape(T, B, C, H * W).transpose(0, 1, 3, 2).reshape(T, B, H * W, heads, C // heads)
-    xh = xh.transpose(0, 1, 3, 2, 4)
+    xh = (a.reshape(T, B, C, H * W).transpose(0, 1, 3, 2)
+          .reshape(T, B, H * W, heads, C // heads).transpose(0, 1, 3, 2, 4))
     pooled = _pool_max(xh, 3, 1, 1, 0)
     return pooled.transpose(0, 1, 2, 4, 3).reshape(T, B, C, H, W)
 
 
+def lif_int(X: np.ndarray, theta: np.ndarray, channel_axis: int = 2, membranes: Optional[list] = None,
+            out: Optional[np.ndarray] = None):
+    """`run.lif.integer_lif` (H = (V + X) >> 1, S = H >= theta, V = H * (1 - S) over T): the C kernel
+    (`engine_kernels.lif`) where it is built and no membrane trace is asked for, the numpy steps else.
+    Returns (spikes uint8, the largest |H|); the spikes go into `out` where given."""
+    if membranes is None and K.compiled_kernels() and X.ndim >= 2 and X.dtype.kind in "iu":
+        spikes, peak = K.lif(X, theta, channel_axis)
+        if out is None:
+            return spikes, peak
+        out[...] = spikes
+        return out, peak
+    return integer_lif(X, theta, channel_axis, membranes, out)
+
+
 def lif_int_parallel(X: np.ndarray, theta: np.ndarray, threads: int):
-    """`integer_lif` of [T, B, ...] with the samples (axis 1) split over threads where the layer is large
+    """`lif_int` of [T, B, ...] with the samples (axis 1) split over threads where the layer is large
     enough: every neuron's state is its own, so the spikes are the same; the peak is the parts' largest."""
     B = X.shape[1]
     parts = min(threads, B) if X.size >= PARALLEL_MIN_NEURONS else 1
-    out = np.empty_like(X, dtype=np.uint8)     # X's memory layout, as `integer_lif` keeps it
-    peaks = _over_samples(lambda a, b: integer_lif(X[:, a:b], theta, out=out[:, a:b])[1], B, parts)
+    if K.compiled_kernels() and X.dtype.kind in "iu":
+        return K.lif(X, theta, 2, parts)
+    out = np.empty_like(X, dtype=np.uint8)     # X's memory layout, as `lif_int` keeps it
+    peaks = _over_samples(lambda a, b: lif_int(X[:, a:b], theta, out=out[:, a:b])[1], B, parts)
     return out, max(peaks)
 
 
@@ -395,13 +428,13 @@ def _conv(n: Conv, ins, grids, x, r: _Run):
     if grids[0] is None:
         if n.stride != 1 or n.groups != 1:
             raise DeployError(f"{n.name}: only stride-1, ungrouped synaptic convolutions are supported")
-        out, adds = synaptic_conv(flat, n.w_int, n.padding, r.threads, out_dtype=r.width(n.name))
+        out, adds = synaptic_conv(flat, n.w_int, n.padding, r.threads, out_dtype=r.width(n.name), bias=n.b_int)
         r.ops[n.name] = {"acs": adds, "macs": 0}
     else:
-        out, macs = dense_conv(flat, n.w_int, n.stride, n.padding)
+        out, macs = dense_conv(flat, n.w_int, n.stride, n.padding, r.threads, out_dtype=r.width(n.name),
+                               bias=n.b_int)
         r.ops[n.name] = {"acs": 0, "macs": macs}
-    out += n.b_int.astype(out.dtype)[None, :, None, None]
-    r.ops[n.name]["bias_adds"] = int(out.size)
+    r.ops[n.name]["bias_adds"] = int(out.size)      # added by the kernels, one per output
     return out.reshape((r.T, r.B) + out.shape[1:])
 
 
@@ -421,12 +454,12 @@ def _lif(n: LIF, ins, grids, x, r: _Run):
     X = _shift_left(np.asarray(ins[0], dtype=r.width(n.name, 2)), n.grid - src_grid)
     if r.membranes:
         trace: list = []
-        y, peak = integer_lif(X, n.theta_int, membranes=trace)
+        y, peak = lif_int(X, n.theta_int, membranes=trace)
         r.traces[n.name] = np.stack(trace)
     else:
         y, peak = lif_int_parallel(X, n.theta_int, r.threads)
-    r.observed[n.name] = max(peak, abs_max(X))
-    r.ops[n.name] = {"neuron_updates": int(X.size), "spikes": int(y.sum(dtype=INT))}
+    r.observed[n.name] = max(peak, K.abs_max(X))
+    r.ops[n.name] = {"neuron_updates": int(X.size), "spikes": int(np.count_nonzero(y))}
     return y
 
 
@@ -439,7 +472,7 @@ def _and(n: And, ins, grids, x, r: _Run):
 def _orpool(n: OrPool, ins, grids, x, r: _Run):
     a = ins[0]
     y = heads_or_pool_np(a, n.heads) if n.layout == "heads" else _pool_max(a, n.kernel, n.stride, n.padding, 0)
-    r.ops[n.name] = {"or_inputs": int(a.sum(dtype=INT))}
+    r.ops[n.name] = {"or_inputs": int(np.count_nonzero(a))}
     return y
 
 
@@ -484,11 +517,12 @@ def run_engine(qg: Graph, x: np.ndarray, record: bool = True, membranes: bool = 
     if not qg.meta.get("quantized"):
         raise DeployError("the integer engine runs quantized graphs only")
     T = x.shape[1] if x.ndim == 5 else int(qg.meta["time_steps"])
-    r = _Run(T, x.shape[0], check_engine_bounds(qg), threads, membranes)
+    r = _Run(T, x.shape[0], K.graph_memo(qg, check_engine_bounds), threads, membranes)
     vals: dict[str, np.ndarray] = {}
     grids: dict[str, Optional[np.ndarray]] = {}
     spikes = {}
-    remaining = {n.name: sum(n.name in m.inputs for m in qg.nodes) for n in qg.nodes}
+    consumers = Counter(i for m in qg.nodes for i in set(m.inputs))      # (linear, not nodes x nodes)
+    remaining = {n.name: consumers[n.name] for n in qg.nodes}
     for n in qg.nodes:
         rule = INTEGER_EVAL.get(type(n))
         if rule is None:
@@ -497,7 +531,7 @@ def run_engine(qg: Graph, x: np.ndarray, record: bool = True, membranes: bool = 
         vals[n.name] = y
         grids[n.name] = n.grid if n.out_kind == CURRENT else None
         if n.out_kind == CURRENT and not isinstance(n, (Input, Readout)):
-            r.observed[n.name] = max(r.observed.get(n.name, 0), abs_max(y))
+            r.observed[n.name] = max(r.observed.get(n.name, 0), K.abs_max(y))
         if record and n.out_kind == SPIKE:
             spikes[n.name] = np.ascontiguousarray(y, dtype=np.uint8)
         for i in n.inputs:

@@ -1,0 +1,12 @@
+"""Build step of the one compiled part: the integer engine's kernels (sdt_deploy/run/_engine_kernels.c).
+
+Everything else about the package is in pyproject.toml. The extension is plain C over Python buffers
+(no numpy headers); it needs a C compiler at install time (gcc on the project's machines). Should it
+fail to build, the install goes on and the engine uses its numpy kernels (same results, slower):
+`python -c "import sdt_deploy.run._engine_kernels"` tells, and tests/test_engine_kernels.py fails loudly.
+"""
+from setuptools import Extension, setup
+
+setup(ext_modules=[Extension("sdt_deploy.run._engine_kernels", ["sdt_deploy/run/_engine_kernels.c"],
+                             extra_compile_args=["-O3", "-std=c99", "-fno-strict-aliasing", "-Wno-psabi"],
+                             optional=True)])

@@ -1,0 +1,487 @@
+"""REFERENCE for the tests: the integer engine as it was before its C kernels (commit adf1409,
+sdt_deploy/engine.py), unchanged but for the imports and scipy's public sparse product in place of its
+private `csr_matvecs` (the same integers). The faster engine must give the same spikes, integers,
+operation counts and observed bounds. Original docstring:
+
+The integer engine: a quantized deploy graph run with integer arithmetic only (after the input is put
+on its grid), event-driven, counting the operations it performs.
+
+- currents are integer arrays on per-channel grids (value = integer * 2**-grid): int32 where the bit
+  analysis (`bits.channel_bounds`) bounds the node below 2**31 (a LIF: its V + X, twice its bound),
+  int64 elsewhere -- never a wrap-around; the read-out and membrane traces are int64;
+- a synaptic layer on spikes adds the weight columns of the inputs that spiked and nothing else: per
+  kernel tap, the spikes become a sparse 0/1 matrix of input events (built from the event list, no
+  sorting) whose product with that tap's weights (scipy's CSR kernel, integer, accumulating in place)
+  adds exactly those columns; its count of additions is (event, tap) pairs x c_out. The additions run
+  in int16 where the weights bound a group of events below 2**15 (emptied into an int32 / int64
+  accumulator before it could overflow), and the samples are split over threads (`threads`);
+- the encoder (the only layer reading a real value) is a dense integer convolution: its multiply-
+  accumulates are counted per valid (non-padding) tap;
+- a LIF is `H = (V + X) >> 1` (arithmetic shift: floor), `S = H >= theta`, `V = H * (1 - S)`, on its
+  channel's grid; contributions on a coarser grid are shifted left first (exact); a large layer's
+  samples are updated on the same threads.
+
+Because floor((floor(a) + n) / 2) = floor((a + n) / 2) for integer n, the integer state is the floor of
+the exact state and every threshold decision matches the float model's exactly (DESIGN.md §4).
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import weakref
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import scipy.sparse as sp
+
+from sdt_deploy.errors import DeployError
+from sdt_deploy.files.arrays import time_major
+from sdt_deploy.ir.graph import LIF, Add, And, Broadcast, Conv, Graph, Input, Linear, MaxPool, OrPool, Readout, TokenSum
+from sdt_deploy.quant.bits import check_engine_bounds
+
+INT = np.int64
+
+
+@dataclass
+class EngineResult:
+    logits: np.ndarray                 # float read-out (dequantized), [B, K] or [T, B, K] with TET
+    logits_int: np.ndarray             # int64 per step [T, B, K] on the head's grid
+    logits_grid: np.ndarray            # per-class exponent: logit = logits_int * 2**-grid
+    spikes: dict                       # node name -> uint8 [T, B, ...]
+    ops: dict                          # node name -> {"acs", "macs", "bias_adds", ...}
+    observed: dict                     # node name -> max |integer| seen (currents, LIF states)
+    membranes: dict = field(default_factory=dict)   # LIF name -> int64 H per step (if asked)
+
+    @property
+    def total_acs(self) -> int:
+        return int(sum(o.get("acs", 0) for o in self.ops.values()))
+
+    @property
+    def total_macs(self) -> int:
+        return int(sum(o.get("macs", 0) for o in self.ops.values()))
+
+
+def quantize_input(x: np.ndarray, grid: int, bits: int) -> np.ndarray:
+    """round(x * 2**grid), half to even (as torch.round and ONNX Round), saturated to signed `bits`."""
+    lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return np.clip(np.round(x.astype(np.float32) * np.float32(2.0 ** grid)), lo, hi).astype(INT)
+
+
+def input_integers(n: Input, x: np.ndarray) -> np.ndarray:
+    """The input node's integers: quantized here, or (a partition's cut, `bits` None) checked to lie
+    on the node's per-channel grid already."""
+    if n.bits is not None:
+        return quantize_input(x, int(n.grid[0]), int(n.bits))
+    scale = np.exp2(np.asarray(n.grid, dtype=np.float64)).reshape(-1, *([1] * (x.ndim - 3)))
+    scaled = x.astype(np.float64) * scale
+    ints = np.round(scaled)
+    if not np.array_equal(ints, scaled):
+        raise DeployError(f"input of {n.name}: values are not on the node's grid")
+    return ints.astype(INT)
+
+
+def _shift_left(a: np.ndarray, shift: np.ndarray, channel_axis: int = 2) -> np.ndarray:
+    """a * 2**shift per channel (shift >= 0), exact."""
+    if not np.any(shift):
+        return a
+    if np.any(shift < 0):
+        raise DeployError("internal: a current would be shifted to a coarser grid")
+    shape = [1] * a.ndim
+    shape[channel_axis] = -1
+    return a << shift.astype(a.dtype).reshape(shape)
+
+
+_csr_matvecs = None   # the public product below (the reference does not rely on scipy's internals)
+
+
+I16_MAX = 2 ** 15 - 1
+
+
+def accumulator_dtype(w_int: np.ndarray) -> type:
+    """The narrowest of int16, int32, int64 that no output can overflow even with every input spiking
+    (the sum of |w| over a row's inputs, as `bits.channel_bounds` bounds it). Narrower is faster: scipy's
+    kernel adds ~17 G int16, ~4 G int32 and ~1.6 G int64 values per second on one core (measured)."""
+    worst = np.abs(w_int.astype(np.int64)).reshape(w_int.shape[0], -1).sum(axis=1).max(initial=0)
+    return np.int16 if worst <= I16_MAX else np.int32 if worst < 2 ** 31 else INT
+
+
+def int16_plan(w_int: np.ndarray) -> Optional[list]:
+    """Per kernel tap, the input-channel ranges [c0, c1) whose weights sum, in magnitude, to at most
+    2**15 - 1 for every output -- with that bound per output: the groups of events that can be added in
+    int16 without overflow (a whole tap, unless its channels must be split). None where a single
+    weight does not fit int16 (never for int8 weights)."""
+    O, C = w_int.shape[:2]
+    taps = np.abs(w_int.astype(np.int64)).reshape(O, C, -1)
+    if taps.max(initial=0) > I16_MAX:
+        return None
+    plan = []
+    for t in range(taps.shape[2]):
+        cum = np.cumsum(taps[:, :, t].T, axis=0)            # [C, O]: running sums over the channels
+        ranges, c0, before = [], 0, np.zeros(O, np.int64)
+        while c0 < C:                                       # greedy: the longest range that fits
+            over = np.flatnonzero((cum[c0:] - before).max(axis=1) > I16_MAX)
+            c1 = C if over.size == 0 else c0 + int(over[0])  # > c0: a single weight always fits
+            ranges.append((c0, c1, cum[c1 - 1] - before))
+            c0, before = c1, cum[c1 - 1]
+        plan.append(ranges)
+    return plan
+
+
+PARALLEL_MIN_WORK = 1 << 22     # inputs x outputs of a layer below which it runs on one thread
+PARALLEL_MIN_NEURONS = 1 << 20  # neurons x steps of a LIF below which it runs on one thread
+_POOLS: dict = {}
+
+
+def default_threads() -> int:
+    """Threads for the engine's additions: the CPUs this process may use (at most 8)."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:   # pragma: no cover - not Linux
+        n = os.cpu_count() or 1
+    return max(1, min(8, n))
+
+
+def _pool(threads: int) -> concurrent.futures.ThreadPoolExecutor:
+    if threads not in _POOLS:
+        _POOLS[threads] = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="sdt-engine")
+    return _POOLS[threads]
+
+
+def _add_event_rows(Y: np.ndarray, rows: np.ndarray, cols: np.ndarray, w_cols: np.ndarray) -> None:
+    """Y[rows[i]] += w_cols[cols[i]] for every event i (rows nondecreasing): one weight row added per
+    event, as a CSR matrix of the events (indptr from the row counts, no sorting) times w_cols."""
+    M, n_in = Y.shape[0], w_cols.shape[0]
+    index = np.int32 if max(M, n_in, rows.size) < 2 ** 31 else np.int64
+    indptr = np.zeros(M + 1, dtype=index)
+    np.cumsum(np.bincount(rows, minlength=M), out=indptr[1:])
+    cols = cols.astype(index, copy=False)
+    ones = np.ones(cols.size, dtype=Y.dtype)
+    w_cols = np.ascontiguousarray(w_cols, dtype=Y.dtype)
+    if _csr_matvecs is not None:   # releases the GIL: the blocks of `_in_blocks` run in parallel
+        _csr_matvecs(M, n_in, Y.shape[1], indptr, cols, ones, w_cols.ravel(), Y.ravel())
+    else:   # pragma: no cover
+        Y += sp.csr_matrix((ones, cols, indptr), shape=(M, n_in)) @ w_cols
+
+
+def _over_samples(fn, n: int, parts: int) -> list:
+    """[fn(a, b)] for the sample ranges [a, b) that split n samples into `parts`, on the engine's
+    threads when there are several (each sample's integers are its own: the split changes nothing)."""
+    if parts <= 1:
+        return [fn(0, n)]
+    cuts = np.linspace(0, n, parts + 1).astype(int)
+    jobs = [_pool(parts).submit(fn, a, b) for a, b in zip(cuts[:-1], cuts[1:])]
+    return [job.result() for job in jobs]
+
+
+def _in_blocks(fn, S: np.ndarray, Y: np.ndarray, rows_per_sample: int, threads: int) -> int:
+    """fn(S_block, Y_block) over blocks of the samples (axis 0 of S) and their output rows, in parallel
+    threads when the layer is large enough; returns the sum of fn's results. Every output row belongs to
+    one sample, so each is summed exactly as in one block (same integers, in the same order)."""
+    N = S.shape[0]
+    parts = min(threads, N) if S.size * Y.shape[1] >= PARALLEL_MIN_WORK else 1
+    return sum(_over_samples(lambda a, b: fn(S[a:b], Y[a * rows_per_sample:b * rows_per_sample]), N, parts))
+
+
+_WEIGHT_PLANS: dict = {}
+
+
+def weight_plan(w_int: np.ndarray) -> tuple:
+    """(accumulator_dtype, int16_plan) of a weight, remembered while the array lives and is unchanged
+    (a copy is compared on every use: an array changed in place is planned anew) -- at batch 1 the
+    planning took a quarter of the engine's time."""
+    key = id(w_int)
+    held = _WEIGHT_PLANS.get(key)
+    if held is not None and held[0]() is w_int and np.array_equal(held[1], w_int):
+        return held[2], held[3]
+    for k in [k for k, v in _WEIGHT_PLANS.items() if v[0]() is None]:
+        del _WEIGHT_PLANS[k]
+    dtype, plan = accumulator_dtype(w_int), int16_plan(w_int)
+    try:
+        _WEIGHT_PLANS[key] = (weakref.ref(w_int), w_int.copy(), dtype, plan)
+    except TypeError:   # pragma: no cover - not weak-referenceable: not remembered
+        pass
+    return dtype, plan
+
+
+def synaptic_conv(S: np.ndarray, w_int: np.ndarray, padding: int, threads: int = 1,
+                  out_dtype=INT) -> tuple[np.ndarray, int]:
+    """Event-driven conv of spikes [N, C, H, W] with integer weights [O, C, k, k], stride 1.
+
+    Every input spike (n, c, y, x) adds, for each kernel tap (ky, kx) that lands on an output
+    (n, y - ky + p, x - kx + p), the weight column w[:, c, ky, kx] into that output: one pass per tap
+    over the events, nothing for the silent inputs. Accumulates in int32 where `accumulator_dtype`
+    proves it safe; `threads` split the samples. Returns (out [N, O, H', W'] as out_dtype (int64 by
+    default; int32 only where the caller knows the values fit), additions performed = (event, tap)
+    pairs x O)."""
+    N, C, H, W = S.shape
+    O, _, k, _ = w_int.shape
+    Ho, Wo = H + 2 * padding - k + 1, W + 2 * padding - k + 1
+    dtype, plan = weight_plan(w_int)
+    Y = np.zeros((N * Ho * Wo, O), dtype=dtype)
+    pairs = _in_blocks(lambda s, y: _conv_events(s, w_int, padding, y, plan), S, Y, Ho * Wo, threads)
+    # [N, O, H', W'] over memory laid out [N, H', W', O] (no transposing copy; numpy's element-wise
+    # operations follow the memory order, and the next synaptic layer reads this layout directly)
+    out = Y.reshape(N, Ho, Wo, O).transpose(0, 3, 1, 2).astype(out_dtype, copy=False)
+    return out, pairs * O
+
+
+def _conv_events(S: np.ndarray, w_int: np.ndarray, padding: int, Y: np.ndarray, plan: Optional[list]) -> int:
+    """Adds the events of S [N, C, H, W] into Y [N*H'*W', O]; returns the (event, tap) pairs.
+
+    The additions run in int16 (4x the int32 rate): into Y itself where Y is int16, else into an int16
+    scratch that is added into Y whenever the next group of events (`int16_plan`) could take it past
+    2**15 - 1 -- exact, the same integers as adding into Y directly."""
+    N, C, H, W = S.shape
+    k = w_int.shape[2]
+    Ho, Wo = H + 2 * padding - k + 1, W + 2 * padding - k + 1
+    index = np.int32 if max(N * H * W, N * Ho * Wo, C) < 2 ** 31 else np.int64
+    # the events in (n, y, x) order -- the order of the output rows n*Ho*Wo + yo*Wo + xo -- as
+    # (position n*H*W + y*W + x, channel)
+    pos, c = np.divmod(np.flatnonzero(S.transpose(0, 2, 3, 1)).astype(index), C)
+    n, yx = np.divmod(pos, H * W)
+    y, x = np.divmod(yx, W)
+    base = (n * Ho + y) * Wo + x            # the output row of tap (padding, padding)
+    del pos, n, yx
+    pairs = 0
+    if plan is None:         # weights beyond int16: every tap whole, straight into Y
+        plan = [[(0, C, None)]] * (k * k)
+        scratch, room = Y, None
+    else:
+        scratch, room = (Y, None) if Y.dtype == np.int16 else (None, np.zeros(Y.shape[1], np.int64))
+    for ky in range(k):
+        y_ok = None if (ky == padding and Ho == H) else (y >= ky - padding) & (y < Ho + ky - padding)
+        for kx in range(k):
+            x_ok = None if (kx == padding and Wo == W) else (x >= kx - padding) & (x < Wo + kx - padding)
+            offset = (padding - ky) * Wo + (padding - kx)
+            ok = x_ok if y_ok is None else (y_ok if x_ok is None else y_ok & x_ok)
+            if ok is None:   # every event's tap lands inside the output
+                rows, cols = (base + offset) if offset else base, c
+            else:
+                rows, cols = base[ok] + offset, c[ok]
+            for c0, c1, bound in plan[ky * k + kx]:
+                if room is not None:             # int16 scratch, emptied into Y before it could overflow
+                    if scratch is None:
+                        scratch = np.zeros(Y.shape, np.int16)
+                    elif (room + bound).max() > I16_MAX:
+                        Y += scratch
+                        scratch.fill(0)
+                        room[:] = 0
+                    room += bound
+                if c0 == 0 and c1 == C:
+                    group_rows, group_cols = rows, cols
+                else:
+                    sel = (cols >= c0) & (cols < c1)
+                    group_rows, group_cols = rows[sel], cols[sel]
+                _add_event_rows(scratch, group_rows, group_cols, w_int[:, :, ky, kx].T)
+                pairs += group_cols.size
+    if room is not None and scratch is not None:
+        Y += scratch
+    return pairs
+
+
+def synaptic_linear(S: np.ndarray, w_int: np.ndarray, threads: int = 1) -> tuple[np.ndarray, int]:
+    """Event-driven linear layer on spikes [N, C]; returns (out int64 [N, O], additions)."""
+    def add(s: np.ndarray, y: np.ndarray) -> int:
+        rows, cols = np.nonzero(s)
+        _add_event_rows(y, rows, cols, w_int.T)
+        return int(rows.size)
+
+    Y = np.zeros((S.shape[0], w_int.shape[0]), dtype=weight_plan(w_int)[0])
+    events = _in_blocks(add, S, Y, 1, threads)
+    return Y.astype(INT), events * w_int.shape[0]
+
+
+def dense_conv(x: np.ndarray, w_int: np.ndarray, stride: int, padding: int) -> tuple[np.ndarray, int]:
+    """Integer convolution of a real-valued (integer-coded) input: the encoder's MACs.
+
+    Returns (out int64, multiply-accumulates over valid, non-padding taps)."""
+    N, C, H, W = x.shape
+    O, _, k, _ = w_int.shape
+    xp = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
+    Ho = (H + 2 * padding - k) // stride + 1
+    Wo = (W + 2 * padding - k) // stride + 1
+    out = np.zeros((N, O, Ho, Wo), dtype=INT)
+    w = w_int.astype(INT)
+    for ky in range(k):
+        for kx in range(k):
+            patch = xp[:, :, ky:ky + stride * Ho:stride, kx:kx + stride * Wo:stride]   # [N, C, Ho, Wo]
+            out += np.einsum("nchw,oc->nohw", patch, w[:, :, ky, kx], dtype=INT, optimize=False)
+    valid = _valid_taps(H, W, k, stride, padding)
+    return out, int(valid) * C * O * N
+
+
+def _valid_taps(H: int, W: int, k: int, stride: int, padding: int) -> int:
+    """Number of (output position, kernel tap) pairs that read a real pixel, not padding."""
+    def axis(n):
+        outs = (n + 2 * padding - k) // stride + 1
+        pos = np.arange(outs)[:, None] * stride + np.arange(k)[None, :] - padding
+        return ((pos >= 0) & (pos < n)).sum(axis=1)
+    return int(np.outer(axis(H), axis(W)).sum())
+
+
+def _pool_max(a: np.ndarray, k: int, stride: int, pad: int, fill) -> np.ndarray:
+    """Max over k x k windows of [..., H, W] with constant padding `fill`."""
+    H, W = a.shape[-2:]
+    Ho, Wo = (H + 2 * pad - k) // stride + 1, (W + 2 * pad - k) // stride + 1
+    widths = [(0, 0)] * (a.ndim - 2) + [(pad, pad), (pad, pad)]
+    ap = np.pad(a, widths, constant_values=fill)
+    out = None
+    for ky in range(k):
+        for kx in range(k):
+            win = ap[..., ky:ky + stride * Ho:stride, kx:kx + stride * Wo:stride]
+            out = win.copy() if out is None else np.maximum(out, win)
+    return out
+
+
+def heads_or_pool_np(a: np.ndarray, heads: int) -> np.ndarray:
+    """numpy twin of models.sdt.heads_or_pool on [T, B, C, H, W] spikes."""
+    T, B, C, H, W = a.shape
+    xh = (a.reshape(T, B, C, H * W).transpose(0, 1, 3, 2)
+          .reshape(T, B, H * W, heads, C // heads).transpose(0, 1, 3, 2, 4))
+    pooled = _pool_max(xh, 3, 1, 1, 0)
+    return pooled.transpose(0, 1, 2, 4, 3).reshape(T, B, C, H, W)
+
+
+def lif_int(X: np.ndarray, theta: np.ndarray, channel_axis: int = 2, membranes: Optional[list] = None,
+            out: Optional[np.ndarray] = None):
+    """Integer LIF over T: H = (V + X) >> 1, S = H >= theta, V = H * (1 - S). Returns (spikes uint8, the
+    largest |H|); the spikes go into `out` where given."""
+    shape = [1] * (X.ndim - 1)
+    shape[channel_axis - 1] = -1
+    th = theta.astype(X.dtype).reshape(shape)
+    V = np.zeros_like(X[0])                     # X's dtype and memory layout (see synaptic_conv)
+    out = np.empty_like(X, dtype=np.uint8) if out is None else out
+    peak = 0
+    for t in range(X.shape[0]):
+        H = V + X[t]
+        H >>= 1
+        S = H >= th
+        out[t] = S
+        peak = max(peak, abs_max(H))
+        if membranes is not None:
+            membranes.append(H.astype(INT))
+        np.copyto(H, 0, where=S)   # V = H * (1 - S), in place
+        V = H
+    return out, peak
+
+
+def lif_int_parallel(X: np.ndarray, theta: np.ndarray, threads: int):
+    """`lif_int` of [T, B, ...] with the samples (axis 1) split over threads where the layer is large
+    enough: every neuron's state is its own, so the spikes are the same; the peak is the parts' largest."""
+    B = X.shape[1]
+    parts = min(threads, B) if X.size >= PARALLEL_MIN_NEURONS else 1
+    out = np.empty_like(X, dtype=np.uint8)     # X's memory layout, as `lif_int` keeps it
+    peaks = _over_samples(lambda a, b: lif_int(X[:, a:b], theta, out=out[:, a:b])[1], B, parts)
+    return out, max(peaks)
+
+
+def abs_max(a: np.ndarray) -> int:
+    """max |a| as a Python int (no temporary array; exact at the int64 minimum too)."""
+    return max(int(a.max()), -int(a.min())) if a.size else 0
+
+
+def run_engine(qg: Graph, x: np.ndarray, record: bool = True, membranes: bool = False,
+               threads: Optional[int] = None) -> EngineResult:
+    """Run the quantized graph on x ([B, C, H, W] repeated over T, or [B, T, C, H, W] frames). `threads`:
+    how many threads add the synaptic events (default: every CPU available; the result is the same)."""
+    threads = default_threads() if threads is None else max(1, int(threads))
+    if not qg.meta.get("quantized"):
+        raise DeployError("the integer engine runs quantized graphs only")
+    bounds = check_engine_bounds(qg)
+
+    def width(name: str, factor: int = 1):
+        """int32 where the node's worst case (times factor) stays below 2**31, else int64."""
+        return np.int32 if bounds.get(name, np.inf) * factor < 2 ** 31 else INT
+
+    T = x.shape[1] if x.ndim == 5 else int(qg.meta["time_steps"])
+    B = x.shape[0]
+    vals: dict[str, np.ndarray] = {}
+    grids: dict[str, Optional[np.ndarray]] = {}
+    spikes, ops, observed, mems = {}, {}, {}, {}
+    remaining = {n.name: sum(n.name in m.inputs for m in qg.nodes) for n in qg.nodes}
+    for n in qg.nodes:
+        ins = [vals[i] for i in n.inputs]
+        in_grids = [grids[i] for i in n.inputs]
+        if isinstance(n, Input):
+            y = input_integers(n, time_major(x, T))
+        elif isinstance(n, Conv):
+            a = ins[0]
+            flat = a.reshape((T * B,) + a.shape[2:])
+            if in_grids[0] is None:
+                if n.stride != 1 or n.groups != 1:
+                    raise DeployError(f"{n.name}: only stride-1, ungrouped synaptic convolutions are supported")
+                out, adds = synaptic_conv(flat, n.w_int, n.padding, threads, out_dtype=width(n.name))
+                ops[n.name] = {"acs": adds, "macs": 0}
+            else:
+                out, macs = dense_conv(flat, n.w_int, n.stride, n.padding)
+                ops[n.name] = {"acs": 0, "macs": macs}
+            out += n.b_int.astype(out.dtype)[None, :, None, None]
+            ops[n.name]["bias_adds"] = int(out.size)
+            y = out.reshape((T, B) + out.shape[1:])
+        elif isinstance(n, Linear):
+            a = ins[0]
+            if in_grids[0] is not None:
+                raise DeployError(f"{n.name}: a linear layer reading a current is not supported")
+            out, adds = synaptic_linear(a.reshape(T * B, -1), n.w_int, threads)
+            out += n.b_int.astype(INT)[None, :]
+            ops[n.name] = {"acs": adds, "macs": 0, "bias_adds": int(out.size)}
+            y = out.reshape(T, B, -1)
+        elif isinstance(n, LIF):
+            if n.tau != 2.0 or n.plif_w not in (None, 0.0):
+                raise DeployError(f"{n.name}: the integer LIF needs decay 1/2 (tau = 2); got tau = {n.tau}")
+            src_grid = in_grids[0] if in_grids[0] is not None else np.zeros(n.shape[0], dtype=INT)
+            X = _shift_left(np.asarray(ins[0], dtype=width(n.name, 2)), n.grid - src_grid)
+            trace: Optional[list] = [] if membranes else None
+            y, peak = lif_int_parallel(X, n.theta_int, threads) if trace is None else \
+                lif_int(X, n.theta_int, membranes=trace)
+            observed[n.name] = max(peak, abs_max(X))
+            ops[n.name] = {"neuron_updates": int(X.size), "spikes": int(y.sum(dtype=INT))}
+            if membranes:
+                mems[n.name] = np.stack(trace)
+        elif isinstance(n, And):
+            y = ins[0] & ins[1]
+            ops[n.name] = {"and": int(y.size)}
+        elif isinstance(n, OrPool):
+            a = ins[0]
+            if n.layout == "heads":
+                y = heads_or_pool_np(a, n.heads)
+            else:
+                y = _pool_max(a, n.kernel, n.stride, n.padding, 0)
+            ops[n.name] = {"or_inputs": int(a.sum(dtype=INT))}
+        elif isinstance(n, MaxPool):
+            y = _pool_max(ins[0], n.kernel, n.stride, n.padding, np.iinfo(ins[0].dtype).min)
+            ops[n.name] = {"comparisons": int(y.size) * (n.kernel * n.kernel - 1)}
+        elif isinstance(n, TokenSum):
+            a = ins[0]
+            y = a.reshape(a.shape[:3] + (-1,)).sum(axis=-1, dtype=INT)
+            ops[n.name] = {"adds": int(np.count_nonzero(a)) if in_grids[0] is None else int(a.size)}
+        elif isinstance(n, Broadcast):
+            a = ins[0]
+            y = np.broadcast_to(a[..., None, None], a.shape + tuple(n.shape[1:]))
+        elif isinstance(n, Add):
+            y = None
+            for a, g in zip(ins, in_grids):
+                term = _shift_left(np.asarray(a, dtype=width(n.name)), n.grid - g)
+                y = term if y is None else y + term
+            ops[n.name] = {"adds": int(y.size) * (len(ins) - 1)}
+        elif isinstance(n, Readout):
+            y = ins[0]
+        else:
+            raise DeployError(f"the integer engine has no rule for {n.name} ({n.op})")
+        vals[n.name] = y
+        grids[n.name] = n.grid if n.out_kind == "current" else None
+        if n.out_kind == "current" and not isinstance(n, (Input, Readout)):
+            observed[n.name] = max(observed.get(n.name, 0), abs_max(y))
+        if record and n.out_kind == "spike":
+            spikes[n.name] = np.ascontiguousarray(y, dtype=np.uint8)
+        for i in n.inputs:
+            remaining[i] -= 1
+            if remaining[i] == 0 and i != qg.output.name:
+                vals.pop(i, None)
+    out = qg.output
+    logits_int = vals[out.name].astype(INT)
+    grid = np.asarray(out.grid)
+    per_step = logits_int * np.exp2(-grid.astype(np.float64))
+    logits = per_step if (isinstance(out, Readout) and out.mode == "per_step") else per_step.sum(0) / T
+    return EngineResult(logits.astype(np.float32), logits_int, grid, spikes, ops, observed, mems)
