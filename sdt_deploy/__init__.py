@@ -7,7 +7,7 @@ __version__ = "0.1.0"
 
 _LAZY = {"load_model": "api", "quantize": "api", "deploy_graph": "api", "export": "api", "verify": "api",
          "report": "api", "inspect": "api", "run_onnx": "run.onnx_runner", "open_onnx": "run.onnx_runner",
-         "run_engine": "run.integer_engine", "run_nir": "run.nir_interpreter", "run_verify": "verify.verifier"}
+         "run_engine": "run.integer_engine", "run_nir": "run.nir_interpreter", "run_verify": "verification.verifier"}
 
 __all__ = ["__version__", *_LAZY]
 

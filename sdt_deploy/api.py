@@ -264,16 +264,22 @@ def verify(source: Source, x=None, *, input: Optional[str] = None, data: Optiona
 def report(source: Source, x=None, *, input: Optional[str] = None, data: Optional[str] = None,
            digits: Optional[int] = None, random: Optional[int] = None, seed: int = 0, energy: str = "45nm-fp32",
            batch_size: int = 16, weight_bits: int = 8, input_bits: int = 8, scale_search: str = "mse",
-           input_range: Optional[float] = None, progress: bool = False) -> dict:
+           input_range: Optional[float] = None, float_model: bool = False, progress: bool = False) -> dict:
     """`sdt-deploy report`: operations, firing rates and energy per layer of the quantized model on the
-    inputs, in the paper's convention and as the integer engine measured them, with the ANN baseline.
-    Returns the report as plain data (`report.render` prints it, writes JSON, CSV and a plot)."""
+    inputs, in the paper's convention and as the integer engine measured them, with the ANN baseline;
+    `float_model=True` (`--float`) counts the float checkpoint as trained instead (its own spikes).
+    Returns the report as plain data (`accounting.render` prints it, writes JSON, CSV and a plot)."""
     from sdt_deploy.accounting.energy import load_energy_table
-    from sdt_deploy.accounting.measure import run_report
+    from sdt_deploy.accounting.measure import run_float_report, run_report
 
     table = load_energy_table(energy)
     src = loaded(source)
     inputs = _inputs(src, x, input, data, digits, random, seed)
+    if float_model:
+        if isinstance(src, QuantizedModel):
+            raise DeployError("float_model: a quantized file holds no float model (give the original checkpoint)")
+        return run_float_report(src.model, deploy_graph(src), inputs, table, batch_size=batch_size,
+                                progress=progress)
     q = quantize(src, weight_bits=weight_bits, input_bits=input_bits, scale_search=scale_search,
                  input_range=input_range)
     return run_report(q, inputs, table, batch_size=batch_size, progress=progress)

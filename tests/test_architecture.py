@@ -75,3 +75,12 @@ def test_a_layer_violation_is_caught(tmp_path):
     run = subprocess.run([_tool("lint-imports")], cwd=tmp_path, capture_output=True, text=True,
                          env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"})
     assert run.returncode != 0 and "sdt_deploy.ir.graph -> sdt_deploy.cli.app" in run.stdout, run.stdout[-2000:]
+
+
+def test_every_public_name_of_the_package_resolves():
+    """`sdt_deploy.<name>` for every name in `__all__` (they are imported lazily: a moved module would
+    otherwise fail only when a user first touches the name)."""
+    import sdt_deploy
+
+    for name in sdt_deploy.__all__:
+        assert getattr(sdt_deploy, name) is not None, name

@@ -181,3 +181,15 @@ def test_report_float_on_a_quantized_file_is_one_clear_error(tmp_path, plif_inpu
     assert "Traceback" not in err
     # the same file without --float is reported, as the quantized model
     assert main(["report", qfile, "--input", plif_input, "--quiet", "--no-progress"]) == 0
+
+
+def test_the_api_report_is_the_commands_twin(tmp_path, plif_input):
+    """`sdt_deploy.report(..., float_model=True)` returns what `report --float --save-json` writes."""
+    import sdt_deploy
+
+    jf = str(tmp_path / "f.json")
+    assert _invoke([oracle_path("plif_1111"), "--input", plif_input, "--float", "--save-json", jf,
+                    "--no-progress"]).exit_code == 0
+    rep = sdt_deploy.report(oracle_path("plif_1111"), input=plif_input, float_model=True)
+    assert rep["model"]["counted"] == FLOAT
+    assert json.loads(json.dumps(rep, default=str)) == json.loads(open(jf).read())

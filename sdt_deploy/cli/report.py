@@ -42,11 +42,9 @@ def report(ckpt, input_path, data_dir, digits, random_n, seed, energy, float_mod
     measured, and the ANN baseline. By default the quantized model is counted on the first 32 held-out
     digits; --float counts the float checkpoint as trained."""
     from sdt_deploy.accounting.energy import load_energy_table
-    from sdt_deploy.accounting.measure import run_float_report, run_report
     from sdt_deploy.accounting.render import print_report, write_outputs
-    from sdt_deploy.api import deploy_graph, quantize
+    from sdt_deploy.api import report as api_report
     from sdt_deploy.cli.options import echo_json
-    from sdt_deploy.data.inputs import choose_inputs
     from sdt_deploy.errors import DeployError
     from sdt_deploy.files.arrays import load_array
     from sdt_deploy.files.atomic import check_output_paths
@@ -54,7 +52,7 @@ def report(ckpt, input_path, data_dir, digits, random_n, seed, energy, float_mod
     from sdt_deploy.quant.qmodel import QuantizedModel
 
     check_output_paths({"--save-json": json_path, "--save-csv": csv_path, "--save-plot": plot_path}, force)
-    table = load_energy_table(energy)
+    load_energy_table(energy)                # a bad table fails before the model loads
     QuantOptions(weight_bits=weight_bits, input_bits=input_bits, scale_search=scale_search, input_range=input_range)
     if input_path:
         load_array(input_path)           # a missing or broken file fails before the model loads
@@ -62,16 +60,10 @@ def report(ckpt, input_path, data_dir, digits, random_n, seed, energy, float_mod
     if float_model and isinstance(source, QuantizedModel):
         raise DeployError(f"--float: {source.checkpoint.path or ckpt} is a quantized file: it holds no float model "
                           "(give the original checkpoint, or drop --float to count the quantized model)")
-    inputs = choose_inputs(source.config, source.resolved.data, input_path, data_dir, digits, random_n, seed,
-                           default_digits=32)
-    progress = not (quiet or no_progress)
-    if float_model:
-        rep = run_float_report(source.model, deploy_graph(source), inputs, table, batch_size=batch_size,
-                               progress=progress)
-    else:
-        q = quantize(source, weight_bits=weight_bits, input_bits=input_bits, scale_search=scale_search,
-                     input_range=input_range, progress=progress)
-        rep = run_report(q, inputs, table, batch_size=batch_size, progress=progress)
+    rep = api_report(source, input=input_path, data=data_dir, digits=digits, random=random_n, seed=seed,
+                     energy=energy, batch_size=batch_size, weight_bits=weight_bits, input_bits=input_bits,
+                     scale_search=scale_search, input_range=input_range, float_model=float_model,
+                     progress=not (quiet or no_progress))
     write_outputs(rep, json_path, csv_path, plot_path)
     if as_json:
         echo_json(rep)
