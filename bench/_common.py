@@ -2,7 +2,8 @@
 
 Every timed figure is a whole run (a child process for the command-line figures) after a warm-up;
 the figure reported is the median of several runs. Peak memory is the child's own peak resident set
-size as the OS accounts it (`ru_maxrss` from `os.wait4` of that child), never an estimate. The machine
+size as the OS accounts it (`ru_maxrss` from `os.wait4` of that child, started from a small launcher so
+that it does not inherit the benchmark's own peak), never an estimate. The machine
 is shared, so the load average is recorded next to every measurement.
 """
 from __future__ import annotations
@@ -69,20 +70,33 @@ def versions() -> dict:
     return out
 
 
+# Linux keeps a process's peak RSS across exec, and a child started by vfork/fork + exec begins with its
+# parent's peak: a child of a benchmark that has imported torch would report at least the benchmark's own
+# peak (measured: 734 MiB for every export, whatever it was). So the command runs under a small launcher
+# that forks it from a fresh ~10 MiB interpreter and reports that grandchild's own `ru_maxrss`.
+_LAUNCHER = (
+    "import json, os, subprocess, sys\n"
+    "p = subprocess.Popen(sys.argv[2:])\n"
+    "_, status, usage = os.wait4(p.pid, 0)\n"
+    "open(sys.argv[1], 'w').write(json.dumps({'rc': os.waitstatus_to_exitcode(status), 'kib': usage.ru_maxrss}))\n"
+)
+
+
 def run_child(cmd: Sequence[str], env: Optional[dict] = None, cwd: str = ROOT) -> dict:
-    """Run a command to completion: wall seconds, the child's own peak RSS (MiB, `ru_maxrss` from
-    `os.wait4` on that child), exit status, the load average before and after, output tails."""
+    """Run a command to completion: wall seconds, the command's own peak RSS (MiB, `ru_maxrss` of that
+    process, measured through `_LAUNCHER`), exit status, the load average before and after, output tails."""
     load = load_average()
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, \
+            tempfile.NamedTemporaryFile("r", suffix=".json") as peak:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(list(cmd), cwd=cwd, env={**os.environ, **(env or {})}, stdout=out, stderr=err)
-        _, status, usage = os.wait4(proc.pid, 0)
+        subprocess.run([PYTHON, "-c", _LAUNCHER, peak.name, *cmd], cwd=cwd, env={**os.environ, **(env or {})},
+                       stdout=out, stderr=err)
         seconds = time.perf_counter() - t0
-        proc.returncode = os.waitstatus_to_exitcode(status)   # reaped here, not by Popen
+        child = json.loads(open(peak.name).read())
         out.seek(0)
         err.seek(0)
         stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")
-    return {"seconds": seconds, "peak_rss_mib": usage.ru_maxrss / 1024, "rc": proc.returncode,
+    return {"seconds": seconds, "peak_rss_mib": child["kib"] / 1024, "rc": child["rc"],
             "load_before": load, "load_after": load_average(), "stdout": stdout, "stderr": stderr[-3000:]}
 
 

@@ -11,6 +11,7 @@ max-pool (pooling_stat `xxx0`) go to NIR whole.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -94,11 +95,21 @@ def export_graph(graph: Graph, target: str, path: str, onnx_variant: str = "int"
     from exporters.onnx import write_onnx
 
     stem_path, manifest_path = partition_paths(path)
-    write_onnx(split.host, stem_path, variant=onnx_variant, debug_outputs=True)
-    write_nir(split.device, path, profile=nir_profile)
-    manifest = partition_manifest(graph, split, os.path.basename(stem_path), os.path.basename(path), onnx_variant,
-                                  nir_profile, {os.path.basename(p): sha256_of(p) for p in (stem_path, path)})
-    write_text(manifest_path, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    written = []
+    try:                     # the three files are one artifact: a failure leaves none of them behind
+        write_onnx(split.host, stem_path, variant=onnx_variant, debug_outputs=True)
+        written.append(stem_path)
+        write_nir(split.device, path, profile=nir_profile)
+        written.append(path)
+        manifest = partition_manifest(graph, split, os.path.basename(stem_path), os.path.basename(path),
+                                      onnx_variant, nir_profile,
+                                      {os.path.basename(p): sha256_of(p) for p in (stem_path, path)})
+        write_text(manifest_path, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    except BaseException:
+        for p in written:
+            with contextlib.suppress(OSError):
+                os.remove(p)
+        raise
     message = (f"{split.cut} max-pools real-valued currents: no exact NIR encoding exists, so the stem up to "
                f"it runs on the host ({os.path.basename(stem_path)}, ONNX) and the NIR graph "
                f"({os.path.basename(path)}) starts at the residual stream, fed by the stem's output "

@@ -124,7 +124,7 @@ import numpy as np
 from exporters.nir_streaming import write_streaming
 from sdt_deploy import __version__
 from sdt_deploy.errors import DeployError
-from sdt_deploy.files.atomic import atomic_write
+from sdt_deploy.files.atomic import atomic_file
 from sdt_deploy.ir.graph import (
     LIF,
     SPIKE,
@@ -240,8 +240,10 @@ def write_nir(qgraph: Graph, path: str, profile: str = "standard", dt: Optional[
     in float64 only while its node is written (SDT-8-768: 505 MiB of float64 weights, never all at
     once); `to_nir` gives the graph with every weight in it."""
     graph, makers = _build(qgraph, profile, dt, time_steps, lazy_arrays=True)
-    with atomic_write(path) as tmp:
-        write_streaming(tmp, graph, makers, compression="gzip", compression_opts=GZIP_LEVEL)
+    # through a file object that holds back an I/O error until HDF5 is done: h5py meeting a full disk
+    # part-way crashes the process in its clean-up instead of raising (files.atomic.ErrorHoldingFile)
+    with atomic_file(path) as f:
+        write_streaming(f, graph, makers, compression="gzip", compression_opts=GZIP_LEVEL)
 
 
 def lif_threshold(theta_int: np.ndarray, grid: np.ndarray, time_steps: int) -> np.ndarray:

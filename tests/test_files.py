@@ -208,6 +208,50 @@ def test_disk_full_while_writing_leaves_nothing(tmp_path, capsys, monkeypatch):
     assert _temporaries(d) == []
 
 
+class _DiskOfSize:
+    """An unbuffered binary file on a disk with `room` bytes left: writes past it fail with ENOSPC."""
+
+    def __init__(self, f, room: int):
+        self.f, self.room = f, room
+
+    def write(self, data):
+        data = memoryview(data).cast("B")
+        if self.f.tell() + len(data) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return self.f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+def test_a_full_disk_in_the_middle_of_a_nir_file(tmp_path, capsys, monkeypatch):
+    """HDF5 meeting ENOSPC part-way through a .nir file (here after 300 KB of the demo's 2.6 MB; the
+    stem's 111 KB fit): one line, exit 2, and neither the .nir, its temporary file nor the partition's stem
+    left. Before: a segmentation fault inside h5py's clean-up (exit 139) with both files left behind.
+    tests/test_files.py::test_a_real_full_disk_and_read_only_file_system does it on a real tmpfs."""
+    real_open = open
+
+    def small_disk(path, mode="r", *a, **k):
+        f = real_open(path, mode, *a, **k)
+        if "w" in mode and str(path).endswith(".partial.nir"):
+            return _DiskOfSize(f, 300_000)
+        return f
+
+    monkeypatch.setattr("builtins.open", small_disk)
+    code = main(["export", "--target", "nir", "-o", str(tmp_path / "demo.nir")])
+    monkeypatch.undo()
+    assert code == 2
+    out = str(tmp_path / "demo.nir")
+    assert _err_line(capsys) == f"sdt-deploy: error: cannot write {out!r}: No space left on device"
+    assert os.listdir(tmp_path) == []
+
+
 def _private_mount_namespace() -> list:
     """The unshare command that gives a process its own mounts (root, or an unprivileged user namespace),
     or [] where the system allows neither."""
@@ -223,19 +267,24 @@ def _private_mount_namespace() -> list:
 
 @pytest.mark.slow
 def test_a_real_full_disk_and_read_only_file_system(tmp_path):
-    """The real thing, in a private mount namespace: a 32 KiB tmpfs (the ONNX file is 60 KB), then the
-    same tmpfs remounted read-only. Skipped where mounts are not allowed. Before: `internal error:
-    OSError: [Errno 28]`, exit 3, and `output directory ... is not writable` without a reason."""
+    """The real thing, in a private mount namespace: a 32 KiB tmpfs (the ONNX file is 60 KB), a 512 KiB one
+    for a partitioned NIR export, then the first remounted read-only. Skipped where mounts are not allowed.
+    Before: `internal error: OSError: [Errno 28]`, exit 3, and `output directory ... is not writable`
+    without a reason."""
     cmd = _private_mount_namespace()
     if not cmd:
         pytest.skip("no private mount namespace here (needs root or unprivileged user namespaces)")
-    d = tmp_path / "small"
+    d, d2 = tmp_path / "small", tmp_path / "half"
     d.mkdir()
+    d2.mkdir()
     out = d / "m.onnx"
     script = textwrap.dedent(f"""
         mount -t tmpfs -o size=32k tmpfs {d} || exit 99
         {sys.executable} -m sdt_deploy export {oracle_path(CASE)} --target onnx -o {out} 2>{tmp_path}/full.err
         echo $? > {tmp_path}/full.rc; ls -A {d} > {tmp_path}/full.ls
+        mount -t tmpfs -o size=512k tmpfs {d2} || exit 97
+        {sys.executable} -m sdt_deploy export --target nir -o {d2}/demo.nir 2>{tmp_path}/nir.err
+        echo $? > {tmp_path}/nir.rc; ls -A {d2} > {tmp_path}/nir.ls
         mount -o remount,ro {d} || exit 98
         {sys.executable} -m sdt_deploy export {oracle_path(CASE)} --target onnx -o {out} 2>{tmp_path}/ro.err
         echo $? > {tmp_path}/ro.rc
@@ -247,6 +296,12 @@ def test_a_real_full_disk_and_read_only_file_system(tmp_path):
         assert (tmp_path / f"{case}.rc").read_text().strip() == "2", err
         assert err.count("\n") == 1 and f"cannot write {str(out)!r}" in err and reason in err, err
     assert (tmp_path / "full.ls").read_text() == ""            # no partial file, no temporary file
+    # NIR (HDF5) of the demo, partitioned: its 111 KB stem fits, the 2.6 MB .nir does not. Before: a
+    # segmentation fault inside h5py's clean-up (exit 139), a partial file and the stem left behind.
+    err = (tmp_path / "nir.err").read_text()
+    assert (tmp_path / "nir.rc").read_text().strip() == "2", err
+    assert err.count("\n") == 1 and f"cannot write {str(d2 / 'demo.nir')!r}: No space left on device" in err, err
+    assert (tmp_path / "nir.ls").read_text() == ""              # neither the .nir, its temporary, nor the stem
 
 
 # ---- 3b. other formats given as a checkpoint -----------------------------------------------------------

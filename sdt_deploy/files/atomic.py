@@ -138,6 +138,76 @@ def atomic_write(path: str, suffix: Optional[str] = None) -> Iterator[str]:
         raise
 
 
+class ErrorHoldingFile:
+    """A binary file for writers that cannot survive an I/O error: HDF5 (through h5py's file-object
+    driver) meeting "no space left" part-way through a file crashes the process during its own clean-up
+    (a segmentation fault, measured with h5py 3 on a full tmpfs). The first OSError is held and every
+    later write dropped, so the writer finishes as if all went well; `raise_held()` then raises it, and
+    `atomic_write` turns it into one line and removes the temporary file. Reads, seeks and tell are the
+    file's own (after an error the content is discarded anyway); the file must be unbuffered, or a seek
+    would write (and could fail) too."""
+
+    def __init__(self, f):
+        self._f, self.held = f, None
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        done = 0
+        while self.held is None and done < len(view):     # an unbuffered file may write part of it
+            try:
+                done += self._f.write(view[done:])
+            except OSError as exc:
+                self.held = exc
+        return len(view)
+
+    def flush(self) -> None:
+        if self.held is None:
+            try:
+                self._f.flush()
+            except OSError as exc:
+                self.held = exc
+
+    def truncate(self, size=None):
+        if self.held is None:
+            try:
+                return self._f.truncate(size)
+            except OSError as exc:
+                self.held = exc
+        return size
+
+    def read(self, *a):
+        return self._f.read(*a)
+
+    def readinto(self, b):
+        return self._f.readinto(b)
+
+    def seek(self, *a):
+        return self._f.seek(*a)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def raise_held(self) -> None:
+        self.flush()
+        if self.held is not None:
+            raise self.held
+
+
+@contextlib.contextmanager
+def atomic_file(path: str) -> Iterator[ErrorHoldingFile]:
+    """`atomic_write` for writers that take an open binary file and must never see an I/O error
+    (`ErrorHoldingFile`): the error is raised, as `cannot write 'PATH': REASON`, once the writer is done."""
+    with atomic_write(path) as tmp, open(tmp, "w+b", buffering=0) as raw:   # unbuffered: a seek never writes
+        f = ErrorHoldingFile(raw)
+        try:
+            yield f
+        except Exception:
+            if f.held is not None:      # the writer tripped over the data it was not given: the cause
+                raise f.held from None
+            raise
+        f.raise_held()
+
+
 def write_bytes(path: str, data: bytes) -> None:
     with atomic_write(path) as tmp:
         with open(tmp, "wb") as f:
