@@ -78,13 +78,15 @@ _LAUNCHER = (
     "import json, os, subprocess, sys\n"
     "p = subprocess.Popen(sys.argv[2:])\n"
     "_, status, usage = os.wait4(p.pid, 0)\n"
-    "open(sys.argv[1], 'w').write(json.dumps({'rc': os.waitstatus_to_exitcode(status), 'kib': usage.ru_maxrss}))\n"
+    "open(sys.argv[1], 'w').write(json.dumps({'rc': os.waitstatus_to_exitcode(status), 'kib': usage.ru_maxrss,\n"
+    "                                          'cpu': usage.ru_utime + usage.ru_stime}))\n"
 )
 
 
 def run_child(cmd: Sequence[str], env: Optional[dict] = None, cwd: str = ROOT) -> dict:
-    """Run a command to completion: wall seconds, the command's own peak RSS (MiB, `ru_maxrss` of that
-    process, measured through `_LAUNCHER`), exit status, the load average before and after, output tails."""
+    """Run a command to completion: wall seconds, CPU seconds (user + system, the command's own: steadier
+    than wall time on a loaded machine), its own peak RSS (MiB, `ru_maxrss` of that process, measured
+    through `_LAUNCHER`), exit status, the load average before and after, output tails."""
     load = load_average()
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, \
             tempfile.NamedTemporaryFile("r", suffix=".json") as peak:
@@ -96,7 +98,7 @@ def run_child(cmd: Sequence[str], env: Optional[dict] = None, cwd: str = ROOT) -
         out.seek(0)
         err.seek(0)
         stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")
-    return {"seconds": seconds, "peak_rss_mib": child["kib"] / 1024, "rc": child["rc"],
+    return {"seconds": seconds, "cpu_seconds": child["cpu"], "peak_rss_mib": child["kib"] / 1024, "rc": child["rc"],
             "load_before": load, "load_after": load_average(), "stdout": stdout, "stderr": stderr[-3000:]}
 
 

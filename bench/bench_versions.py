@@ -10,7 +10,7 @@ versions taking turns round by round (`--runs` rounds after a warm-up) so that t
 on all of them alike; the figure is the median:
 
 - `export CKPT --target onnx` and `--target nir` of SDT-8-768 (224x224, T = 4, random weights, the
-  checkpoint bench/bench_export.py writes): wall seconds and the child's peak RSS;
+  checkpoint bench/bench_export.py writes): wall seconds, CPU seconds and the child's peak RSS;
 - the integer engine on CIFAR 2-256 (random calibrated weights, seed 0; standard-normal images, seed 5),
   batch 1 and 32, one thread: in-process medians of `--engine-runs` runs after a warm-up, each version in
   its own child; the children also print the engine's logits checksum, so that the versions are seen
@@ -111,7 +111,8 @@ def main() -> None:
                 raise SystemExit(f"{name} export {target} failed:\n{r['stderr']}")
             if rnd:
                 result["export"].setdefault(f"{name} | {target}", []).append(r)
-            print(f"round {rnd} {name} {target}: {r['seconds']:.1f} s, {r['peak_rss_mib']:.0f} MiB", flush=True)
+            print(f"round {rnd} {name} {target}: {r['seconds']:.1f} s ({r['cpu_seconds']:.1f} CPU s), "
+                  f"{r['peak_rss_mib']:.0f} MiB", flush=True)
         for name in trees:
             r = C.run_child([C.PYTHON, "-c", ENGINE_CHILD, str(a.engine_runs)], env=env[name], cwd=trees[name])
             if r["rc"] != 0:
@@ -126,15 +127,14 @@ def main() -> None:
     base = next(iter(trees))
     rows = []
     for target in ("onnx", "nir"):
+        base_runs = result["export"][f"{base} | {target}"]
         for name in trees:
             runs = result["export"][f"{name} | {target}"]
-            sec = C.median(r["seconds"] for r in runs)
-            rss = C.median(r["peak_rss_mib"] for r in runs)
-            sec0 = C.median(r["seconds"] for r in result["export"][f"{base} | {target}"])
-            rss0 = C.median(r["peak_rss_mib"] for r in result["export"][f"{base} | {target}"])
+            sec, cpu, rss = (C.median(r[k] for r in runs) for k in ("seconds", "cpu_seconds", "peak_rss_mib"))
+            sec0, cpu0, rss0 = (C.median(r[k] for r in base_runs) for k in ("seconds", "cpu_seconds", "peak_rss_mib"))
             rows.append([f"export --target {target}", name, f"{sec:.2f} s ({min(r['seconds'] for r in runs):.2f}"
-                         f"-{max(r['seconds'] for r in runs):.2f})", f"{sec / sec0:.2f}", f"{rss:.0f} MiB",
-                         f"{rss / rss0:.2f}"])
+                         f"-{max(r['seconds'] for r in runs):.2f})", f"{sec / sec0:.2f}", f"{cpu:.2f} s",
+                         f"{cpu / cpu0:.2f}", f"{rss:.0f} MiB", f"{rss / rss0:.2f}"])
     sums = set()
     for batch in ("batch 1", "batch 32"):
         t0 = C.median(t for g in result["engine"][base] for t in g[batch]["runs"])
@@ -142,10 +142,10 @@ def main() -> None:
             ts = [t for g in result["engine"][name] for t in g[batch]["runs"]]
             sums.add((batch, result["engine"][name][0][batch]["logits_int_sha256"]))
             rows.append([f"engine, CIFAR 2-256, {batch}, 1 thread", name, f"{C.median(ts) * 1e3:.1f} ms "
-                         f"({min(ts) * 1e3:.1f}-{max(ts) * 1e3:.1f})", f"{C.median(ts) / t0:.2f}", "-", "-"])
+                         f"({min(ts) * 1e3:.1f}-{max(ts) * 1e3:.1f})", f"{C.median(ts) / t0:.2f}", "-", "-", "-", "-"])
     result["same_logits_across_versions"] = len(sums) == 2
-    md = C.md_table(["measurement", "version", "median (range)", f"time vs {base}", "peak RSS",
-                     f"RSS vs {base}"], rows)
+    md = C.md_table(["measurement", "version", "wall, median (range)", f"wall vs {base}", "CPU s",
+                     f"CPU vs {base}", "peak RSS", f"RSS vs {base}"], rows)
     md += (f"\n\nSame engine logits in every version: {result['same_logits_across_versions']}. "
            f"Load average at the end: {C.load_average()}.")
     C.save("versions", result, md)
