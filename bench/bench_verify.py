@@ -37,8 +37,8 @@ def make_checkpoint(path: str) -> None:
 def torch_alone(ckpt: str, n: int) -> None:
     """The child process of the comparison: the original torch model on the same random images."""
     sys.path.insert(0, C.ROOT)
+    from sdt_deploy.api import load_model
     from sdt_deploy.data.synth import random_inputs
-    from sdt_deploy.files.checkpoint import load_model
     from sdt_deploy.run.torch_runner import run_model
 
     loaded = load_model(ckpt)

@@ -27,7 +27,9 @@ class NirArtifact:
         return list((self.manifest or {}).get("changed_since_export", []))
 
 
-def open_nir_artifact(path: str) -> NirArtifact:
+def open_nir_artifact(path: str, threads: Optional[int] = None) -> NirArtifact:
+    """The file read with nir.read and, for a partitioned export, its host stem opened in onnxruntime
+    (`threads` intra-op threads; onnxruntime's choice if None)."""
     if not os.path.exists(path):
         raise DeployError(f"NIR artifact {path!r}: no such file")
     try:
@@ -48,7 +50,8 @@ def open_nir_artifact(path: str) -> NirArtifact:
     if manifest is not None:
         from sdt_deploy.run.onnx_runner import open_onnx
 
-        host = open_onnx(os.path.join(os.path.dirname(os.path.abspath(path)), manifest["host"]["file"]))
+        host = open_onnx(os.path.join(os.path.dirname(os.path.abspath(path)), manifest["host"]["file"]),
+                         threads=threads)
     return NirArtifact(path, graph, manifest, host)
 
 
@@ -92,11 +95,26 @@ def cut_values(stem) -> np.ndarray:
     return np.ascontiguousarray(values.swapaxes(0, 1))
 
 
-def run_artifact(art: NirArtifact, x: np.ndarray) -> tuple[dict, np.ndarray]:
-    """(spikes by layer name, logits) of the artifact on model inputs x ([B,C,H,W] or [B,T,C,H,W])."""
+def run_artifact(art: NirArtifact, x: np.ndarray, on_spikes=None) -> tuple[dict, np.ndarray]:
+    """(spikes by layer name, logits) of the artifact on model inputs x ([B,C,H,W] or [B,T,C,H,W]). With
+    `on_spikes(layer, spikes, t0)` the spikes are handed on as they are made instead of kept -- the host
+    stem's whole ([T, B, ...], t0 = 0), the NIR graph's step by step ([1, B, ...] at step t0) -- and the
+    returned dict is empty."""
     spikes, feed = host_feed(art, x)
-    outputs, nir_spikes = run_nir(art.graph, feed)
-    spikes.update(nir_layer_spikes(art.graph, nir_spikes))
+    if on_spikes is not None:
+        for layer, a in spikes.items():
+            on_spikes(layer, a, 0)
+        spikes = {}
+
+        def step(t: int, nir_spikes: dict) -> None:
+            one = {k: v[None] for k, v in nir_spikes.items()}
+            for layer, a in nir_layer_spikes(art.graph, one).items():
+                on_spikes(layer, a, t)
+
+        outputs, _ = run_nir(art.graph, feed, on_step=step)
+    else:
+        outputs, nir_spikes = run_nir(art.graph, feed)
+        spikes.update(nir_layer_spikes(art.graph, nir_spikes))
     if len(outputs) != 1:
         raise DeployError(f"{art.path}: expected one NIR output, found {len(outputs)}")
     return spikes, readout(art.graph, next(iter(outputs.values())))
