@@ -258,7 +258,10 @@ def verify(source: Source, x=None, *, input: Optional[str] = None, data: Optiona
             check_origin(files, origin.get("checkpoint_sha256") or src.checkpoint.sha256 or None,
                          os.path.basename(src.checkpoint.path) or "the model", src.config.to_dict())
     inputs = _inputs(src, x, input, data, digits, random)
-    q = quantize(src, **settings)
+    # a checkpoint opened here is not needed past its quantization (the spike-exact check runs the
+    # quantized model): its float weights go layer by layer as they are quantized
+    consume = isinstance(source, (str, os.PathLike)) and reference == "quantized" and isinstance(src, LoadedModel)
+    q = quantize(src, **settings, consume=consume)
     if reference == "float":
         from sdt_deploy.verification.float_reference import compare_float
 

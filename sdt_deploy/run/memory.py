@@ -111,7 +111,7 @@ def parse_memory(value: Union[None, str, int, float], available: Optional[int] =
     if isinstance(value, int):
         if value <= 0:
             raise DeployError(f"--max-memory {value}: must be positive")
-        return Budget(value, f"{format_bytes(value)} given")
+        return Budget(value, "given in bytes")
     text = str(value).strip()
     fraction = None
     if isinstance(value, float):
@@ -215,7 +215,7 @@ def plan_batch(command: str, wanted: int, budget: Budget, model_bytes: int, samp
     if batch < wanted:
         what.append(f"batch {wanted} -> {batch}")
     if jobs < asked:
-        what.append(f"{asked} -> {jobs} process{'es' if jobs > 1 else ''}")
+        what.append(f"processes {asked} -> {jobs}")
     if what:
         need = model_bytes + sample_bytes
         tail = (f"; the models alone need about {format_bytes(model_bytes)} and one sample "
@@ -259,3 +259,16 @@ def model_bytes(name: str, a: Activations) -> int:
 
 
 RUNTIME_BYTES = 600 * 2 ** 20     # Python with torch, onnxruntime, numpy and the toolchain imported
+
+
+def release_freed_memory() -> None:
+    """Hand the heap memory freed so far back to the OS (glibc's malloc_trim; nothing elsewhere). glibc
+    keeps large freed blocks in its heap once its mmap threshold has risen, so a run of executors one
+    after the other would otherwise peak at the sum of their working sets, not at the largest."""
+    import ctypes
+
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (AttributeError, OSError):   # pragma: no cover - not glibc
+        return
+    trim(0)

@@ -90,9 +90,12 @@ OPTIMIZATION_LEVELS = ("basic", "extended", "all")
 
 
 def make_session(model_bytes: bytes, providers: Optional[Sequence[str]] = None, session_options=None,
-                 optimization: str = "basic", threads: Optional[int] = None):
+                 optimization: str = "basic", threads: Optional[int] = None, arena: bool = True):
     """An onnxruntime session: `session_options` as given, or onnxruntime's `optimization` level (basic
-    by default, what `verify` runs) with `threads` intra-op threads (onnxruntime's choice if None)."""
+    by default, what `verify` runs) with `threads` intra-op threads (onnxruntime's choice if None).
+    `arena=False`: no CPU memory arena (onnxruntime's arena keeps the largest run's intermediate tensors
+    for the session's life; without it they are freed after every run -- what a verifier that runs
+    several sessions one after the other within a memory budget needs)."""
     import onnxruntime as ort
 
     if session_options is None:
@@ -106,6 +109,8 @@ def make_session(model_bytes: bytes, providers: Optional[Sequence[str]] = None, 
         session_options.log_severity_level = 3
         if threads is not None:
             session_options.intra_op_num_threads = int(threads)
+        if not arena:
+            session_options.enable_cpu_mem_arena = False
     return ort.InferenceSession(model_bytes, sess_options=session_options,
                                 providers=list(providers or ["CPUExecutionProvider"]))
 
@@ -225,11 +230,12 @@ class OnnxSession:
 
 
 def open_onnx(source, providers: Optional[Sequence[str]] = None, session_options=None, optimization: str = "basic",
-              threads: Optional[int] = None) -> OnnxSession:
+              threads: Optional[int] = None, arena: bool = True) -> OnnxSession:
     """Open an sdt-deploy ONNX export (path, bytes or onnx.ModelProto) once, to run many batches.
     `optimization="all"` lets onnxruntime fuse and re-layout (measured 5-10 % faster on the float
-    variant on an x86 CPU; the benchmarks check its spikes too), `threads` sets its intra-op threads."""
-    session = make_session(model_bytes_of(source), providers, session_options, optimization, threads)
+    variant on an x86 CPU; the benchmarks check its spikes too), `threads` sets its intra-op threads,
+    `arena=False` frees every run's intermediate tensors after it (`make_session`)."""
+    session = make_session(model_bytes_of(source), providers, session_options, optimization, threads, arena)
     return OnnxSession(session, read_info(session))
 
 

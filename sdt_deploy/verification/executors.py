@@ -207,7 +207,8 @@ def onnx_session(ctx: Context, variant: str):
 
     key = f"onnx-{variant}-session"
     if key not in ctx.cache:
-        ctx.cache[key] = open_onnx(ensure_artifact(ctx, f"onnx-{variant}"), threads=ctx.threads)
+        # no memory arena: each run's intermediate tensors go back after it (the sessions take turns)
+        ctx.cache[key] = open_onnx(ensure_artifact(ctx, f"onnx-{variant}"), threads=ctx.threads, arena=False)
     return ctx.cache[key]
 
 
@@ -232,7 +233,8 @@ def _nir(ctx: Context, x: np.ndarray, sink: Sink) -> Output:
     from sdt_deploy.run.nir_artifact import open_nir_artifact, run_artifact
 
     if "nir-artifact" not in ctx.cache:   # read the file (and its host stem) once
-        ctx.cache["nir-artifact"] = open_nir_artifact(ensure_artifact(ctx, "nir"), threads=ctx.threads)
+        ctx.cache["nir-artifact"] = open_nir_artifact(ensure_artifact(ctx, "nir"), threads=ctx.threads,
+                                                      arena=False)
     _, logits = run_artifact(ctx.cache["nir-artifact"], x, on_spikes=sink.spikes)
     return Output(logits)
 

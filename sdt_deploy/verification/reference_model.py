@@ -100,23 +100,25 @@ def _cast_input(dtype: torch.dtype):
 
 
 def mixed_model(model32: torch.nn.Module, qg: Graph, plan: PrecisionPlan) -> torch.nn.Module:
-    """The reference model for `plan`: a copy of the float32 quantized model with the plan's layers in
-    float64 (weights from the graph's integers) and every synaptic layer and LIF casting its input to its
-    own dtype. `model32` itself when the plan is float32 throughout."""
+    """The reference model for `plan`: a copy of the float32 quantized model (sharing its float32 weights)
+    with the plan's layers in float64 (new weights from the graph's integers) and every synaptic layer and
+    LIF casting its input to its own dtype. `model32` itself when the plan is float32 throughout."""
     from models import is_neuron
 
     if plan.float32_only:
         return model32
-    model = copy.deepcopy(model32)
+    # the modules copied, the float32 parameters shared with model32 (the float64 ones are new tensors)
+    model = copy.deepcopy(model32, memo={id(p): p for p in model32.parameters()})
     modules = dict(model.named_modules())
     dtypes = {}
     with torch.no_grad():
         for name in plan.synaptic:
             n, m = qg[name], modules[name]
-            m.to(torch.float64)
-            m.weight.copy_(torch.from_numpy(n.float_weight(np.float64)).reshape(m.weight.shape))
+            m.weight = torch.nn.Parameter(torch.from_numpy(n.float_weight(np.float64)).reshape(m.weight.shape),
+                                          requires_grad=False)
             if m.bias is not None:
-                m.bias.copy_(torch.from_numpy(np.asarray(n.bias, dtype=np.float64)))
+                m.bias = torch.nn.Parameter(torch.from_numpy(np.asarray(n.bias, dtype=np.float64).copy()),
+                                            requires_grad=False)
     for name, m in modules.items():
         if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv1d, torch.nn.Linear)) and name in qg:
             dtypes[name] = m.weight.dtype

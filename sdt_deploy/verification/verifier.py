@@ -28,6 +28,7 @@ from sdt_deploy.errors import DeployError, MismatchError
 from sdt_deploy.files.artifacts import sha256_of
 from sdt_deploy.quant.bits import bit_report
 from sdt_deploy.quant.qmodel import QuantizedModel
+from sdt_deploy.run.memory import release_freed_memory
 from sdt_deploy.run.torch_runner import predictions
 from sdt_deploy.verification.executors import (  # noqa: F401 - cuda_skip_reason, deterministic_cuda: bench/gpu_check.py
     ALL_EXECUTORS,
@@ -180,6 +181,7 @@ class BatchRun:
         t0 = time.perf_counter()
         out = run(self.ctx, self.x, sink)
         seconds = time.perf_counter() - t0
+        release_freed_memory()
         if keep is not None and (keep.membranes or keep.per_step is not None):
             self.state_refs[keep.arithmetic] = keep
         return ExecutorRun(name, seconds, out.logits, check, states)
@@ -227,6 +229,7 @@ class BatchRun:
             self.pending.discard(arithmetic)
             if not (self.pending & {arithmetic}):
                 self.state_refs.pop(arithmetic, None)      # no file left to compare with it
+                release_freed_memory()
         else:
             run = self._execute(name, RUNNERS[name], self._keep(name))
         self.runs[name] = run
@@ -367,10 +370,23 @@ def memory_per_process(q: QuantizedModel, active: list, reference: str, states: 
     a = M.activations(q.graph)
     runs = set(active) | {reference} | ({"engine"} if "int" in states else set()) | \
         ({"torch"} if states - {"int"} else set())
-    held = a.spikes * a.T / 8 + len(states) * a.lif * a.T * 4
+    held = a.spikes * a.T / 8 + (a.lif * a.T * 4 if states else 0)     # one state reference at a time
     sample = held + max(M.executor_bytes(e, a) for e in runs)
     models = M.RUNTIME_BYTES + a.params + sum(M.model_bytes(e, a) for e in runs)
     return int(models), int(sample)
+
+
+PROCESS_MIN_WORK = 1 << 26    # neuron-steps of a whole run below which one process is quicker
+
+
+def worth_processes(graph, samples: int) -> bool:
+    """Whether a run is large enough for worker processes: a worker's start costs seconds (measured 2-4 s
+    on 2 cores: Python, torch and onnxruntime imported, the models built, the sessions opened), a small
+    model's batch a fraction of that."""
+    from sdt_deploy.run.memory import activations
+
+    a = activations(graph)
+    return a.all * a.T * samples >= PROCESS_MIN_WORK
 
 
 def _slim(q: QuantizedModel) -> QuantizedModel:
@@ -416,6 +432,8 @@ def run_verify(q: QuantizedModel, dataset, executors: list, artifacts: Optional[
     plan = plan_batch("verify", batch_size, budget, models, sample, jobs=wanted_jobs)
     chunks = [idx[i:i + plan.batch_size] for i in range(0, len(idx), plan.batch_size)]
     n_jobs = max(1, min(plan.jobs, len(chunks)))
+    if n_jobs > 1 and jobs is None and not worth_processes(q.graph, len(idx)):
+        n_jobs = 1          # a worker's start (its imports, models, sessions) would outweigh its share
     if plan.note and notes is not None:
         notes(plan.note)
     with contextlib.ExitStack() as stack:
@@ -426,11 +444,12 @@ def run_verify(q: QuantizedModel, dataset, executors: list, artifacts: Optional[
             rplan = reference_plan(ctx)
             bits = {**bits, "reference_dtype": rplan.describe(),
                     "reference_float64_layers": "all" if rplan.whole else sorted(rplan.synaptic | rplan.neurons)}
+        for ex in active:       # the files exported before the first batch (and once for every process)
+            if ex.startswith("onnx-") or ex == "nir":
+                ensure_artifact(ctx, ex)
+                release_freed_memory()     # an export's temporaries are not the batches' memory
         workers = None
         if n_jobs > 1:
-            for ex in active:                # every process runs the same files: exported once, here
-                if ex.startswith("onnx-") or ex == "nir":
-                    ensure_artifact(ctx, ex)
             setup = {"q": _slim(q), "workdir": wd, "artifacts": ctx.artifacts, "user_files": ctx.user_files,
                      "float64_reference": ctx.float64_reference, "states": states, "active": active,
                      "reference": reference}
