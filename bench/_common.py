@@ -141,6 +141,27 @@ def run_child_tree(cmd: Sequence[str], env: Optional[dict] = None, cwd: str = RO
             "stderr": stderr[-3000:]}
 
 
+BASE_COMMIT = "19dcc53"          # main before issue 19's verify work: the "previous" code of bench_verify*
+
+
+def previous_code(commit: str = BASE_COMMIT) -> dict:
+    """The toolchain as it was at `commit`, to run beside the current one in the same benchmark: its files
+    (`git archive`) in bench/out/base-<commit>/ with this checkout's built C extension (the engine's
+    kernels are unchanged since). Returns {"env": ..., "cwd": ...} for `run_child`: its packages come
+    first on the path (PYTHONPATH; the working directory is that folder, not this checkout)."""
+    import glob
+    import shutil
+
+    dest = os.path.join(OUT, f"base-{commit}")
+    if not os.path.isdir(os.path.join(dest, "sdt_deploy")):
+        os.makedirs(dest, exist_ok=True)
+        archive = subprocess.run(["git", "-C", ROOT, "archive", commit], check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", dest], input=archive, check=True)
+        for so in glob.glob(os.path.join(ROOT, "sdt_deploy", "run", "_engine_kernels*.so")):
+            shutil.copy(so, os.path.join(dest, "sdt_deploy", "run"))
+    return {"env": {"PYTHONPATH": dest}, "cwd": dest}
+
+
 def median(values) -> float:
     return float(statistics.median(values))
 
