@@ -102,6 +102,82 @@ def run_child(cmd: Sequence[str], env: Optional[dict] = None, cwd: str = ROOT) -
             "load_before": load, "load_after": load_average(), "stdout": stdout, "stderr": stderr[-3000:]}
 
 
+def _tree_rss(root: int) -> int:
+    """Resident bytes of a process and all its descendants now (from /proc; 0 once it is gone)."""
+    children: dict = {}
+    rss: dict = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            ppid, pages = int(fields[1]), int(fields[21])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+        rss[int(entry)] = pages * os.sysconf("SC_PAGE_SIZE")
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        total += rss.get(pid, 0)
+        todo.extend(children.get(pid, []))
+    return total
+
+
+def run_child_tree(cmd: Sequence[str], env: Optional[dict] = None, cwd: str = ROOT, every: float = 0.05) -> dict:
+    """`run_child`, plus the peak of the resident memory of the child and all its descendants together
+    (worker processes included), sampled every `every` seconds from /proc (`peak_tree_mib`)."""
+    import threading
+
+    load = load_average()
+    peak = [0]
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(list(cmd), cwd=cwd, env={**os.environ, **(env or {})}, stdout=out, stderr=err)
+        done = threading.Event()
+
+        def sample():
+            while not done.is_set():
+                peak[0] = max(peak[0], _tree_rss(proc.pid))
+                done.wait(every)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - t0
+        done.set()
+        sampler.join()
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")
+    return {"seconds": seconds, "peak_rss_mib": usage.ru_maxrss / 1024, "peak_tree_mib": peak[0] / 2 ** 20,
+            "rc": proc.returncode, "load_before": load, "load_after": load_average(), "stdout": stdout,
+            "stderr": stderr[-3000:]}
+
+
+BASE_COMMIT = "19dcc53"          # main before issue 19's verify work: the "previous" code of bench_verify*
+
+
+def previous_code(commit: str = BASE_COMMIT) -> dict:
+    """The toolchain as it was at `commit`, to run beside the current one in the same benchmark: its files
+    (`git archive`) in bench/out/base-<commit>/ with this checkout's built C extension (the engine's
+    kernels are unchanged since). Returns {"env": ..., "cwd": ...} for `run_child`: its packages come
+    first on the path (PYTHONPATH; the working directory is that folder, not this checkout)."""
+    import glob
+    import shutil
+
+    dest = os.path.join(OUT, f"base-{commit}")
+    if not os.path.isdir(os.path.join(dest, "sdt_deploy")):
+        os.makedirs(dest, exist_ok=True)
+        archive = subprocess.run(["git", "-C", ROOT, "archive", commit], check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", dest], input=archive, check=True)
+        for so in glob.glob(os.path.join(ROOT, "sdt_deploy", "run", "_engine_kernels*.so")):
+            shutil.copy(so, os.path.join(dest, "sdt_deploy", "run"))
+    return {"env": {"PYTHONPATH": dest}, "cwd": dest}
+
+
 def median(values) -> float:
     return float(statistics.median(values))
 

@@ -1,15 +1,19 @@
-"""Verify throughput on the CPU: `sdt-deploy verify CKPT --random N --json` with every executor (torch,
-engine, onnx-int, onnx-float, nir; cupy is skipped without a GPU) on the fixture's configuration, CIFAR
-2-256, random weights calibrated with `sdt_deploy.data.synth.random_model` (seed 0).
+"""Verify throughput on the CPU (issue 19, part 1): `sdt-deploy verify CKPT --random N --json` with every CPU
+executor (torch, engine, onnx-int, onnx-float, nir; cupy is skipped without a GPU), default options,
+beside what a user would otherwise run -- the torch model alone on the same images -- and beside the
+previous verify (the code of commit 19dcc53, `_common.previous_code`), all in the same run, taking turns.
 
-    python bench/bench_verify.py [--n 32] [--runs 3]
+    python bench/bench_verify.py [--model cifar10/2_256_300E_t4] [--small 32] [--large 160] [--runs 2]
+    python bench/bench_verify.py --model imagenet/8_512_300E_t4 --small 2 --large 6 --runs 1 --previous small
 
-Per executor: images / its seconds in the result (`seconds`: the time spent in that executor, the
-first batch including its export); whole command: images / wall time of the child process (start,
-imports, quantization, exports, all executors, the comparison). Beside it, what a user would otherwise
-run: the torch model alone on the same images (a child process: load, one forward pass, no check).
-Run twice: with the default threads, and with OMP_NUM_THREADS=1 (torch single-threaded; onnxruntime
-keeps its own pool), since on this shared 2-core machine torch's second thread mostly waits.
+Random weights calibrated with `sdt_deploy.data.synth.random_model` (seed 0; calibration on 4 images for
+224x224 models). Each figure is a whole child process (Python start, imports, loading, quantization, the
+exports, every executor, the comparison): images / wall seconds. Two sizes: `--small` (the issue's 32
+images) and `--large`; the marginal rate between them, (large - small) / (t_large - t_small), is the
+throughput a dataset-sized run sees once the fixed start is paid (the figure for 10,000 images). The
+torch model alone: a child loading the checkpoint and running the float torch model once on the same
+images, batch 16, torch's default threads. In the same run, the reports of the current and the previous
+verify are compared (every count, divergence and prediction; not the times): "identical".
 """
 from __future__ import annotations
 
@@ -21,77 +25,144 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
 
-CONFIG = "cifar10/2_256_300E_t4"
+EXECUTORS = "torch,engine,onnx-int,onnx-float,nir"
 
 
-def make_checkpoint(path: str) -> None:
-    sys.path.insert(0, C.ROOT)
-    from sdt_deploy.data import synth
-    from sdt_deploy.files.checkpoint import save_original_format
-    from sdt_deploy.files.configs import resolve
+def checkpoint(config: str) -> str:
+    name = config.replace("/", "_").replace("_300E_t4", "")
+    path = os.path.join(C.OUT, f"sdt_{name}_random.pth" if "cifar10/2_256" not in config
+                        else "sdt_cifar_2_256_random.pth")
+    if not os.path.exists(path):
+        sys.path.insert(0, C.ROOT)
+        from sdt_deploy.data import synth
+        from sdt_deploy.files.checkpoint import save_original_format
+        from sdt_deploy.files.configs import resolve
 
-    cfg = resolve(yaml_path=CONFIG).config
-    save_original_format(path, synth.random_model(cfg, seed=0), synth.checkpoint_args(cfg))
+        cfg = resolve(yaml_path=config).config
+        model = synth.random_model(cfg, seed=0, calibration=16 if cfg.img_size <= 64 else 4)
+        save_original_format(path, model, synth.checkpoint_args(cfg))
+    return path
 
 
 def torch_alone(ckpt: str, n: int) -> None:
     """The child process of the comparison: the original torch model on the same random images."""
     sys.path.insert(0, C.ROOT)
+    from sdt_deploy.api import load_model
     from sdt_deploy.data.synth import random_inputs
-    from sdt_deploy.files.checkpoint import load_model
     from sdt_deploy.run.torch_runner import run_model
 
     loaded = load_model(ckpt)
     run_model(loaded.model, random_inputs(loaded.config, n, seed=0), batch_size=16, record=False)
 
 
+def comparable(doc: dict) -> str:
+    doc = dict(doc)
+    doc.pop("seconds", None)
+    doc["bits"] = {k: v for k, v in doc["bits"].items() if not k.startswith("reference_")}
+    return json.dumps(doc, sort_keys=True, default=float)
+
+
+def verify_doc(r: dict, what: str) -> dict:
+    if r["rc"] != 0:
+        raise SystemExit(f"{what} failed ({r['rc']}): {r['stderr']}")
+    return json.loads(r["stdout"][r["stdout"].index("{"):])
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--n", type=int, default=32)
-    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--model", default="cifar10/2_256_300E_t4")
+    p.add_argument("--small", type=int, default=32)
+    p.add_argument("--large", type=int, default=160)
+    p.add_argument("--runs", type=int, default=2)
+    p.add_argument("--previous", choices=["both", "small", "none"], default="both",
+                   help="run the previous verify at both sizes, the small one only (its memory grows with the "
+                        "batch: 7 GB for 2 images of SDT-8-768), or not at all")
     p.add_argument("--torch-alone", metavar="CKPT", help=argparse.SUPPRESS)
+    p.add_argument("--n", type=int, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.torch_alone:
         return torch_alone(a.torch_alone, a.n)
-    os.makedirs(C.OUT, exist_ok=True)
-    ckpt = os.path.join(C.OUT, "sdt_cifar_2_256_random.pth")
-    if not os.path.exists(ckpt):
-        make_checkpoint(ckpt)
-    verify = [C.SDT_DEPLOY, "verify", ckpt, "--random", str(a.n), "--json"]
-    alone = [C.PYTHON, os.path.abspath(__file__), "--torch-alone", ckpt, "--n", str(a.n)]
-    rows, result = [], {"machine": C.machine(), "versions": C.versions(), "n": a.n, "settings": {}}
-    for label, env in (("default threads", {}), ("OMP_NUM_THREADS=1", {"OMP_NUM_THREADS": "1"})):
-        runs, theirs = [], []
-        for i in range(a.runs + 1):                  # run 0: warm-up
-            r = C.run_child(verify, env=env)
-            if r["rc"] != 0:
-                raise SystemExit(f"verify failed ({r['rc']}): {r['stderr']}")
-            doc = json.loads(r["stdout"][r["stdout"].index("{"):])
-            t = C.run_child(alone, env=env)
-            if t["rc"] != 0:
-                raise SystemExit(f"torch alone failed: {t['stderr']}")
-            print(label, i, f"verify {r['seconds']:.1f} s ok={doc['ok']} {doc['seconds']}; "
-                  f"torch alone {t['seconds']:.1f} s", flush=True)
-            if i:
-                runs.append({"wall": r["seconds"], "peak_rss_mib": r["peak_rss_mib"], "ok": doc["ok"],
-                             "seconds": doc["seconds"], "load1": r["load_before"][0]})
-                theirs.append(t["seconds"])
-        med_wall, med_alone = C.median(x["wall"] for x in runs), C.median(theirs)
-        per = {ex: C.median(x["seconds"][ex] for x in runs) for ex in runs[0]["seconds"]}
-        result["settings"][label] = {"runs": runs, "torch_alone": theirs, "median_wall": med_wall,
-                                     "median_torch_alone": med_alone, "median_seconds": per}
-        for ex, sec in per.items():
-            rows.append([label, f"executor {ex}", a.n / sec, "-", "-", "-"])
-        rows.append([label, "whole `verify` command", a.n / med_wall, a.n / med_alone,
-                     C.ratio(a.n / med_wall, a.n / med_alone),
-                     f"all ok: {all(x['ok'] for x in runs)}; "
-                     f"peak RSS {C.median(x['peak_rss_mib'] for x in runs):.0f} MiB; "
-                     f"load {[x['load1'] for x in runs]}"])
-    md = C.md_table(["threads", "figure", "ours img/s", "torch model alone img/s", "ratio", "notes"], rows)
-    md += (f"\n\n{a.n} random images, batch 16, median of {a.runs} runs after a warm-up. `torch model alone`: a "
-           "child process loading the checkpoint and running the original float torch model once on the same "
-           "images (what a user runs without any check); whole-process times on both sides.")
-    C.save("verify", result, md)
+    ckpt = checkpoint(a.model)
+    prev = C.previous_code()
+    sizes = (a.small, a.large)
+    result = {"machine": C.machine(), "versions": C.versions(), "model": a.model, "sizes": sizes, "runs": [],
+              "commands": {}}
+
+    def commands(n: int) -> dict:
+        cmds = {"torch alone": ([C.PYTHON, os.path.abspath(__file__), "--torch-alone", ckpt, "--n", str(n)], {}),
+                "verify (this code)": ([C.SDT_DEPLOY, "verify", ckpt, "--random", str(n), "--executors", EXECUTORS,
+                                        "--json"], {})}
+        if a.previous == "both" or (a.previous == "small" and n == a.small):
+            cmds["verify (previous, 19dcc53)"] = ([C.PYTHON, "-m", "sdt_deploy", "verify", ckpt, "--random", str(n),
+                                                   "--executors", EXECUTORS, "--json"], prev)
+        return cmds
+
+    for n in sizes:
+        result["commands"][n] = {k: " ".join(v[0]) for k, v in commands(n).items()}
+    for who, (cmd, extra) in commands(a.small).items():          # warm-up: file caches, compiled code
+        if who != "verify (previous, 19dcc53)":
+            C.run_child_tree(cmd, env=extra.get("env"), cwd=extra.get("cwd", C.ROOT))
+    for i in range(a.runs):
+        for n in sizes:
+            docs = {}
+            for who, (cmd, extra) in commands(n).items():
+                r = C.run_child_tree(cmd, env=extra.get("env"), cwd=extra.get("cwd", C.ROOT))
+                if who != "torch alone":
+                    docs[who] = verify_doc(r, who)
+                elif r["rc"] != 0:
+                    raise SystemExit(f"torch alone failed: {r['stderr']}")
+                row = {"round": i, "n": n, "who": who, "wall": r["seconds"], "peak_tree_mib": r["peak_tree_mib"],
+                       "load1": r["load_before"][0], "stderr": r["stderr"][-400:]}
+                if who in docs:
+                    row["ok"] = docs[who]["ok"]
+                    row["executor_seconds"] = docs[who]["seconds"]
+                result["runs"].append(row)
+                print(f"round {i} n {n} {who}: {r['seconds']:.1f} s, peak {r['peak_tree_mib']:.0f} MiB, "
+                      f"load {r['load_before'][0]}", flush=True)
+            if len(docs) == 2:
+                same = comparable(docs["verify (this code)"]) == comparable(docs["verify (previous, 19dcc53)"])
+                result["runs"][-1]["identical_to_this_code"] = same
+                print(f"  reports identical: {same}", flush=True)
+
+    def walls(who, n):
+        return [r["wall"] for r in result["runs"] if r["who"] == who and r["n"] == n]
+
+    rows = []
+    summary = {}
+    torch_small, torch_large = C.median(walls("torch alone", a.small)), C.median(walls("torch alone", a.large))
+    torch_marginal = (a.large - a.small) / max(torch_large - torch_small, 1e-9)
+    for who in ("verify (this code)", "verify (previous, 19dcc53)"):
+        entry = {}
+        for n, t_torch in ((a.small, torch_small), (a.large, torch_large)):
+            w = walls(who, n)
+            if not w:
+                continue
+            t = C.median(w)
+            entry[n] = t
+            peaks = [r["peak_tree_mib"] for r in result["runs"] if r["who"] == who and r["n"] == n]
+            loads = [r["load1"] for r in result["runs"] if r["who"] == who and r["n"] == n]
+            rows.append([who, f"whole command, {n} images", n / t, n / t_torch, C.ratio(n / t, n / t_torch),
+                         f"peak {C.median(peaks):.0f} MiB; load {loads}"])
+        if len(entry) == 2:
+            marginal = (a.large - a.small) / max(entry[a.large] - entry[a.small], 1e-9)
+            fixed = entry[a.small] - a.small / marginal
+            rows.append([who, f"dataset scale (marginal {a.small}->{a.large})", marginal, torch_marginal,
+                         C.ratio(marginal, torch_marginal),
+                         f"fixed start {fixed:.1f} s; 10,000 images: {(fixed + 10000 / marginal) / 60:.0f} min"])
+            entry["marginal"] = marginal
+            entry["fixed"] = fixed
+        summary[who] = entry
+    identical = [r["identical_to_this_code"] for r in result["runs"] if "identical_to_this_code" in r]
+    result["summary"] = summary
+    result["identical"] = identical
+    md = C.md_table(["verify", "figure", "img/s", "torch model alone img/s", "ratio", "notes"], rows)
+    ours, old = summary.get("verify (this code)", {}), summary.get("verify (previous, 19dcc53)", {})
+    speed = [f"{n} images: {old[n] / ours[n]:.2f}x" for n in sizes if n in ours and n in old]
+    md += (f"\n\n{a.model}, random calibrated weights; every CPU executor ({EXECUTORS}); median of {a.runs} rounds "
+           f"after a warm-up, the commands taking turns. This code against the previous verify (wall-time ratio): "
+           f"{', '.join(speed) or '-'}; reports identical in every round where both ran: {all(identical)} "
+           f"({len(identical)} compared). The machine is shared: the load average (1 min) at each run is given.")
+    C.save("verify_" + a.model.replace("/", "_"), result, md)
 
 
 if __name__ == "__main__":

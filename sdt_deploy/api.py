@@ -215,13 +215,18 @@ def verify(source: Source, x=None, *, input: Optional[str] = None, data: Optiona
            input_bits: Optional[int] = None, scale_search: Optional[str] = None,
            input_range: Optional[float] = None, flags: Optional[Mapping[str, Any]] = None,
            config: Optional[str] = None, ema: bool = False, progress: bool = False, rank: int = 0,
-           world: int = 1):
+           world: int = 1, max_memory=None, jobs: Optional[int] = None, notes=None):
     """`sdt-deploy verify`: every executor against the quantized torch model on the inputs, every layer at
     every step; `artifacts`: exported files (.onnx, .nir) to check as they are, their settings read from
     them (a setting given here must agree). Returns a `VerifyResult` (`.ok`, `.to_json()`, the first
-    divergence in `.tally.first`), or with `reference="float"` the agreement with the float model (a dict).
-    `rank`/`world`: this process's share of the inputs under torchrun (the caller gathers the tallies)."""
+    divergence in `.tally.first`, the batch and processes it ran with in `.plan`), or with
+    `reference="float"` the agreement with the float model (a dict). `rank`/`world`: this process's share
+    of the inputs under torchrun (the caller gathers the tallies). `max_memory`: the most memory the run
+    may hold (bytes, '8G', '500M', or a fraction of the available memory; default a third of it): the
+    batch is cut to fit, and `notes(sentence)` (if given) is told. `jobs`: processes taking whole batches
+    (default: one per CPU the budget holds)."""
     from sdt_deploy.data.datasets import shard
+    from sdt_deploy.run.memory import parse_memory
     from sdt_deploy.verification.executors import ALL_EXECUTORS
     from sdt_deploy.verification.provenance import (
         artifacts_by_kind,
@@ -231,6 +236,7 @@ def verify(source: Source, x=None, *, input: Optional[str] = None, data: Optiona
     )
     from sdt_deploy.verification.verifier import run_verify
 
+    parse_memory(max_memory)            # a bad budget fails before any work
     names = list(ALL_EXECUTORS if executors is None else executors)
     for e in names:
         if e not in ALL_EXECUTORS:
@@ -252,23 +258,29 @@ def verify(source: Source, x=None, *, input: Optional[str] = None, data: Optiona
             check_origin(files, origin.get("checkpoint_sha256") or src.checkpoint.sha256 or None,
                          os.path.basename(src.checkpoint.path) or "the model", src.config.to_dict())
     inputs = _inputs(src, x, input, data, digits, random)
-    q = quantize(src, **settings)
+    # a checkpoint opened here is not needed past its quantization (the spike-exact check runs the
+    # quantized model): its float weights go layer by layer as they are quantized
+    consume = isinstance(source, (str, os.PathLike)) and reference == "quantized" and isinstance(src, LoadedModel)
+    q = quantize(src, **settings, consume=consume)
     if reference == "float":
         from sdt_deploy.verification.float_reference import compare_float
 
         return compare_float(float_source(src), q, inputs.dataset, batch_size=batch_size)
     return run_verify(q, inputs.dataset, names, artifacts={k: a.path for k, a in by_kind.items()},
-                      batch_size=batch_size, indices=shard(len(inputs), rank, world), progress=progress)
+                      batch_size=batch_size, indices=shard(len(inputs), rank, world), progress=progress,
+                      max_memory=max_memory, jobs=1 if world > 1 else jobs, notes=notes)
 
 
 def report(source: Source, x=None, *, input: Optional[str] = None, data: Optional[str] = None,
            digits: Optional[int] = None, random: Optional[int] = None, seed: int = 0, energy: str = "45nm-fp32",
            batch_size: int = 16, weight_bits: int = 8, input_bits: int = 8, scale_search: str = "mse",
-           input_range: Optional[float] = None, float_model: bool = False, progress: bool = False) -> dict:
+           input_range: Optional[float] = None, float_model: bool = False, progress: bool = False,
+           max_memory=None, notes=None) -> dict:
     """`sdt-deploy report`: operations, firing rates and energy per layer of the quantized model on the
     inputs, in the paper's convention and as the integer engine measured them, with the ANN baseline;
     `float_model=True` (`--float`) counts the float checkpoint as trained instead (its own spikes).
-    Returns the report as plain data (`accounting.render` prints it, writes JSON, CSV and a plot)."""
+    Returns the report as plain data (`accounting.render` prints it, writes JSON, CSV and a plot).
+    `max_memory`: as for `verify` (the batch is cut to fit; `notes(sentence)` is told)."""
     from sdt_deploy.accounting.energy import load_energy_table
     from sdt_deploy.accounting.measure import run_float_report, run_report
 
@@ -279,10 +291,12 @@ def report(source: Source, x=None, *, input: Optional[str] = None, data: Optiona
         if isinstance(src, QuantizedModel):
             raise DeployError("float_model: a quantized file holds no float model (give the original checkpoint)")
         return run_float_report(src.model, deploy_graph(src), inputs, table, batch_size=batch_size,
-                                progress=progress)
+                                progress=progress, max_memory=max_memory, notes=notes)
+    consume = isinstance(source, (str, os.PathLike)) and isinstance(src, LoadedModel)
     q = quantize(src, weight_bits=weight_bits, input_bits=input_bits, scale_search=scale_search,
-                 input_range=input_range)
-    return run_report(q, inputs, table, batch_size=batch_size, progress=progress)
+                 input_range=input_range, consume=consume, progress=progress)
+    return run_report(q, inputs, table, batch_size=batch_size, progress=progress, max_memory=max_memory,
+                      notes=notes)
 
 
 inspect = inspect_model

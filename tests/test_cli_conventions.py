@@ -165,7 +165,7 @@ def test_a_progress_bar_is_gone_before_the_error_line(monkeypatch):
     import sdt_deploy.verification.executors as E
     from sdt_deploy.errors import DeployError
 
-    def failing(ctx, x):
+    def failing(ctx, x, sink):
         raise DeployError("engine: a failure in the middle of the run")
 
     monkeypatch.setitem(E.RUNNERS, "engine", failing)

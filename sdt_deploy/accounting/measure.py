@@ -113,19 +113,43 @@ def float_operation_report(g: Graph, model, batches: Iterable[np.ndarray], table
 
 
 def run_float_report(model, graph: Graph, inputs, table: EnergyTable, batch_size: int = 8,
-                     progress: bool = True) -> dict:
-    """The report of the float torch `model` (its deploy graph `graph`) over `inputs`, a batch at a time."""
+                     progress: bool = True, max_memory=None, notes: Optional[Callable[[str], None]] = None) -> dict:
+    """The report of the float torch `model` (its deploy graph `graph`) over `inputs`, a batch at a time (cut
+    to fit `max_memory`, as `run_report`)."""
     from sdt_deploy.console import progress as progress_bar
+    from sdt_deploy.run import memory as M
 
+    a = M.activations(graph)
+    plan = M.plan_batch("report", batch_size, M.parse_memory(max_memory),
+                        M.RUNTIME_BYTES + M.model_bytes("torch", a), a.spikes * a.T + M.executor_bytes("torch", a))
+    if plan.note and notes is not None:
+        notes(plan.note)
     with progress_bar(len(inputs), "float model", enabled=progress) as advance:
-        batches = (x for x, _, _ in inputs.batches(batch_size))
+        batches = (x for x, _, _ in inputs.batches(plan.batch_size))
         return float_operation_report(graph, model, batches, table, progress=advance, source=inputs.source)
 
 
-def run_report(q, inputs, table: EnergyTable, batch_size: int = 8, progress: bool = True) -> dict:
-    """The report of the quantized model `q` over `inputs` (`data.inputs.Inputs`), a batch at a time."""
-    from sdt_deploy.console import progress as progress_bar
+def report_memory(g: Graph) -> tuple[int, int]:
+    """(the bytes the report's process holds besides its batches, the bytes a sample of a batch adds: the
+    engine's working set and every spike tensor it records for the tally)."""
+    from sdt_deploy.run import memory as M
 
+    a = M.activations(g)
+    return M.RUNTIME_BYTES + a.params + M.model_bytes("engine", a), a.spikes * a.T + M.executor_bytes("engine", a)
+
+
+def run_report(q, inputs, table: EnergyTable, batch_size: int = 8, progress: bool = True, max_memory=None,
+               notes: Optional[Callable[[str], None]] = None) -> dict:
+    """The report of the quantized model `q` over `inputs` (`data.inputs.Inputs`), a batch at a time: at
+    most `batch_size` samples, fewer where `max_memory` (`run.memory.parse_memory`) would not hold them --
+    then `notes` is told so."""
+    from sdt_deploy.console import progress as progress_bar
+    from sdt_deploy.run.memory import parse_memory, plan_batch
+
+    models, sample = report_memory(q.graph)
+    plan = plan_batch("report", batch_size, parse_memory(max_memory), models, sample)
+    if plan.note and notes is not None:
+        notes(plan.note)
     with progress_bar(len(inputs), "engine", enabled=progress) as advance:
-        batches = (x for x, _, _ in inputs.batches(batch_size))
+        batches = (x for x, _, _ in inputs.batches(plan.batch_size))
         return operation_report(q.graph, batches, table, progress=advance, source=inputs.source)

@@ -6,7 +6,8 @@ shipped demo); `--json` prints JSON on stdout instead of the tables; files are w
 `--force`; inputs are `-i/--input`, `--data`, `--digits`, `--random`; `--batch-size` is 16 everywhere;
 `--quiet` leaves only the results (no notes, no progress, no "wrote" lines) and `--no-progress` only
 drops the progress bars; quantization takes `--weight-bits`, `--input-bits`, `--scale-search`,
-`--input-range` wherever it happens.
+`--input-range` wherever it happens; `--max-memory` bounds what verify, report and run hold (the batch
+is cut to fit, and a note on stderr says so).
 
 A leaf module: it imports click and nothing heavy at import time, so that starting the command line
 (and `--help`) stays light; the library is imported inside the functions that need it.
@@ -104,6 +105,22 @@ def run_options(f):
         click.option("--quiet", "-q", is_flag=True, help="only the results: no notes, progress or 'wrote' lines"),
         click.option("--no-progress", is_flag=True, help="no progress bars"),
     ], f)
+
+
+def memory_option(f):
+    """`--max-memory`: the peak memory the command may hold (verify, report, run)."""
+    return click.option("--max-memory", "max_memory", metavar="SIZE|FRACTION",
+                        help="the most memory the command may hold, worker processes included: a size (8G, "
+                             "500M) or a fraction of the memory available now (0.5); the batch is cut to fit "
+                             "and the command says so (default: a third of the available memory)")(f)
+
+
+def check_memory(value: Optional[str]):
+    """The --max-memory value checked before any work (a bad one is one line, exit status 2)."""
+    from sdt_deploy.run.memory import parse_memory
+
+    parse_memory(value)
+    return value
 
 
 def json_option(f):

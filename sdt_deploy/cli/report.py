@@ -7,9 +7,11 @@ import click
 
 from sdt_deploy.accounting.energy import DEFAULT_TABLE
 from sdt_deploy.cli.options import (
+    check_memory,
     force_option,
     input_options,
     json_option,
+    memory_option,
     model_options,
     open_model,
     quant_options,
@@ -33,11 +35,12 @@ from sdt_deploy.cli.options import (
               help="write the firing rates and energies per layer (PNG)")
 @quant_options
 @force_option
+@memory_option
 @json_option
 @run_options
 def report(ckpt, input_path, data_dir, digits, random_n, seed, energy, float_model, explain, json_path, csv_path,
-           plot_path, weight_bits, input_bits, scale_search, input_range, force, as_json, batch_size, quiet,
-           no_progress, **kw):
+           plot_path, weight_bits, input_bits, scale_search, input_range, force, max_memory, as_json, batch_size,
+           quiet, no_progress, **kw):
     """Operations, firing rates and energy per layer: the paper's convention, what the integer engine
     measured, and the ANN baseline. By default the quantized model is counted on the first 32 held-out
     digits; --float counts the float checkpoint as trained."""
@@ -51,6 +54,7 @@ def report(ckpt, input_path, data_dir, digits, random_n, seed, energy, float_mod
     from sdt_deploy.quant.contract import QuantOptions
     from sdt_deploy.quant.qmodel import QuantizedModel
 
+    check_memory(max_memory)
     check_output_paths({"--save-json": json_path, "--save-csv": csv_path, "--save-plot": plot_path}, force)
     load_energy_table(energy)                # a bad table fails before the model loads
     QuantOptions(weight_bits=weight_bits, input_bits=input_bits, scale_search=scale_search, input_range=input_range)
@@ -63,7 +67,8 @@ def report(ckpt, input_path, data_dir, digits, random_n, seed, energy, float_mod
     rep = api_report(source, input=input_path, data=data_dir, digits=digits, random=random_n, seed=seed,
                      energy=energy, batch_size=batch_size, weight_bits=weight_bits, input_bits=input_bits,
                      scale_search=scale_search, input_range=input_range, float_model=float_model,
-                     progress=not (quiet or no_progress))
+                     progress=not (quiet or no_progress), max_memory=max_memory,
+                     notes=lambda text: say(quiet, text))
     write_outputs(rep, json_path, csv_path, plot_path)
     if as_json:
         echo_json(rep)

@@ -3,7 +3,17 @@ from __future__ import annotations
 
 import click
 
-from sdt_deploy.cli.options import force_option, json_option, model_options, open_model, quant_options, run_options, say
+from sdt_deploy.cli.options import (
+    check_memory,
+    force_option,
+    json_option,
+    memory_option,
+    model_options,
+    open_model,
+    quant_options,
+    run_options,
+    say,
+)
 
 
 @click.command()
@@ -14,34 +24,66 @@ from sdt_deploy.cli.options import force_option, json_option, model_options, ope
 @click.option("--quantize", "quantized", is_flag=True, help="run the dyadic-quantized model")
 @quant_options
 @force_option
+@memory_option
 @json_option
 @run_options
-def run(ckpt, input_path, dump, quantized, weight_bits, input_bits, scale_search, input_range, force, as_json,
-        batch_size, quiet, no_progress, **kw):
-    """Run the model on an input array; print predictions; optionally dump every layer's spikes."""
+def run(ckpt, input_path, dump, quantized, weight_bits, input_bits, scale_search, input_range, force, max_memory,
+        as_json, batch_size, quiet, no_progress, **kw):
+    """Run the model on an input array; print predictions; optionally dump every layer's spikes (written a
+    batch at a time: the dump may be larger than --max-memory)."""
+    import contextlib
+
     import numpy as np
 
     from sdt_deploy.api import quantize
     from sdt_deploy.cli.options import echo_json
     from sdt_deploy.console import progress
     from sdt_deploy.files.arrays import check_input, load_array
-    from sdt_deploy.files.atomic import check_output_path, save_npz
+    from sdt_deploy.files.atomic import NpzStream, check_output_path
+    from sdt_deploy.ir.lower import lower
+    from sdt_deploy.quant.qmodel import QuantizedModel
+    from sdt_deploy.run import memory as M
     from sdt_deploy.run.torch_runner import predictions, run_model
 
+    check_memory(max_memory)
     if dump:
         check_output_path(dump, force)
     source = open_model(ckpt, kw)
     x = check_input(load_array(input_path), source.config, name=f"input {input_path!r}")
-    model = quantize(source, weight_bits=weight_bits, input_bits=input_bits, scale_search=scale_search,
-                     input_range=input_range).model if quantized else source.model
-    with progress(len(x), "run", enabled=not (quiet or no_progress)) as advance:
-        logits, spikes = run_model(model, x, batch_size=batch_size, record=dump is not None, progress=advance)
+    q = quantize(source, weight_bits=weight_bits, input_bits=input_bits, scale_search=scale_search,
+                 input_range=input_range) if quantized else None
+    model = q.model if quantized else source.model
+    # the layer sizes: the quantized graph, or the float model lowered as views of its tensors (no copies)
+    a = M.activations(q.graph if quantized else source.graph if isinstance(source, QuantizedModel)
+                      else lower(source.model, copy=False))
+    per_sample = M.executor_bytes("torch", a) + (a.spikes * a.T if dump else 0)
+    plan = M.plan_batch("run", batch_size, M.parse_memory(max_memory), M.RUNTIME_BYTES + M.model_bytes("torch", a),
+                        per_sample)
+    if plan.note:
+        say(quiet, plan.note)
+    n, logits, count = x.shape[0], [], 0
+    with contextlib.nullcontext() if not dump else NpzStream(dump) as out, \
+            progress(n, "run", enabled=not (quiet or no_progress)) as advance:
+        for start in range(0, n, plan.batch_size):
+            xb = x[start:start + plan.batch_size]
+            lb, spikes = run_model(model, xb, batch_size=len(xb), record=dump is not None)
+            logits.append(lb)
+            if dump:
+                axis = 1 if lb.ndim == 3 else 0
+                full = lb.shape[:axis] + (n,) + lb.shape[axis + 1:]
+                out.slice("logits", full, np.float32, (slice(None),) * axis + (slice(start, start + len(xb)),),
+                          lb.astype(np.float32))
+                for k, v in spikes.items():
+                    out.slice(k, (v.shape[0], n) + v.shape[2:], np.uint8, (slice(None), slice(start, start + len(xb))),
+                              v)
+                count = len(spikes)
+            advance(len(xb))
+    logits = np.concatenate(logits, axis=1 if logits[0].ndim == 3 else 0)
     pred = predictions(logits)
-    if dump:
-        save_npz(dump, {"logits": logits.astype(np.float32), **spikes})
     if as_json:
         echo_json({"predictions": pred.tolist(), "logits": logits.tolist(), "dump": dump})
     else:
         click.echo("predictions: " + " ".join(str(int(p)) for p in pred))
     if dump:
-        say(quiet, f"wrote {dump}: logits {list(logits.shape)} and {len(spikes)} spike tensors", err=False)
+        say(quiet, f"wrote {dump}: logits {list(logits.shape)} and {count} spike tensors", err=False)
+

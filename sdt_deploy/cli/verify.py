@@ -5,7 +5,16 @@ import json
 
 import click
 
-from sdt_deploy.cli.options import input_options, json_option, model_options, quant_options, run_options
+from sdt_deploy.cli.options import (
+    check_memory,
+    input_options,
+    json_option,
+    memory_option,
+    model_options,
+    quant_options,
+    run_options,
+    say,
+)
 from sdt_deploy.errors import MismatchError
 
 
@@ -18,13 +27,19 @@ from sdt_deploy.errors import MismatchError
               help="check this exported file as it is (.onnx, .nir; repeatable); its settings are read from it")
 @click.option("--reference", type=click.Choice(["quantized", "float"]), default="quantized", show_default=True,
               help="quantized: spike-exact check; float: agreement with the original float model")
+@click.option("--jobs", type=click.IntRange(min=1), metavar="N",
+              help="processes that take whole batches, one intra-op thread each (default: one per CPU, as many "
+                   "as --max-memory holds; under torchrun: 1 per rank)")
 @quant_options(from_artifacts=True)
+@memory_option
 @json_option
 @run_options
-def verify(ckpt, input_path, data_dir, digits, random_n, seed, executors, artifacts, reference, weight_bits,
-           input_bits, scale_search, input_range, as_json, batch_size, quiet, no_progress, **kw):
+def verify(ckpt, input_path, data_dir, digits, random_n, seed, executors, artifacts, reference, jobs, weight_bits,
+           input_bits, scale_search, input_range, max_memory, as_json, batch_size, quiet, no_progress, **kw):
     """Spike-exact equivalence of every executor against the quantized torch model, every layer at every
-    step; `--artifact` files are checked as they were written, with the settings they record."""
+    step; `--artifact` files are checked as they were written, with the settings they record. The layers
+    are compared as the executors produce them and the batch is cut to fit --max-memory."""
+    check_memory(max_memory)
     from sdt_deploy import api
     from sdt_deploy.cli.options import flags_of
     from sdt_deploy.data import DEMO_CHECKPOINT
@@ -51,7 +66,8 @@ def verify(ckpt, input_path, data_dir, digits, random_n, seed, executors, artifa
     try:
         res = api.verify(ckpt or DEMO_CHECKPOINT, **common, progress=(rank == 0 and not (as_json or quiet or
                                                                                        no_progress)),
-                         rank=rank, world=world)
+                         rank=rank, world=world, max_memory=max_memory, jobs=1 if world > 1 else jobs,
+                         notes=lambda text: say(quiet or rank != 0, text))
         tallies = gather(res.tally, world)
     finally:
         leave_distributed(world)

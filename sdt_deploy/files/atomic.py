@@ -234,3 +234,78 @@ def save_torch(path: str, obj) -> None:
 def save_npz(path: str, arrays: dict) -> None:
     with atomic_write(path, suffix=".npz") as tmp:
         np.savez_compressed(tmp, **arrays)
+
+
+class NpzStream:
+    """An .npz file (what `np.savez_compressed` writes: a zip of compressed .npy files) filled a slice at a
+    time, so that arrays larger than the memory a command may hold can be written: each array is
+    first a .npy file in a temporary folder beside the destination, written through a memory map one
+    slice at a time (the map is dropped after every slice), and `close` compresses them into the zip in
+    order, streamed from disk, and renames the file into place (`atomic_write`).
+
+        with NpzStream(path) as out:
+            out.put("logits", logits)                      # a whole array
+            out.slice("spikes", shape, np.uint8, (slice(None), slice(0, 8)), block)
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        self._write = atomic_write(path, suffix=".npz")
+        self.tmp = None
+        self.folder = None
+        self.names: list = []
+
+    def __enter__(self) -> "NpzStream":
+        self.tmp = self._write.__enter__()
+        try:
+            self.folder = tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=os.path.dirname(os.path.abspath(self.path)))
+        except OSError as exc:
+            self._write.__exit__(type(exc), exc, None)
+            raise cannot_write(self.path, exc) from None
+        return self
+
+    def _file(self, name: str) -> str:
+        return os.path.join(self.folder, f"{len(self.names) if name not in self.names else self.names.index(name)}.npy")
+
+    def put(self, name: str, array: np.ndarray) -> None:
+        """A whole array."""
+        array = np.asarray(array)
+        self.slice(name, array.shape, array.dtype, (), array)
+
+    def slice(self, name: str, shape: tuple, dtype, index: tuple, values: np.ndarray) -> None:
+        """`values` into `name[index]` (the array, of `shape` and `dtype`, made on its first slice)."""
+        f = self._file(name)
+        try:
+            if name not in self.names:
+                m = np.lib.format.open_memmap(f, mode="w+", dtype=dtype, shape=tuple(shape))
+                self.names.append(name)
+            else:
+                m = np.lib.format.open_memmap(f, mode="r+")
+            m[index] = values
+            m.flush()
+            del m
+        except OSError as exc:
+            raise cannot_write(self.path, exc) from None
+
+    def __exit__(self, kind, exc, tb) -> None:
+        import shutil
+        import zipfile
+
+        try:
+            if kind is None:
+                try:
+                    with zipfile.ZipFile(self.tmp, mode="w", compression=zipfile.ZIP_DEFLATED, allowZip64=True) as z:
+                        for i, name in enumerate(self.names):
+                            z.write(os.path.join(self.folder, f"{i}.npy"), arcname=f"{name}.npy")
+                except OSError as e:
+                    raise cannot_write(self.path, e) from None
+        except BaseException as e:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            self._write.__exit__(type(e), e, e.__traceback__)
+            raise
+        shutil.rmtree(self.folder, ignore_errors=True)
+        if kind is None:
+            self._write.__exit__(None, None, None)
+        else:
+            with contextlib.suppress(BaseException):
+                self._write.__exit__(kind, exc, tb)

@@ -510,9 +510,12 @@ INTEGER_EVAL = {
 
 
 def run_engine(qg: Graph, x: np.ndarray, record: bool = True, membranes: bool = False,
-               threads: Optional[int] = None) -> EngineResult:
+               threads: Optional[int] = None, sink=None) -> EngineResult:
     """Run the quantized graph on x ([B, C, H, W] repeated over T, or [B, T, C, H, W] frames). `threads`:
-    how many threads add the synaptic events (default: every CPU available; the result is the same)."""
+    how many threads add the synaptic events (default: every CPU available; the result is the same).
+    `sink(name, spikes, h)`: with `record`, every spike node's uint8 spikes [T, B, ...] are handed to it as
+    the node is computed (with a LIF's int64 H trace when `membranes`, else None) instead of kept in the
+    result: a verifier compares them and lets them go."""
     threads = default_threads() if threads is None else max(1, int(threads))
     if not qg.meta.get("quantized"):
         raise DeployError("the integer engine runs quantized graphs only")
@@ -533,7 +536,10 @@ def run_engine(qg: Graph, x: np.ndarray, record: bool = True, membranes: bool = 
         if n.out_kind == CURRENT and not isinstance(n, (Input, Readout)):
             r.observed[n.name] = max(r.observed.get(n.name, 0), K.abs_max(y))
         if record and n.out_kind == SPIKE:
-            spikes[n.name] = np.ascontiguousarray(y, dtype=np.uint8)
+            if sink is None:
+                spikes[n.name] = np.ascontiguousarray(y, dtype=np.uint8)
+            else:
+                sink(n.name, np.ascontiguousarray(y, dtype=np.uint8), r.traces.pop(n.name, None))
         for i in n.inputs:
             remaining[i] -= 1
             if remaining[i] == 0 and i != qg.output.name:

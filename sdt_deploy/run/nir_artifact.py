@@ -12,7 +12,7 @@ import torch
 
 from sdt_deploy.errors import DeployError
 from sdt_deploy.files.artifacts import partition_paths, read_manifest
-from sdt_deploy.run.nir_interpreter import load_graph, nir_input, nir_layer_spikes, run_nir
+from sdt_deploy.run.nir_interpreter import compact_neurons, load_graph, nir_input, nir_layer_spikes, run_nir
 
 
 @dataclass
@@ -27,7 +27,9 @@ class NirArtifact:
         return list((self.manifest or {}).get("changed_since_export", []))
 
 
-def open_nir_artifact(path: str) -> NirArtifact:
+def open_nir_artifact(path: str, threads: Optional[int] = None, arena: bool = True) -> NirArtifact:
+    """The file read with nir.read and, for a partitioned export, its host stem opened in onnxruntime
+    (`threads` intra-op threads, onnxruntime's choice if None; `arena` as `onnx_runner.make_session`)."""
     if not os.path.exists(path):
         raise DeployError(f"NIR artifact {path!r}: no such file")
     try:
@@ -37,6 +39,7 @@ def open_nir_artifact(path: str) -> NirArtifact:
     except Exception as exc:  # noqa: BLE001 - nir.read / h5py fail in many ways on a foreign file
         raise DeployError(f"NIR artifact {path!r}: not readable by nir.read ({type(exc).__name__}: "
                           f"{str(exc).splitlines()[0][:120] if str(exc) else ''})") from None
+    compact_neurons(graph)                 # the per-neuron constants as the arrays they broadcast from
     manifest = read_manifest(path)
     meta = graph.metadata if isinstance(graph.metadata, dict) else {}
     if manifest is None and str(meta.get("partition", "whole")) == "device":
@@ -48,7 +51,8 @@ def open_nir_artifact(path: str) -> NirArtifact:
     if manifest is not None:
         from sdt_deploy.run.onnx_runner import open_onnx
 
-        host = open_onnx(os.path.join(os.path.dirname(os.path.abspath(path)), manifest["host"]["file"]))
+        host = open_onnx(os.path.join(os.path.dirname(os.path.abspath(path)), manifest["host"]["file"]),
+                         threads=threads, arena=arena)
     return NirArtifact(path, graph, manifest, host)
 
 
@@ -70,14 +74,24 @@ def readout(graph, per_step: np.ndarray) -> np.ndarray:
     return torch.from_numpy(per_step).mean(0).numpy()
 
 
-def host_feed(art: NirArtifact, x: np.ndarray) -> tuple[dict, np.ndarray]:
+def host_feed(art: NirArtifact, x: np.ndarray, on_spikes=None) -> tuple[dict, np.ndarray]:
     """(the host stem's spikes by layer, the per-step NIR input [B, T, ...] float64) for model inputs x:
-    a partitioned export runs its ONNX stem on the host; a whole one rounds the image onto the input
-    node's grid (`nir_input`)."""
+    a partitioned export runs its ONNX stem on the host (its states, which nothing here reads, are let
+    go step by step); a whole one rounds the image onto the input node's grid (`nir_input`). With
+    `on_spikes(layer, [1, B, ...], t)` the stem's spikes are handed on step by step (the dict is empty)."""
     if art.host is None:
         return {}, nir_input(art.graph, x)
-    stem = art.host.run(x)
-    return dict(stem.spikes), nir_input(art.graph, cut_values(stem))
+    kept: dict = {}
+
+    def step(t: int, _membranes: dict, spikes: dict) -> None:
+        for layer, a in spikes.items():
+            if on_spikes is not None:
+                on_spikes(layer, a[None], t)
+            else:
+                kept.setdefault(layer, []).append(a)
+
+    stem = art.host.run(x, on_step=step)
+    return {k: np.stack(v) for k, v in kept.items()}, nir_input(art.graph, cut_values(stem))
 
 
 def cut_values(stem) -> np.ndarray:
@@ -92,11 +106,22 @@ def cut_values(stem) -> np.ndarray:
     return np.ascontiguousarray(values.swapaxes(0, 1))
 
 
-def run_artifact(art: NirArtifact, x: np.ndarray) -> tuple[dict, np.ndarray]:
-    """(spikes by layer name, logits) of the artifact on model inputs x ([B,C,H,W] or [B,T,C,H,W])."""
-    spikes, feed = host_feed(art, x)
-    outputs, nir_spikes = run_nir(art.graph, feed)
-    spikes.update(nir_layer_spikes(art.graph, nir_spikes))
+def run_artifact(art: NirArtifact, x: np.ndarray, on_spikes=None) -> tuple[dict, np.ndarray]:
+    """(spikes by layer name, logits) of the artifact on model inputs x ([B,C,H,W] or [B,T,C,H,W]). With
+    `on_spikes(layer, spikes, t0)` the spikes are handed on as they are made instead of kept -- the host
+    stem's whole ([T, B, ...], t0 = 0), the NIR graph's step by step ([1, B, ...] at step t0) -- and the
+    returned dict is empty."""
+    spikes, feed = host_feed(art, x, on_spikes)
+    if on_spikes is not None:
+        def step(t: int, nir_spikes: dict) -> None:
+            one = {k: v[None] for k, v in nir_spikes.items()}
+            for layer, a in nir_layer_spikes(art.graph, one).items():
+                on_spikes(layer, a, t)
+
+        outputs, _ = run_nir(art.graph, feed, on_step=step)
+    else:
+        outputs, nir_spikes = run_nir(art.graph, feed)
+        spikes.update(nir_layer_spikes(art.graph, nir_spikes))
     if len(outputs) != 1:
         raise DeployError(f"{art.path}: expected one NIR output, found {len(outputs)}")
     return spikes, readout(art.graph, next(iter(outputs.values())))

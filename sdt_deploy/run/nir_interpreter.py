@@ -87,9 +87,11 @@ def topological_order(graph: nir.NIRGraph) -> list[str]:
 
 @dataclass
 class Step:
-    """One node compiled: `fn(state, I) -> (state, out, membrane or None)` (state None before step 1)."""
+    """One node compiled: `fn(state, I) -> (state, out, membrane or None)` (state None before step 1).
+    `takes_spikes`: fn also takes I as the bool spikes of a single spiking source (no float64 copy)."""
 
     fn: Callable
+    takes_spikes: bool = False
 
 
 def _arr(a) -> np.ndarray:
@@ -125,15 +127,50 @@ def _sum_pool(x: np.ndarray, kernel, stride, padding) -> np.ndarray:
     return _torch_conv(x, ones, None, stride, padding, 1, c, 2)
 
 
+def _compact(a):
+    """A per-neuron parameter as the smallest array that broadcasts to the same values: a float64 scalar
+    where every neuron has the same one, else the leading axes it varies over (a per-channel threshold
+    [C, 1, 1]). The arithmetic is the same, element by element; only the passes over memory shrink."""
+    a = np.asarray(a, dtype=F64)
+    if a.ndim == 0:
+        return a
+    flat = a.reshape(-1)
+    signs = np.signbit(flat)
+    if flat.size and np.all(flat == flat[0]) and (signs.all() or not signs.any()):
+        return F64(flat[0])
+    for keep in range(1, a.ndim):
+        lead = a.reshape(a.shape[:keep] + (-1,))
+        if np.all(lead == lead[..., :1]):
+            return np.ascontiguousarray(lead[..., :1]).reshape(a.shape[:keep] + (1,) * (a.ndim - keep))
+    return a
+
+
+NEURON_PARAMETERS = ("tau", "r", "v_leak", "v_threshold", "v_reset")
+
+
+def compact_neurons(graph: nir.NIRGraph) -> nir.NIRGraph:
+    """The graph with every neuron's per-neuron parameters (tau, r, v_leak, v_threshold, v_reset: full-size
+    arrays in a file, 480 MB of float64 for SDT-8-768) replaced in place by `_compact`'s smallest arrays
+    that broadcast to the same values: what `_neuron` steps with anyway. The node's input and output
+    types are unchanged."""
+    for node in graph.nodes.values():
+        if isinstance(node, STATEFUL):
+            for key in NEURON_PARAMETERS:
+                value = getattr(node, key, None)
+                if isinstance(value, np.ndarray) and value.ndim:
+                    setattr(node, key, np.asarray(_compact(value)))
+    return graph
+
+
 def _neuron(node, dt: float) -> Step:
     """Forward-Euler neurons (`run.lif.nir_lif_step`): the gain is dt/tau for the leaky ones (LIF, LI), dt
     for the integrators."""
     leaky = isinstance(node, (nir.LIF, nir.LI))
     fires = isinstance(node, (nir.LIF, nir.IF))
-    p = NIRLIFParameters(gain=(dt / _arr(node.tau)) if leaky else dt, r=_arr(node.r),
-                         v_leak=_arr(node.v_leak) if leaky else 0.0,
-                         v_threshold=_arr(node.v_threshold) if fires else None,
-                         v_reset=_arr(node.v_reset) if fires else 0.0, leaky=leaky)
+    p = NIRLIFParameters(gain=_compact((dt / _arr(node.tau)) if leaky else dt), r=_compact(_arr(node.r)),
+                         v_leak=_compact(_arr(node.v_leak)) if leaky else 0.0,
+                         v_threshold=_compact(_arr(node.v_threshold)) if fires else None,
+                         v_reset=_compact(_arr(node.v_reset)) if fires else 0.0, leaky=leaky)
 
     def fn(v, I):
         out, v_next, h = nir_lif_step(I, v, p)
@@ -171,10 +208,105 @@ def _scale(node):
 
 
 def _conv_step(node, dt: float) -> Step:
+    """torch's float64 convolution; a Conv2d whose input is spikes (0/1) and whose weights and bias are
+    integers times a power of two per output channel takes the integer engine's event kernel instead
+    (`spike_conv`): the same float64 values, exactly."""
     dims = 2 if isinstance(node, nir.Conv2d) else 1
     w, b = torch.from_numpy(_arr(node.weight)), torch.from_numpy(_arr(node.bias))
-    return Step(lambda s, I: (s, _torch_conv(I, w, b, node.stride, node.padding, node.dilation, node.groups, dims),
-                              None))
+
+    def generic(I):
+        return _torch_conv(I, w, b, node.stride, node.padding, node.dilation, node.groups, dims)
+
+    fast = spike_conv_plan(node) if dims == 2 else None
+    if fast is None:
+        return Step(lambda s, I: (s, generic(np.asarray(I, dtype=F64)), None))
+    return Step(lambda s, I: (s, fast(I) if I.dtype == np.bool_ else generic(I), None), takes_spikes=True)
+
+
+def dyadic_rows(values: np.ndarray) -> np.ndarray:
+    """Per row of float64 `values` [O, n], the smallest exponent e (e >= -1074) with every value times 2**e
+    an integer (0 for a row of zeros): from each value's significand (53 bits) and its trailing zeros."""
+    m, ex = np.frexp(values)                                  # values = m * 2**ex, 0.5 <= |m| < 1
+    sig = np.abs(np.ldexp(m, 53)).astype(np.int64)            # exact: a 53-bit integer
+    nz = sig != 0
+    low = np.where(nz, sig & -sig, 1)                         # the lowest set bit
+    tz = np.log2(low.astype(np.float64)).astype(np.int64)     # exact on powers of two
+    need = np.where(nz, 53 - ex - tz, np.iinfo(np.int64).min)
+    e = need.max(axis=1) if need.size else np.zeros(values.shape[0], np.int64)
+    return np.where(e == np.iinfo(np.int64).min, 0, e)
+
+
+_SPIKE_CONV: dict = {}
+
+
+def spike_conv_plan(node) -> Optional[Callable]:
+    """`I (bool [B, C, H, W]) -> float64 [B, O, H', W']` for a NIR Conv2d, computed by the integer engine's
+    event kernel (`engine_kernels.conv_events`) where that is exact: stride 1, no dilation, one group, a
+    square kernel with equal padding on every side, and per output channel o an exponent e[o] with
+    weight[o] * 2**e[o] and bias[o] * 2**e[o] integers that the kernel's int16 weights and int32 sums hold.
+    Then every value is the kernel's integer times 2**-e[o] -- which is what the float64 convolution
+    gives too: its sums of such values never round (they stay far below 2**53 units of 2**-e[o]).
+    None where any of that fails (the caller keeps the float64 convolution). Remembered per weight
+    array while it lives and is unchanged."""
+    from sdt_deploy.run import engine_kernels as K
+
+    if not K.compiled_kernels():
+        return None
+    weight = np.asarray(node.weight)
+    key = id(node.weight)
+    held = _SPIKE_CONV.get(key)
+    if held is not None and held[0]() is node.weight and K.same_array(held[1], weight) \
+            and K.same_array(held[2], np.asarray(node.bias)) and held[3] == _conv_geometry(node):
+        return held[4]
+    plan = _make_spike_conv(node, weight, K)
+    try:
+        import weakref
+
+        for k in [k for k, v in _SPIKE_CONV.items() if v[0]() is None]:
+            del _SPIKE_CONV[k]
+        _SPIKE_CONV[key] = (weakref.ref(node.weight), weight.copy(), np.array(node.bias, copy=True),
+                            _conv_geometry(node), plan)
+    except TypeError:   # pragma: no cover - not weak-referenceable
+        pass
+    return plan
+
+
+def _conv_geometry(node) -> tuple:
+    pad = node.padding if isinstance(node.padding, str) else _pair(node.padding)
+    return _pair(node.stride), pad, _pair(node.dilation), int(node.groups)
+
+
+def _make_spike_conv(node, weight: np.ndarray, K) -> Optional[Callable]:
+    stride, pad, dilation, groups = _conv_geometry(node)
+    if weight.ndim != 4 or weight.shape[2] != weight.shape[3] or stride != (1, 1) or dilation != (1, 1) \
+            or groups != 1 or isinstance(pad, str) or pad[0] != pad[1]:
+        return None
+    w = weight.astype(F64)
+    O = w.shape[0]
+    bias = np.broadcast_to(np.asarray(node.bias, dtype=F64), (O,))
+    if not (np.all(np.isfinite(w)) and np.all(np.isfinite(bias))):
+        return None
+    e = dyadic_rows(np.concatenate([w.reshape(O, -1), bias.reshape(O, 1)], axis=1))
+    if np.any(np.abs(e) > 1000):
+        return None
+    scale = np.ldexp(1.0, e).reshape(O, 1, 1, 1)
+    w_int = w * scale                                          # exact: a power of two
+    if np.abs(w_int).max(initial=0) > K.I16_MAX:
+        return None
+    w_int = w_int.astype(np.int16)
+    b_int = (bias * scale.reshape(O)).astype(np.int64)
+    packed = K.pack_event_weights(w_int)
+    if packed is None or not K.bias_fits(packed, b_int):
+        return None
+    unit = np.ldexp(1.0, -e).reshape(1, O, 1, 1)
+    p = int(pad[0])
+
+    def run(I: np.ndarray) -> np.ndarray:
+        N, _, H, W = I.shape
+        Y, _pairs = K.conv_events(I, packed, p, 1, b_int)
+        Ho, Wo = H + 2 * p - packed.k + 1, W + 2 * p - packed.k + 1
+        return Y.reshape(N, Ho, Wo, O).transpose(0, 3, 1, 2) * unit   # float64, exact
+    return run
 
 
 def _flatten(node):
@@ -218,9 +350,16 @@ def _expected_shape(node: nir.NIRNode) -> Optional[tuple]:
     return None if t is None else tuple(int(v) for v in np.asarray(t).ravel())
 
 
-def _fan_in(name: str, node, srcs: list, out: dict) -> np.ndarray:
-    """Sum of the incoming edges, each exactly the node's input shape."""
+def _fan_in(name: str, node, srcs: list, out: dict, spikes: bool = False) -> np.ndarray:
+    """Sum of the incoming edges, each exactly the node's input shape (with `spikes`, a single bool edge is
+    passed on as it is)."""
     want = _expected_shape(node)
+    if spikes and len(srcs) == 1 and out[srcs[0]].dtype == np.bool_:
+        v = out[srcs[0]]
+        if want is not None and tuple(v.shape[1:]) != want:
+            raise DeployError(f"NIR edge {srcs[0]} -> {name}: shape {list(v.shape[1:])} where {list(want)} is "
+                              "expected (NIR does not broadcast)")
+        return v
     total = None
     for src in srcs:
         v = out[src]
@@ -249,19 +388,21 @@ def torch_threads(n: Optional[int]):
 
 
 def run_nir(graph_or_path, x: Union[np.ndarray, dict], dt: Optional[float] = None, membranes: bool = False,
-            threads: Optional[int] = 1):
+            threads: Optional[int] = 1, on_step=None):
     """Run a NIR graph for T steps on per-step inputs x [B, T, ...] (a dict name -> array for several
     Input nodes). `threads`: torch threads for the convolutions (None: leave torch's setting).
 
     Returns (outputs, spikes) or, with `membranes`, (outputs, spikes, membranes): `outputs` maps each
     Output node to float64 [T, B, ...]; `spikes` maps every LIF / IF / Threshold node to uint8
     [T, B, ...]; `membranes` maps every neuron with state to its v after the update and before the
-    reset, float64 [T, B, ...]."""
+    reset, float64 [T, B, ...]. With `on_step(t, spikes)` each step's spikes ({node: uint8 [B, ...]}) are
+    handed to it instead of kept (`spikes` comes back empty). A node's output is let go within the step
+    once its last consumer has read it."""
     with torch_threads(threads):
-        return _run_nir(load_graph(graph_or_path), x, dt, membranes)
+        return _run_nir(load_graph(graph_or_path), x, dt, membranes, on_step)
 
 
-def _run_nir(graph: nir.NIRGraph, x, dt: Optional[float], membranes: bool):
+def _run_nir(graph: nir.NIRGraph, x, dt: Optional[float], membranes: bool, on_step=None):
     if dt is None:
         dt = float(graph.metadata.get("dt", DEFAULT_DT)) if isinstance(graph.metadata, dict) else DEFAULT_DT
     inputs = {n: node for n, node in graph.nodes.items() if isinstance(node, nir.Input)}
@@ -285,20 +426,39 @@ def _run_nir(graph: nir.NIRGraph, x, dt: Optional[float], membranes: bool):
     out_rec = {n: [] for n, node in graph.nodes.items() if isinstance(node, nir.Output)}
     spk_rec = {n: [] for n, node in graph.nodes.items() if isinstance(node, SPIKING)}
     mem_rec = {n: [] for n, node in graph.nodes.items() if isinstance(node, STATEFUL)} if membranes else {}
+    readers = {name: 0 for name in order}
+    for name in order:
+        for src in preds[name]:
+            readers[src] += 1
     for t in range(T):
         out: dict = {}
+        left = dict(readers)
+        step_spikes = {}
         for name in order:
             node = graph.nodes[name]
-            I = x[name][:, t] if name in inputs else _fan_in(name, node, preds[name], out)
+            if name in inputs:
+                I = x[name][:, t]
+            else:
+                I = _fan_in(name, node, preds[name], out, steps[name].takes_spikes)
+                for src in preds[name]:          # let a value go once its last reader has it
+                    left[src] -= 1
+                    if left[src] == 0:
+                        out.pop(src, None)
             state[name], y, v = steps[name].fn(state[name], I)
-            out[name] = y
+            if left[name]:
+                out[name] = y
             if name in spk_rec:
-                spk_rec[name].append(y.astype(np.uint8))
+                if on_step is not None:
+                    step_spikes[name] = y.astype(np.uint8)
+                else:
+                    spk_rec[name].append(y.astype(np.uint8))
             if name in out_rec:
                 out_rec[name].append(y.astype(F64, copy=True))
             if name in mem_rec:
                 mem_rec[name].append(v)
-    stack = lambda rec: {k: np.stack(v) for k, v in rec.items()}  # noqa: E731
+        if on_step is not None:
+            on_step(t, step_spikes)
+    stack = lambda rec: {k: np.stack(v) for k, v in rec.items() if v}  # noqa: E731
     if membranes:
         return stack(out_rec), stack(spk_rec), stack(mem_rec)
     return stack(out_rec), stack(spk_rec)

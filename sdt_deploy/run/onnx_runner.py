@@ -90,9 +90,12 @@ OPTIMIZATION_LEVELS = ("basic", "extended", "all")
 
 
 def make_session(model_bytes: bytes, providers: Optional[Sequence[str]] = None, session_options=None,
-                 optimization: str = "basic", threads: Optional[int] = None):
+                 optimization: str = "basic", threads: Optional[int] = None, arena: bool = True):
     """An onnxruntime session: `session_options` as given, or onnxruntime's `optimization` level (basic
-    by default, what `verify` runs) with `threads` intra-op threads (onnxruntime's choice if None)."""
+    by default, what `verify` runs) with `threads` intra-op threads (onnxruntime's choice if None).
+    `arena=False`: no CPU memory arena (onnxruntime's arena keeps the largest run's intermediate tensors
+    for the session's life; without it they are freed after every run -- what a verifier that runs
+    several sessions one after the other within a memory budget needs)."""
     import onnxruntime as ort
 
     if session_options is None:
@@ -106,6 +109,8 @@ def make_session(model_bytes: bytes, providers: Optional[Sequence[str]] = None, 
         session_options.log_severity_level = 3
         if threads is not None:
             session_options.intra_op_num_threads = int(threads)
+        if not arena:
+            session_options.enable_cpu_mem_arena = False
     return ort.InferenceSession(model_bytes, sess_options=session_options,
                                 providers=list(providers or ["CPUExecutionProvider"]))
 
@@ -139,9 +144,11 @@ def swap_batch_time(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.swapaxes(x, 0, 1))
 
 
-def run_steps(session, info: ModelInfo, frames: np.ndarray) -> tuple[np.ndarray, dict, dict]:
+def run_steps(session, info: ModelInfo, frames: np.ndarray, on_step=None) -> tuple[np.ndarray, dict, dict]:
     """The step model driven over T with its state; returns (per-step output [T, B, ...], spikes,
-    membranes: every LIF's `v_out` after every step [T, B, ...])."""
+    membranes: every LIF's `v_out` after every step [T, B, ...]). With `on_step(t, membranes, spikes)`
+    each step's `v_out` and spikes ({layer: [B, ...]}) are handed to it instead of kept (the returned
+    dicts are empty): a verifier compares a step and lets it go."""
     B = frames.shape[1]
     states = {i.name: np.zeros([B] + list(i.shape[1:]), dtype=ORT_TYPES[i.type])
               for i in session.get_inputs() if i.name.startswith(STATE_IN)}
@@ -153,19 +160,30 @@ def run_steps(session, info: ModelInfo, frames: np.ndarray) -> tuple[np.ndarray,
         got = dict(zip(wanted, session.run(wanted, feed)))
         states = {STATE_IN + k[len(STATE_OUT):]: v for k, v in got.items() if k.startswith(STATE_OUT)}
         outs.append(got[info.output])
+        if on_step is not None:
+            on_step(t, {name: got[STATE_OUT + name] for name in membranes},
+                    {name: got[name].astype(np.uint8, copy=False) for name in info.spikes})
+            continue
         for name in info.spikes:
             spikes[name].append(got[name])
         for name in membranes:
             membranes[name].append(got[STATE_OUT + name])
+    if on_step is not None:
+        return np.stack(outs), {}, {}
     return (np.stack(outs), {k: np.stack(v).astype(np.uint8, copy=False) for k, v in spikes.items()},
             {k: np.stack(v) for k, v in membranes.items()})
 
 
-def run_unrolled(session, info: ModelInfo, frames: np.ndarray) -> tuple[np.ndarray, dict, dict]:
-    """The unrolled model (no state tensors: no membranes to return)."""
+def run_unrolled(session, info: ModelInfo, frames: np.ndarray, on_step=None) -> tuple[np.ndarray, dict, dict]:
+    """The unrolled model (no state tensors: no membranes to return); `on_step` as for `run_steps`."""
     wanted = [info.output] + list(info.spikes)
     got = dict(zip(wanted, session.run(wanted, {info.input: swap_batch_time(frames)})))
-    return got[info.output], {k: got[k].astype(np.uint8, copy=False) for k in info.spikes}, {}
+    spikes = {k: got[k].astype(np.uint8, copy=False) for k in info.spikes}
+    if on_step is not None:
+        for t in range(frames.shape[0]):
+            on_step(t, {}, {k: v[t] for k, v in spikes.items()})
+        return got[info.output], {}, {}
+    return got[info.output], spikes, {}
 
 
 def read_out(per_step: np.ndarray, info: ModelInfo) -> OnnxRun:
@@ -189,13 +207,15 @@ class OnnxSession:
     session: object
     info: ModelInfo
 
-    def run(self, x: np.ndarray, batch_size: Optional[int] = None) -> OnnxRun:
+    def run(self, x: np.ndarray, batch_size: Optional[int] = None, on_step=None) -> OnnxRun:
+        """The model on x, in batches of `batch_size` (all at once by default). `on_step(t, membranes,
+        spikes)`: every step's states and spikes handed on instead of kept (`run_steps`; one batch)."""
         frames, _ = check_frames(x, self.session, self.info)
         run = run_unrolled if self.info.unrolled else run_steps
-        step = batch_size or frames.shape[1]
+        step = frames.shape[1] if on_step is not None else (batch_size or frames.shape[1])
         outs, spikes, membranes = [], {}, {}
         for start in range(0, frames.shape[1], step):
-            out, sp, mem = run(self.session, self.info, frames[:, start:start + step])
+            out, sp, mem = run(self.session, self.info, frames[:, start:start + step], on_step)
             outs.append(out)
             for k, v in sp.items():
                 spikes.setdefault(k, []).append(v)
@@ -210,11 +230,12 @@ class OnnxSession:
 
 
 def open_onnx(source, providers: Optional[Sequence[str]] = None, session_options=None, optimization: str = "basic",
-              threads: Optional[int] = None) -> OnnxSession:
+              threads: Optional[int] = None, arena: bool = True) -> OnnxSession:
     """Open an sdt-deploy ONNX export (path, bytes or onnx.ModelProto) once, to run many batches.
     `optimization="all"` lets onnxruntime fuse and re-layout (measured 5-10 % faster on the float
-    variant on an x86 CPU; the benchmarks check its spikes too), `threads` sets its intra-op threads."""
-    session = make_session(model_bytes_of(source), providers, session_options, optimization, threads)
+    variant on an x86 CPU; the benchmarks check its spikes too), `threads` sets its intra-op threads,
+    `arena=False` frees every run's intermediate tensors after it (`make_session`)."""
+    session = make_session(model_bytes_of(source), providers, session_options, optimization, threads, arena)
     return OnnxSession(session, read_info(session))
 
 

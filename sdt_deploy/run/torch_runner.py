@@ -110,3 +110,54 @@ def to_original_hooks(spikes: Spikes, cfg: SDTConfig) -> dict:
         out[f"MS_MLP_Conv{j}_fc2_lif"] = spikes[f"block.{j}.mlp.fc2_lif"]
     out["head_lif"] = spikes["head_lif"]
     return out
+
+
+class _StreamTaps(dict):
+    """Spike records handed on as they are made (uint8 numpy [T, B, ...]) instead of kept: a verifier
+    compares a layer and drops it while the model runs on."""
+
+    def __init__(self, on_spikes):
+        super().__init__()
+        self.on_spikes = on_spikes
+
+    def __setitem__(self, name: str, value: torch.Tensor) -> None:
+        self.on_spikes(name, value.to(torch.uint8).cpu().numpy())
+
+
+def run_model_stream(model: torch.nn.Module, x: np.ndarray, on_spikes, on_membranes=None,
+                     per_step: bool = False, device: Optional[str] = None) -> tuple:
+    """One batch through the model, every spike tensor handed to `on_spikes(layer, uint8 [T, B, ...])` and,
+    with `on_membranes`, every LIF's membrane after the step's reset to `on_membranes(layer, [T, B, ...])`
+    in the neuron's dtype (spikingjelly's `v_seq`), as each layer finishes; nothing is kept. Each neuron's
+    `v_seq` is released as soon as it is read (spikingjelly holds every layer's until the reset: the
+    largest part of a forward pass's memory). Returns (logits as `run_model` gives them, the head's
+    output at every step [T, B, K] if `per_step`, else None)."""
+    from models import is_neuron
+
+    model.eval()
+    dev = torch.device(device) if device else next(model.parameters()).device
+    xb = torch.from_numpy(np.ascontiguousarray(x)).to(dev)
+    heads: list = []
+    hooks = []
+
+    def neuron_done(name):
+        def hook(module, _inputs, _output):
+            if on_membranes is not None:
+                on_membranes(name, module.v_seq.detach().cpu().numpy())
+            module.v_seq = None
+        return hook
+
+    for name, m in model.named_modules():
+        if is_neuron(m):
+            hooks.append(m.register_forward_hook(neuron_done(name)))
+    if per_step:
+        hooks.append(model.head.register_forward_hook(lambda _m, _i, out: heads.append(out.detach())))
+    functional.reset_net(model)
+    try:
+        with torch.no_grad():
+            y = model(xb, _StreamTaps(on_spikes))
+    finally:
+        for h in hooks:
+            h.remove()
+        functional.reset_net(model)
+    return y.float().cpu().numpy(), (heads[0].cpu().numpy() if per_step else None)

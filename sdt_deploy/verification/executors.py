@@ -1,15 +1,17 @@
-"""The executors `verify` compares, one entry each in `RUNNERS`: a function from (context, input batch) to
-what the executor shows of the batch (`Output`): spikes (uint8 [T, B, ...] under the layer names), the
-logits, and where it has them the membranes and per-step outputs.
+"""The executors `verify` compares, one entry each in `RUNNERS`: a function from (context, input batch, sink)
+to what the executor shows of the batch. What it shows layer by layer -- spikes (uint8 [T, B, ...] under
+the layer names), membranes, per-step outputs -- goes to the `sink` as it is produced (the verifier
+compares it there and lets it go: nothing of a batch is kept but the reference); the function returns
+the rest (`Output`: the logits, the arithmetic of its states).
 
-- `torch`      the quantized PyTorch model on the CPU (float32; float64 where the bit analysis says
-               float32 may round);
+- `torch`      the quantized PyTorch model on the CPU: float32, and float64 in the layers where the bit
+               analysis says float32 may round (`reference_model`);
 - `cupy`       the same model object on a CUDA device with spikingjelly's CuPy LIF kernel (TF32 off,
                cuDNN off, deterministic algorithms); skipped, saying so, without CUDA or CuPy;
 - `engine`     the integer engine;
 - `onnx-int`, `onnx-float`   an ONNX export in onnxruntime (CPU): every LIF's state `v_out.<layer>`
                after every step and the per-step output, plus every spike tensor where the file has
-               debug outputs;
+               debug outputs, step by step;
 - `nir`        a NIR export (read back with `nir.read`) in the project's NIR interpreter, fed by the
                host-side ONNX stem when the export is partitioned.
 Exports are made on the fly into a temporary folder, or the files the user gives are run as they are.
@@ -31,20 +33,38 @@ from sdt_deploy.ir.graph import LIF
 from sdt_deploy.quant.qmodel import QuantizedModel
 from sdt_deploy.run.float_executor import execute
 from sdt_deploy.run.integer_engine import run_engine
-from sdt_deploy.run.torch_runner import run_model, run_model_state
+from sdt_deploy.run.torch_runner import run_model_stream
 
 ALL_EXECUTORS = ("torch", "cupy", "engine", "onnx-int", "onnx-float", "nir")
 
 
 @dataclass
 class Output:
-    """What an executor shows of one batch."""
+    """What an executor returns of one batch besides what it streamed to the sink."""
 
-    spikes: dict                                  # layer -> uint8 [T, B, ...] (empty: the file exposes none)
     logits: np.ndarray
-    membranes: dict = field(default_factory=dict)  # LIF layer -> membrane after the step's reset [T, B, ...]
-    per_step: Optional[np.ndarray] = None         # the head's output at every step [T, B, K]
-    arithmetic: str = ""                          # of membranes/per_step: "int" (integers on the grid), "float32"
+    arithmetic: str = ""          # of its membranes and per-step outputs: "int", "float32", "float64", "mixed"
+
+
+class Sink:
+    """Where an executor's layers go as it produces them (a no-op here; the verifier's `Collector`
+    compares them). `wants(arithmetic)`: whether membranes and per-step outputs of that arithmetic are
+    wanted (a runner computes them only then)."""
+
+    def spikes(self, layer: str, a: np.ndarray, t0: int = 0) -> None:
+        """Spikes of `layer` at steps t0 .. t0 + len(a) - 1: [steps, B, ...]."""
+
+    def membranes(self, layer: str, v: np.ndarray) -> None:
+        """A LIF's membrane after every step's reset, [T, B, ...]."""
+
+    def step(self, t: int, membranes: dict, spikes: dict) -> None:
+        """A step model's step t: every LIF's state after it ({layer: [B, ...]}) and its spikes."""
+
+    def per_step(self, y: np.ndarray) -> None:
+        """The output at every step, before the read-out [T, B, ...]."""
+
+    def wants(self, arithmetic: str) -> bool:
+        return False
 
 
 @dataclass
@@ -53,10 +73,11 @@ class Context:
     workdir: str
     artifacts: dict = field(default_factory=dict)      # executor -> path of the file it runs
     user_files: set = field(default_factory=set)       # the executors whose file the user gave
-    float64_reference: bool = False
+    float64_reference: bool = False                    # float32 may round somewhere: the reference is exact
     states: set = field(default_factory=set)           # the arithmetics whose membranes are compared
     cache: dict = field(default_factory=dict)          # models, sessions, opened files
-    batch: dict = field(default_factory=dict)          # outputs of the current batch, by executor
+    threads: Optional[int] = None                      # intra-op threads of every runtime (None: their own)
+    plan: object = None                                # reference_model.PrecisionPlan of the torch reference
 
     @property
     def graph(self):
@@ -65,9 +86,9 @@ class Context:
 
 # ---------------------------------------------------------------- executors
 
-def _torch_model(ctx: Context, dtype) -> torch.nn.Module:
-    """The quantized torch model; in float64 built from the graph's integers directly (a float32 model made
-    float64 would keep whatever float32 rounded on the way in)."""
+def torch_model(ctx: Context, dtype) -> torch.nn.Module:
+    """The quantized torch model in float32, or in float64 built from the graph's integers directly (a
+    float32 model made float64 would keep whatever float32 rounded on the way in)."""
     key = f"torch_model_{dtype}"
     if key not in ctx.cache:
         if dtype == torch.float64:
@@ -79,18 +100,49 @@ def _torch_model(ctx: Context, dtype) -> torch.nn.Module:
     return ctx.cache[key]
 
 
-def _torch_run(ctx: Context, x: np.ndarray, dtype) -> Output:
+def reference_plan(ctx: Context):
+    from sdt_deploy.verification.reference_model import PrecisionPlan, precision_plan
+
+    if ctx.plan is None:
+        ctx.plan = precision_plan(ctx.graph) if ctx.float64_reference else PrecisionPlan()
+    return ctx.plan
+
+
+def reference_model(ctx: Context) -> tuple[torch.nn.Module, str]:
+    """(the torch executor's model, the arithmetic of its membranes): float32 where the bit analysis says
+    float32 is exact, float64 in the layers where it may round (`reference_model.mixed_model`)."""
+    from sdt_deploy.verification.reference_model import mixed_model
+
+    plan = reference_plan(ctx)
+    if plan.whole:
+        return torch_model(ctx, torch.float64), "float64"
+    if plan.float32_only:
+        return torch_model(ctx, torch.float32), "float32"
+    if "torch_model_mixed" not in ctx.cache:
+        ctx.cache["torch_model_mixed"] = mixed_model(torch_model(ctx, torch.float32), ctx.graph, plan)
+    return ctx.cache["torch_model_mixed"], "mixed"
+
+
+def _stream_torch(model, x: np.ndarray, sink: Sink, arithmetic: str, device: Optional[str] = None) -> Output:
+    states = sink.wants(arithmetic)
+    logits, per_step = run_model_stream(model, x, sink.spikes, sink.membranes if states else None,
+                                        per_step=states, device=device)
+    if states:
+        sink.per_step(per_step)
+    return Output(logits, arithmetic)
+
+
+def _torch(ctx: Context, x: np.ndarray, sink: Sink) -> Output:
+    model, arithmetic = reference_model(ctx)
+    xs = x.astype(np.float64) if arithmetic == "float64" else x   # the mixed model's input grid is float32's
+    return _stream_torch(model, xs, sink, arithmetic)
+
+
+def torch_in(ctx: Context, x: np.ndarray, sink: Sink, arithmetic: str) -> Output:
+    """The quantized torch model in one dtype throughout ("float32", "float64"): a state reference."""
+    dtype = torch.float64 if arithmetic == "float64" else torch.float32
     xs = x.astype(np.float64) if dtype == torch.float64 else x
-    arithmetic = "float64" if dtype == torch.float64 else "float32"
-    if arithmetic not in ctx.states:          # no one compares its membranes: spikes and logits only
-        logits, spikes = run_model(_torch_model(ctx, dtype), xs, batch_size=len(x))
-        return Output(spikes, logits)
-    logits, spikes, membranes, per_step = run_model_state(_torch_model(ctx, dtype), xs)
-    return Output(spikes, logits, membranes, per_step, arithmetic)
-
-
-def _torch(ctx: Context, x: np.ndarray) -> Output:
-    return _torch_run(ctx, x, torch.float64 if ctx.float64_reference else torch.float32)
+    return _stream_torch(torch_model(ctx, dtype), xs, sink, arithmetic)
 
 
 def cuda_skip_reason() -> Optional[str]:
@@ -126,77 +178,74 @@ def deterministic_cuda():
         torch.use_deterministic_algorithms(saved[5])
 
 
-def _cupy(ctx: Context, x: np.ndarray) -> Output:
+def _cupy(ctx: Context, x: np.ndarray, sink: Sink) -> Output:
     if "cuda_model" not in ctx.cache:
         ctx.cache["cuda_model"] = copy.deepcopy(ctx.q.model).cuda()
     with deterministic_cuda():
-        logits, spikes, membranes, per_step = run_model_state(ctx.cache["cuda_model"], x, device="cuda")
-    return Output(spikes, logits, membranes, per_step, "float32")
+        return _stream_torch(ctx.cache["cuda_model"], x, sink, "float32", device="cuda")
 
 
-def _engine(ctx: Context, x: np.ndarray) -> Output:
-    """The integer engine; its membranes (integers on each LIF's grid) are what an integer export's states
-    are compared with."""
-    if "int" not in ctx.states:
-        r = run_engine(ctx.graph, x)
-        return Output(r.spikes, r.logits)
-    r = run_engine(ctx.graph, x, membranes=True)
-    membranes = {k: np.where(r.spikes[k] != 0, 0, h) for k, h in r.membranes.items()}   # after the reset
-    return Output(r.spikes, r.logits, membranes, r.logits_int, "int")
+def _engine(ctx: Context, x: np.ndarray, sink: Sink) -> Output:
+    """The integer engine; its membranes (integers on each LIF's grid, after the reset) and per-step
+    integers are what an integer export's states are compared with."""
+    states = sink.wants("int")
+
+    def layer(name: str, s: np.ndarray, h: Optional[np.ndarray]) -> None:
+        sink.spikes(name, s)
+        if h is not None:
+            sink.membranes(name, np.where(s != 0, 0, h))
+
+    r = run_engine(ctx.graph, x, membranes=states, threads=ctx.threads, sink=layer)
+    if states:
+        sink.per_step(r.logits_int)
+    return Output(r.logits, "int")
 
 
-def _onnx(variant: str) -> Callable[[Context, np.ndarray], Output]:
-    def run(ctx: Context, x: np.ndarray) -> Output:
-        from sdt_deploy.run.onnx_runner import open_onnx, run_onnx  # onnxruntime: only where it runs
+def onnx_session(ctx: Context, variant: str):
+    """The opened ONNX file of an executor (one onnxruntime session for all batches)."""
+    from sdt_deploy.run.onnx_runner import open_onnx  # onnxruntime: only where it runs
 
-        key = f"onnx-{variant}-session"
-        if key not in ctx.cache:   # one onnxruntime session for all batches
-            ctx.cache[key] = open_onnx(ensure_artifact(ctx, f"onnx-{variant}"))
-        res = run_onnx(ctx.cache[key], x)
-        per_step = res.logits_int if variant == "int" else res.per_step
-        return Output(res.spikes, res.logits, res.membranes, per_step, "int" if variant == "int" else "float32")
+    key = f"onnx-{variant}-session"
+    if key not in ctx.cache:
+        # no memory arena: each run's intermediate tensors go back after it (the sessions take turns)
+        ctx.cache[key] = open_onnx(ensure_artifact(ctx, f"onnx-{variant}"), threads=ctx.threads, arena=False)
+    return ctx.cache[key]
+
+
+def onnx_arithmetic(session) -> str:
+    """The arithmetic of an ONNX file's states: "int" for the integer variant, else the file's own."""
+    info = session.info
+    return "int" if info.variant == "int" else getattr(info, "arithmetic", "float32")
+
+
+def _onnx(variant: str) -> Callable[[Context, np.ndarray, Sink], Output]:
+    def run(ctx: Context, x: np.ndarray, sink: Sink) -> Output:
+        session = onnx_session(ctx, variant)
+        res = session.run(x, on_step=sink.step)
+        per_step = res.logits_int if session.info.variant == "int" else res.per_step
+        if per_step is not None:
+            sink.per_step(per_step)
+        return Output(res.logits, onnx_arithmetic(session))
     return run
 
 
-def _nir(ctx: Context, x: np.ndarray) -> Output:
+def _nir(ctx: Context, x: np.ndarray, sink: Sink) -> Output:
     from sdt_deploy.run.nir_artifact import open_nir_artifact, run_artifact
 
     if "nir-artifact" not in ctx.cache:   # read the file (and its host stem) once
-        ctx.cache["nir-artifact"] = open_nir_artifact(ensure_artifact(ctx, "nir"))
-    spikes, logits = run_artifact(ctx.cache["nir-artifact"], x)
-    return Output(spikes, logits)
+        ctx.cache["nir-artifact"] = open_nir_artifact(ensure_artifact(ctx, "nir"), threads=ctx.threads,
+                                                      arena=False)
+    _, logits = run_artifact(ctx.cache["nir-artifact"], x, on_spikes=sink.spikes)
+    return Output(logits)
 
 
-RUNNERS: dict[str, Callable[[Context, np.ndarray], Output]] = {
+RUNNERS: dict[str, Callable[[Context, np.ndarray, Sink], Output]] = {
     "torch": _torch, "cupy": _cupy, "engine": _engine, "onnx-int": _onnx("int"), "onnx-float": _onnx("float"),
     "nir": _nir,
 }
 
 # executors that show every spike tensor of the model: one missing is a failure, not a gap
 SHOW_EVERY_SPIKE = ("torch", "cupy", "engine", "nir")
-
-
-def run_executor(ctx: Context, name: str, x: np.ndarray) -> Output:
-    """The executor's output for the current batch (run once per batch, whoever asks)."""
-    if name not in ctx.batch:
-        ctx.batch[name] = RUNNERS[name](ctx, x)
-    return ctx.batch[name]
-
-
-def state_reference(ctx: Context, arithmetic: str, x: np.ndarray) -> Output:
-    """What a candidate's membranes and per-step outputs are compared with, in its own arithmetic: the
-    integer engine's integers for an integer file; the float32 torch model's values for a float one
-    (identical whenever the currents fit float32: the LIF's float updates round the same way in both)."""
-    if arithmetic == "int":
-        return run_executor(ctx, "engine", x)
-    if arithmetic == "float32":
-        if not ctx.float64_reference and "torch" in ctx.batch:
-            return ctx.batch["torch"]
-        key = "torch-float32"
-        if key not in ctx.batch:
-            ctx.batch[key] = _torch_run(ctx, x, torch.float32)
-        return ctx.batch[key]
-    raise DeployError(f"internal: no state reference for {arithmetic!r} arithmetic")
 
 
 def ensure_artifact(ctx: Context, kind: str) -> str:

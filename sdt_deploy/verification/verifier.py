@@ -20,7 +20,7 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -28,18 +28,26 @@ from sdt_deploy.errors import DeployError, MismatchError
 from sdt_deploy.files.artifacts import sha256_of
 from sdt_deploy.quant.bits import bit_report
 from sdt_deploy.quant.qmodel import QuantizedModel
+from sdt_deploy.run.memory import release_freed_memory
 from sdt_deploy.run.torch_runner import predictions
-from sdt_deploy.verification.compare import first_divergence, mismatch_table
-from sdt_deploy.verification.executors import (
+from sdt_deploy.verification.executors import (  # noqa: F401 - cuda_skip_reason, deterministic_cuda: bench/gpu_check.py
     ALL_EXECUTORS,
     RUNNERS,
     SHOW_EVERY_SPIKE,
     Context,
+    Sink,
+    cuda_skip_reason,
+    deterministic_cuda,
+    ensure_artifact,
     membrane_detail,
-    run_executor,
+    onnx_arithmetic,
+    onnx_session,
+    reference_model,
+    reference_plan,
     skip_reason,
-    state_reference,
+    torch_in,
 )
+from sdt_deploy.verification.stream import ReferenceSpikes, SpikeCheck, StateCheck, StateReference
 
 
 def _add(d: dict, ex: str, layer: str, value: int) -> None:
@@ -98,97 +106,207 @@ def layer_order(ctx: Context) -> list:
     return [n.name for n in ctx.graph.nodes if n.out_kind == "spike"]
 
 
-def _first_state_divergence(ref: dict, cand: dict, order: list) -> Optional[tuple]:
-    """(layer, step, sample, index, reference value, candidate value) of the earliest differing membrane."""
-    best = None
-    for rank, layer in enumerate(order):
-        if layer not in cand:
-            continue
-        diff = np.asarray(ref[layer]) != np.asarray(cand[layer])
-        if not diff.any():
-            continue
-        t = int(np.argmax(diff.reshape(diff.shape[0], -1).any(axis=1)))
-        if best is None or (t, rank) < best[0]:
-            at = tuple(int(i) for i in np.argwhere(diff[t])[0])
-            best = ((t, rank), (layer, t, at[0], at[1:], ref[layer][(t,) + at].item(), cand[layer][(t,) + at].item()))
-    return None if best is None else best[1]
+@dataclass
+class ExecutorRun:
+    """What one executor showed of a batch, compared as it came (`stream`)."""
+
+    name: str
+    seconds: float
+    logits: np.ndarray
+    spikes: SpikeCheck
+    states: Optional[StateCheck] = None
 
 
-def _compare_states(ctx: Context, ex: str, out, x: np.ndarray, offset: int, tally: Tally, order: list) -> None:
-    """An ONNX file's membranes and per-step outputs against the same arithmetic's reference."""
-    ref = state_reference(ctx, out.arithmetic, x)
-    lifs = [n for n in order if n in ref.membranes]
-    missing = [n for n in lifs if n not in out.membranes]
-    if missing and out.membranes:
-        raise MismatchError(f"{ex}: the file has no state for {missing[0]} (and {len(missing) - 1} more LIF layers)")
-    for layer in lifs if out.membranes else []:
-        a, b = np.asarray(ref.membranes[layer]), np.asarray(out.membranes[layer])
-        if a.shape != b.shape:
-            raise MismatchError(f"{ex}: the state of {layer} has shape {list(b.shape)}, the reference's "
-                                f"{list(a.shape)}")
-        _add(tally.membranes, ex, layer, a.size)
-        _add(tally.membrane_mismatches, ex, layer, np.count_nonzero(a != b))
-    if out.per_step is not None and ref.per_step is not None:
-        a, b = np.asarray(ref.per_step), np.asarray(out.per_step).reshape(np.shape(ref.per_step))
-        _add(tally.per_step_mismatches, ex, "output", np.count_nonzero(a != b))
-    d = _first_state_divergence(ref.membranes, out.membranes, lifs)
-    if d is not None:
-        layer, t, b, idx, rv, cv = d
-        node = ctx.graph[layer]
-        g = int(np.asarray(node.grid)[idx[0]])
-        first = {"executor": ex, "layer": layer, "step": t, "sample": offset + b, "neuron": list(idx),
-                 "what": "membrane after the step", "reference_V": rv, "candidate_V": cv,
-                 "arithmetic": out.arithmetic, "grid": f"2**-{g}", "theta": float(node.v_threshold),
-                 "theta_int": int(node.theta_int[idx[0]])}
+class Collector(Sink):
+    """The sink one executor's run streams into: its spikes are compared with the reference's (or, for the
+    reference itself, kept); its membranes and per-step outputs are kept where they are a state reference
+    some file is compared with, or compared where the executor is such a file."""
+
+    def __init__(self, spikes: SpikeCheck, reference: Optional[ReferenceSpikes] = None,
+                 keep: Optional[StateReference] = None, states: Optional[StateCheck] = None):
+        self.check, self.reference, self.keep, self.states = spikes, reference, keep, states
+
+    def spikes(self, layer: str, a: np.ndarray, t0: int = 0) -> None:
+        if self.reference is not None:         # the reference run: held (packed) and counted
+            self.reference.add(layer, a)
+            self.check.own(layer, a)
+        else:
+            self.check.add(layer, a, t0)
+
+    def membranes(self, layer: str, v: np.ndarray) -> None:
+        if self.keep is not None:
+            self.keep.keep(layer, v)
+
+    def step(self, t: int, membranes: dict, spikes: dict) -> None:
+        if self.states is not None:
+            self.states.step(t, membranes)
+        for layer, a in spikes.items():
+            self.check.add(layer, a[None], t)
+
+    def per_step(self, y: np.ndarray) -> None:
+        if self.keep is not None:
+            self.keep.per_step = np.asarray(y)
+        if self.states is not None:
+            self.states.per_step(y)
+
+    def wants(self, arithmetic: str) -> bool:
+        return self.keep is not None and self.keep.arithmetic == arithmetic
+
+
+class BatchRun:
+    """One batch through the reference and every executor: each executor's layers compared with the
+    reference's as they are produced, the reference's spikes held packed, a state reference (the engine's
+    integers, the float32 model's membranes) held only until the file compared with it has run."""
+
+    def __init__(self, ctx: Context, x: np.ndarray, reference: str, executors: list):
+        self.ctx, self.x, self.reference = ctx, x, reference
+        self.order = layer_order(ctx)
+        self.rank = {name: i for i, name in enumerate(self.order)}
+        self.ref_spikes = ReferenceSpikes()
+        self.executors = [reference] + [e for e in executors if e != reference]
+        self.runs: dict = {}
+        self.state_refs: dict = {}
+        self.pending = set(ctx.states)          # the arithmetics some file of this batch is compared in
+
+    def _keep_for(self, name: str, arithmetic: str) -> Optional[StateReference]:
+        """A state reference to fill from this run, where one is still wanted and this run gives it."""
+        if arithmetic in self.pending and arithmetic not in self.state_refs:
+            return StateReference(arithmetic)
+        return None
+
+    def _execute(self, name: str, run, keep: Optional[StateReference] = None,
+                 states: Optional[StateCheck] = None, count: bool = True) -> ExecutorRun:
+        check = SpikeCheck(self.ref_spikes, self.rank)
+        sink = Collector(check, self.ref_spikes if name == self.reference and count else None, keep, states)
+        t0 = time.perf_counter()
+        out = run(self.ctx, self.x, sink)
+        seconds = time.perf_counter() - t0
+        release_freed_memory()
+        if keep is not None and (keep.membranes or keep.per_step is not None):
+            self.state_refs[keep.arithmetic] = keep
+        return ExecutorRun(name, seconds, out.logits, check, states)
+
+    def _keep(self, name: str) -> Optional[StateReference]:
+        """The state reference a run of `name` fills: the engine's integers; the torch model's membranes
+        in its arithmetic (float32 where the bit analysis lets the whole model run in float32)."""
+        if name == "engine":
+            return self._keep_for(name, "int")
+        if name == "torch":
+            return self._keep_for(name, reference_model(self.ctx)[1])
+        return None
+
+    def run_reference(self) -> ExecutorRun:
+        run = self._execute(self.reference, RUNNERS[self.reference], self._keep(self.reference))
+        self.runs[self.reference] = run
+        return run
+
+    def state_reference(self, arithmetic: str) -> StateReference:
+        """The membranes and per-step outputs of `arithmetic` for this batch, computed now if no run gave
+        them yet: the engine's integers for "int"; the torch model in that dtype throughout otherwise."""
+        if arithmetic in self.state_refs:
+            return self.state_refs[arithmetic]
+        keep = StateReference(arithmetic)
+        if arithmetic == "int":
+            if "engine" in self.runs:       # ran without keeping its states (not wanted then): again
+                self.runs.pop("engine")
+            self.runs["engine"] = self._execute("engine", RUNNERS["engine"], keep)
+        elif arithmetic in ("float32", "float64"):
+            self._execute(f"torch-{arithmetic}", lambda c, x, s: torch_in(c, x, s, arithmetic), keep)
+        else:
+            raise DeployError(f"internal: no state reference for {arithmetic!r} arithmetic")
+        self.state_refs[arithmetic] = keep
+        return keep
+
+    def run_executor(self, name: str) -> ExecutorRun:
+        if name in self.runs:
+            return self.runs[name]
+        if name.startswith("onnx-"):
+            arithmetic = onnx_arithmetic(onnx_session(self.ctx, name.split("-", 1)[1]))
+            ref = self.state_reference(arithmetic)
+            lifs = [n for n in self.order if n in ref.membranes]
+            states = StateCheck(ref, name, lifs)
+            run = self._execute(name, RUNNERS[name], states=states)
+            self.pending.discard(arithmetic)
+            if not (self.pending & {arithmetic}):
+                self.state_refs.pop(arithmetic, None)      # no file left to compare with it
+                release_freed_memory()
+        else:
+            run = self._execute(name, RUNNERS[name], self._keep(name))
+        self.runs[name] = run
+        return run
+
+
+def _apply_spikes(ctx: Context, batch: BatchRun, run: ExecutorRun, offset: int, tally: Tally) -> None:
+    """One executor's spike comparison into the tally, layers in the reference's order."""
+    check, ex = run.spikes, run.name
+    if not (ex in SHOW_EVERY_SPIKE or check.seen):
+        return
+    ref_layers = list(batch.ref_spikes)
+    missing = [k for k in ref_layers if k not in check.rows]
+    if missing:
+        raise MismatchError(f"{ex}: no spikes for {missing[0]} (and {len(missing) - 1} more layers): the "
+                            "file does not compute that layer")
+    for layer in ref_layers:
+        spikes, bad = check.rows[layer]
+        _add(tally.spikes, ex, layer, spikes)
+        _add(tally.mismatches, ex, layer, bad)
+    if ex != batch.reference and check.first is not None:
+        d = check.first
+        first = {"executor": ex, "layer": d.layer, "step": d.step, "sample": offset + d.sample,
+                 "neuron": list(d.index), "what": "spike", "reference_spike": d.reference,
+                 "candidate_spike": d.candidate}
+        first.update(membrane_detail(ctx, ex, batch.x, d.layer, d.step, d.sample, d.index))
         tally.record_first(first)
-    elif out.per_step is not None and ref.per_step is not None:
-        a, b = np.asarray(ref.per_step), np.asarray(out.per_step).reshape(np.shape(ref.per_step))
-        if np.any(a != b):
-            at = tuple(int(i) for i in np.argwhere(a != b)[0])
-            tally.record_first({"executor": ex, "layer": "output", "step": at[0], "sample": offset + at[1],
-                                "neuron": list(at[2:]), "what": "output of the step, before the read-out",
-                                "reference_value": a[at].item(), "candidate_value": b[at].item(),
-                                "arithmetic": out.arithmetic})
+
+
+def _apply_states(ctx: Context, run: ExecutorRun, offset: int, tally: Tally) -> None:
+    """An ONNX file's membranes and per-step outputs against the same arithmetic's reference."""
+    st, ex = run.states, run.name
+    if st.has_membranes:
+        for layer in st.lifs:
+            size, bad = st.rows[layer]
+            _add(tally.membranes, ex, layer, size)
+            _add(tally.membrane_mismatches, ex, layer, bad)
+    if st.per_step_mismatches is not None:
+        _add(tally.per_step_mismatches, ex, "output", st.per_step_mismatches)
+    if st.first is not None:
+        d = st.first
+        node = ctx.graph[d.layer]
+        g = int(np.asarray(node.grid)[d.index[0]])
+        tally.record_first({"executor": ex, "layer": d.layer, "step": d.step, "sample": offset + d.sample,
+                            "neuron": list(d.index), "what": "membrane after the step", "reference_V": d.reference,
+                            "candidate_V": d.candidate, "arithmetic": st.ref.arithmetic, "grid": f"2**-{g}",
+                            "theta": float(node.v_threshold), "theta_int": int(node.theta_int[d.index[0]])})
+    elif st.per_step_first is not None:
+        d = st.per_step_first
+        tally.record_first({"executor": ex, "layer": "output", "step": d.step, "sample": offset + d.sample,
+                            "neuron": list(d.index), "what": "output of the step, before the read-out",
+                            "reference_value": d.reference, "candidate_value": d.candidate,
+                            "arithmetic": st.ref.arithmetic})
 
 
 def compare_batch(ctx: Context, x: np.ndarray, labels: Optional[np.ndarray], executors: list, offset: int,
                   tally: Tally, reference: str) -> None:
-    ctx.batch = {}
-    t0 = time.perf_counter()
-    ref = run_executor(ctx, reference, x)
-    tally.seconds[reference] = tally.seconds.get(reference, 0.0) + time.perf_counter() - t0
+    """One batch: the reference, then every executor in order, each compared layer by layer as it runs
+    (`BatchRun`); the counts, the first divergence, the predictions and the times go into `tally`."""
+    batch = BatchRun(ctx, x, reference, executors)
+    ref = batch.run_reference()
     ref_pred = predictions(ref.logits)
-    order = layer_order(ctx)
     tally.samples += len(x)
     if labels is not None:
         tally.labelled += len(x)
-    for ex in [reference] + [e for e in executors if e != reference]:
-        t0 = time.perf_counter()
-        out = run_executor(ctx, ex, x)
-        tally.seconds[ex] = tally.seconds.get(ex, 0.0) + time.perf_counter() - t0
-        if ex in SHOW_EVERY_SPIKE or out.spikes:      # an ONNX file with debug outputs shows them all too
-            missing = [k for k in ref.spikes if k not in out.spikes]
-            if missing:
-                raise MismatchError(f"{ex}: no spikes for {missing[0]} (and {len(missing) - 1} more layers): the "
-                                    "file does not compute that layer")
-            table = mismatch_table(ref.spikes, out.spikes)
-            for layer, row in table.items():
-                _add(tally.spikes, ex, layer, row["candidate_spikes"])
-                _add(tally.mismatches, ex, layer, row["mismatches"])
-            if ex != reference and any(row["mismatches"] for row in table.values()):
-                d = first_divergence(ref.spikes, out.spikes, order)
-                first = {"executor": ex, "layer": d.layer, "step": d.step, "sample": offset + d.sample,
-                         "neuron": list(d.index), "what": "spike", "reference_spike": d.reference,
-                         "candidate_spike": d.candidate}
-                first.update(membrane_detail(ctx, ex, x, d.layer, d.step, d.sample, d.index))
-                tally.record_first(first)
+    for ex in batch.executors:
+        run = batch.run_executor(ex)
+        tally.seconds[ex] = tally.seconds.get(ex, 0.0) + run.seconds
+        _apply_spikes(ctx, batch, run, offset, tally)
         if ex.startswith("onnx-"):
-            _compare_states(ctx, ex, out, x, offset, tally, order)
-        pred = predictions(out.logits)
+            _apply_states(ctx, run, offset, tally)
+        pred = predictions(run.logits)
         tally.agree_pred[ex] = tally.agree_pred.get(ex, 0) + int((pred == ref_pred).sum())
         if labels is not None:
             tally.correct[ex] = tally.correct.get(ex, 0) + int((pred == labels).sum())
-    ctx.batch = {}
+        if ex != reference:
+            batch.runs.pop(ex, None)      # its results are in the tally: nothing of it is kept
 
 
 @dataclass
@@ -199,6 +317,8 @@ class VerifyResult:
     skipped: dict
     bits: dict
     artifacts: dict          # executor -> {"path", "sha256", "origin"}: the file behind it
+    plan: object = None      # run.memory.BatchPlan: the batch and processes the budget allowed
+    jobs: int = 1            # the processes that ran batches
 
     @property
     def ok(self) -> bool:
@@ -241,14 +361,61 @@ class VerifyResult:
         }
 
 
+def memory_per_process(q: QuantizedModel, active: list, reference: str, states: set) -> tuple[int, int]:
+    """(the bytes one verifying process holds for its models and sessions, the bytes a sample of a batch
+    adds): the reference's spikes packed, the state references held for the ONNX files, and the largest
+    executor's working set while it runs (`run.memory`)."""
+    from sdt_deploy.run import memory as M
+
+    a = M.activations(q.graph)
+    runs = set(active) | {reference} | ({"engine"} if "int" in states else set()) | \
+        ({"torch"} if states - {"int"} else set())
+    held = a.spikes * a.T / 8 + (a.lif * a.T * 4 if states else 0)     # one state reference at a time
+    sample = held + max(M.executor_bytes(e, a) for e in runs)
+    models = M.RUNTIME_BYTES + a.params + sum(M.model_bytes(e, a) for e in runs)
+    return int(models), int(sample)
+
+
+PROCESS_MIN_WORK = 1 << 26    # neuron-steps of a whole run below which one process is quicker
+
+
+def worth_processes(graph, samples: int) -> bool:
+    """Whether a run is large enough for worker processes: a worker's start costs seconds (measured 2-4 s
+    on 2 cores: Python, torch and onnxruntime imported, the models built, the sessions opened), a small
+    model's batch a fraction of that."""
+    from sdt_deploy.run.memory import activations
+
+    a = activations(graph)
+    return a.all * a.T * samples >= PROCESS_MIN_WORK
+
+
+def _slim(q: QuantizedModel) -> QuantizedModel:
+    """What a worker process needs of the quantized model: the graph and settings, no torch model or
+    checkpoint tensors (it builds its own model from the graph)."""
+    from sdt_deploy.files.checkpoint import Checkpoint
+
+    ck = q.checkpoint
+    return QuantizedModel(None, q.graph, q.config, q.data, keep=q._keep, resolved=q.resolved,
+                          checkpoint=Checkpoint(ck.path, {}, ck.layout, sha256=ck.sha256))
+
+
 def run_verify(q: QuantizedModel, dataset, executors: list, artifacts: Optional[dict] = None,
                batch_size: int = 16, indices: Optional[list] = None, progress: bool = False,
-               workdir: Optional[str] = None) -> VerifyResult:
+               workdir: Optional[str] = None, max_memory=None, jobs: Optional[int] = None,
+               notes: Optional[Callable[[str], None]] = None) -> VerifyResult:
     """Every batch of `dataset` through the reference and the `executors`, on the quantized model `q`.
-    `artifacts`: {executor: path} of the user's files (the others are exported for the run)."""
+    `artifacts`: {executor: path} of the user's files (the others are exported for the run).
+    `max_memory`: the budget (`run.memory.parse_memory`: bytes, '8G', a fraction; default a third of the
+    available memory); the batch and the worker processes are cut to fit it, and `notes` is told so in
+    one sentence. `jobs`: processes (default: one per CPU this process may use), each taking whole
+    batches (`parallel`); one process runs the runtimes with their own thread counts."""
+    from sdt_deploy.run.memory import parse_memory, plan_batch
+    from sdt_deploy.verification import parallel
+
     unknown = [e for e in executors if e not in RUNNERS]
     if unknown:
         raise DeployError(f"unknown executor {unknown[0]!r} (choose from {', '.join(ALL_EXECUTORS)})")
+    budget = parse_memory(max_memory)
     bits = bit_report(q.graph)["summary"]
     skipped = {e: r for e in executors if (r := skip_reason(e))}
     active = [e for e in executors if e not in skipped]
@@ -257,22 +424,50 @@ def run_verify(q: QuantizedModel, dataset, executors: list, artifacts: Optional[
     reference = "cupy" if ("cupy" in active and bits["float32_exact"]) else "torch"
     states = {"int" for e in active if e == "onnx-int"} | {"float32" for e in active if e == "onnx-float"}
     given = dict(artifacts or {})
+    idx = list(range(len(dataset))) if indices is None else list(indices)
+    models, sample = memory_per_process(q, active, reference, states)
+    wanted_jobs = parallel.cpus() if jobs is None else max(1, int(jobs))
+    if "cupy" in active:
+        wanted_jobs = 1                      # one process holds the GPU
+    plan = plan_batch("verify", batch_size, budget, models, sample, jobs=wanted_jobs)
+    chunks = [idx[i:i + plan.batch_size] for i in range(0, len(idx), plan.batch_size)]
+    n_jobs = max(1, min(plan.jobs, len(chunks)))
+    if n_jobs > 1 and jobs is None and not worth_processes(q.graph, len(idx)):
+        n_jobs = 1          # a worker's start (its imports, models, sessions) would outweigh its share
+    if plan.note and notes is not None:
+        notes(plan.note)
     with contextlib.ExitStack() as stack:
         wd = workdir or stack.enter_context(tempfile.TemporaryDirectory(prefix="sdt-verify-"))
-        ctx = Context(q, wd, dict(given), set(given), float64_reference=not bits["float32_exact"], states=states)
+        ctx = Context(q, wd, dict(given), set(given), float64_reference=not bits["float32_exact"], states=states,
+                      threads=1 if n_jobs > 1 else None)
         if reference == "torch" and ctx.float64_reference:
-            bits = {**bits, "reference_dtype": "float64"}
-        idx = list(range(len(dataset))) if indices is None else list(indices)
-        tally = Tally()
+            rplan = reference_plan(ctx)
+            bits = {**bits, "reference_dtype": rplan.describe(),
+                    "reference_float64_layers": "all" if rplan.whole else sorted(rplan.synaptic | rplan.neurons)}
+        for ex in active:       # the files exported before the first batch (and once for every process)
+            if ex.startswith("onnx-") or ex == "nir":
+                ensure_artifact(ctx, ex)
+                release_freed_memory()     # an export's temporaries are not the batches' memory
+        workers = None
+        if n_jobs > 1:
+            setup = {"q": _slim(q), "workdir": wd, "artifacts": ctx.artifacts, "user_files": ctx.user_files,
+                     "float64_reference": ctx.float64_reference, "states": states, "active": active,
+                     "reference": reference}
+            workers = stack.enter_context(parallel.Workers(n_jobs - 1, setup))
+        stack.enter_context(parallel.torch_single_thread(n_jobs > 1))
         from sdt_deploy.console import progress as progress_bar
 
+        def local(x, labels, offset):
+            t = Tally()
+            compare_batch(ctx, x, labels, active, offset, t, reference)
+            return t
+
         with progress_bar(len(idx), "verify", enabled=progress) as advance:
-            for start in range(0, len(idx), batch_size):
-                chunk = idx[start:start + batch_size]
-                x, labels = dataset.batch(chunk)
-                compare_batch(ctx, x, labels, active, chunk[0], tally, reference)
-                advance(len(chunk))
+            parts = parallel.run_batches(chunks, dataset.batch, local, workers, advance)
+        tally = Tally()
+        for t in parts:
+            tally = tally.merge(t)
         files = {ex: {"path": path if ex in given else os.path.basename(path), "sha256": sha256_of(path),
                       "origin": "your file" if ex in given else "exported for this run"}
                  for ex, path in ctx.artifacts.items() if ex in active}
-        return VerifyResult(tally, reference, active, skipped, bits, files)
+        return VerifyResult(tally, reference, active, skipped, bits, files, plan, n_jobs)
