@@ -17,7 +17,7 @@ from typing import Any, Mapping, Optional, Union
 
 import numpy as np
 
-from models import SpikeDrivenTransformer
+from models import MetaSpikeFormer, SpikeDrivenTransformer
 from sdt_deploy import __version__
 from sdt_deploy.errors import DeployError
 from sdt_deploy.files.checkpoint import Checkpoint, LoadedModel, float_model, load_checkpoint
@@ -29,7 +29,7 @@ from sdt_deploy.quant.bits import check_engine_bounds
 from sdt_deploy.quant.contract import QuantOptions, fold_and_quantize
 from sdt_deploy.quant.qmodel import QuantizedModel, load_quantized
 
-Source = Union[str, os.PathLike, LoadedModel, QuantizedModel, SpikeDrivenTransformer]
+Source = Union[str, os.PathLike, LoadedModel, QuantizedModel, SpikeDrivenTransformer, MetaSpikeFormer]
 
 
 def load_model(path: Union[str, os.PathLike], flags: Optional[Mapping[str, Any]] = None, config: Optional[str] = None,
@@ -51,6 +51,11 @@ def loaded(source: Source) -> Union[LoadedModel, QuantizedModel]:
         return load_model(source)
     if isinstance(source, SpikeDrivenTransformer):
         return LoadedModel(source, Resolved(source.cfg, DataConfig(), {}), Checkpoint("", {}, "none"))
+    if isinstance(source, MetaSpikeFormer):
+        from sdt_deploy.files.configs import v2_data_config
+
+        return LoadedModel(source, Resolved(source.cfg, v2_data_config(None, source.cfg.img_size), {}),
+                           Checkpoint("", {}, "none"))
     raise TypeError(f"expected a checkpoint path, a LoadedModel, a QuantizedModel or an SDT model, "
                     f"got {type(source).__name__}")
 

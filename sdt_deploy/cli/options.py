@@ -24,7 +24,7 @@ BATCH_SIZE = 16
 
 # the configuration fields a flag can set (the SDTConfig field names)
 FLAG_FIELDS = ("img_size", "in_channels", "num_classes", "dim", "depth", "num_heads", "mlp_ratio",
-               "time_steps", "pooling_stat", "spike_mode", "dvs_mode", "tet")
+               "time_steps", "pooling_stat", "spike_mode", "dvs_mode", "tet", "kd")
 
 
 def _apply(options, f):
@@ -38,7 +38,8 @@ def model_options(f):
     return _apply([
         click.argument("ckpt", required=False),
         click.option("--config", "config", metavar="YAML|NAME",
-                     help="an original conf YAML file, or a published name such as cifar10/2_256_300E_t4"),
+                     help="an original conf YAML file, or a published name such as cifar10/2_256_300E_t4 or "
+                          "v2/metaspikformer_8_512 (SDT V2)"),
         click.option("--ema", is_flag=True, help="use the checkpoint's EMA weights (state_dict_ema)"),
         click.option("--img-size", type=int, help="input height = width"),
         click.option("--in-channels", type=int, help="input channels (3 for images, 2 for DVS events)"),
@@ -52,6 +53,7 @@ def model_options(f):
         click.option("--spike-mode", type=click.Choice(["lif", "plif"]), help="LIF, or PLIF (learned decay)"),
         click.option("--dvs-mode/--no-dvs-mode", default=None, help="the 3x3 OR-pools of CIFAR10-DVS"),
         click.option("--tet/--no-tet", default=None, help="per-step logits (TET)"),
+        click.option("--kd/--no-kd", default=None, help="V2: the distilled Meta-SpikeFormer (a second head, head_kd)"),
     ], f)
 
 
