@@ -104,7 +104,10 @@ class V2Config:
         return sizes
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Plain JSON-like values (embed_dim a list, as it reads back from any file that stores it)."""
+        d = asdict(self)
+        d["embed_dim"] = list(d["embed_dim"])
+        return d
 
     def replace(self, **changes) -> V2Config:
         return replace(self, **changes)

@@ -35,6 +35,8 @@ Deployable forms (`form`), the shapes a quantized model's weights come in, modul
 - `reparam`: folded, and structurally re-parameterized: each RepConv with its outer BN is one 3x3
   convolution (padding 1) at the RepConv's path (`block3.0.attn.q_conv`), each SepConv's depthwise 7x7
   and pointwise 1x1 one 7x7 convolution `Conv.dwconv_pwconv2`; every synaptic layer then reads spikes.
+The deployable forms record the taps of `attn_lif`, `fc1_lif` and `fc2_lif` in the [C, H, W] layout of
+every other tap (the deploy graph's), where the original form records the [C, N] it computes them in.
 With `head_pool="sum"` the tokens are summed before `lif`, whose threshold takes the factor H*W
 (`tokens`): exact where dividing by H*W is not. `input_quant` puts the image on its grid.
 
@@ -219,6 +221,7 @@ class Attention(nn.Module):
         super().__init__()
         self.path = path
         self.num_heads = num_heads
+        self.flat_taps = form == "original"
         self.head_lif = LIF()
         self.q_conv = _repconv_bn(dim, form)
         self.k_conv = _repconv_bn(dim, form)
@@ -252,7 +255,7 @@ class Attention(nn.Module):
             taps[f"{p}.qkv"] = qkv.detach().to(torch.int32)
         a = (qkv * ATTN_SCALE).transpose(3, 4).reshape(T, B, C, H * W).contiguous()
         a = self.attn_lif(a)
-        _record(taps, f"{p}.attn_lif", a)
+        _record(taps, f"{p}.attn_lif", a if self.flat_taps else a.reshape(T, B, C, H, W))
         return self.proj_conv(a.reshape(T, B, C, H, W).flatten(0, 1)).reshape(T, B, C, H, W)
 
 
@@ -262,6 +265,7 @@ class MLP(nn.Module):
     def __init__(self, dim: int, hidden: int, path: str, form: str = "original"):
         super().__init__()
         self.path = path
+        self.flat_taps = form == "original"
         self.c_hidden = hidden
         self.c_output = dim
         bn1d = (lambda c: nn.BatchNorm1d(c)) if form == "original" else (lambda c: nn.Identity())
@@ -275,10 +279,10 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor, taps: Taps = None) -> torch.Tensor:
         T, B, C, H, W = x.shape
         s = self.fc1_lif(x.flatten(3))
-        _record(taps, f"{self.path}.fc1_lif", s)
+        _record(taps, f"{self.path}.fc1_lif", s if self.flat_taps else s.reshape(T, B, C, H, W))
         h = self.fc1_bn(self.fc1_conv(s.flatten(0, 1))).reshape(T, B, self.c_hidden, H * W).contiguous()
         s = self.fc2_lif(h)
-        _record(taps, f"{self.path}.fc2_lif", s)
+        _record(taps, f"{self.path}.fc2_lif", s if self.flat_taps else s.reshape(T, B, -1, H, W))
         return self.fc2_bn(self.fc2_conv(s.flatten(0, 1))).reshape(T, B, C, H, W).contiguous()
 
 
@@ -332,6 +336,14 @@ class MetaSpikeFormer(nn.Module):
         self.head = nn.Linear(e3, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
         if cfg.kd:
             self.head_kd = nn.Linear(e3, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
+
+    def record_taps_as_grids(self, on: bool = True) -> MetaSpikeFormer:
+        """Record the taps of `attn_lif`, `fc1_lif` and `fc2_lif` as [C, H, W] (the layout of every other tap)
+        instead of the original's [C, N]: the same neurons, reshaped. The deployable forms always do."""
+        for m in self.modules():
+            if hasattr(m, "flat_taps"):
+                m.flat_taps = not on
+        return self
 
     def time_major(self, x: torch.Tensor) -> torch.Tensor:
         """[B, C, H, W] -> [T, B, C, H, W] (a [C, H, W] tensor becomes a batch of one, as in the original)."""

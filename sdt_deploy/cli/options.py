@@ -6,7 +6,7 @@ shipped demo); `--json` prints JSON on stdout instead of the tables; files are w
 `--force`; inputs are `-i/--input`, `--data`, `--digits`, `--random`; `--batch-size` is 16 everywhere;
 `--quiet` leaves only the results (no notes, no progress, no "wrote" lines) and `--no-progress` only
 drops the progress bars; quantization takes `--weight-bits`, `--input-bits`, `--scale-search`,
-`--input-range` wherever it happens.
+`--input-range` (and, for V2, `--reparam`) wherever it happens.
 
 A leaf module: it imports click and nothing heavy at import time, so that starting the command line
 (and `--help`) stays light; the library is imported inside the functions that need it.
@@ -76,6 +76,10 @@ def quant_options(f=None, *, from_artifacts: bool = False):
                          help="largest |input| the input grid must hold"
                               + (later.format("from the data's mean/std") if from_artifacts
                                  else " (default: from the data's mean/std)")),
+            click.option("--reparam", is_flag=True, default=None,
+                         help="V2: structurally re-parameterize before quantizing (RepConv and SepConv chains as "
+                              "one convolution of spikes: more ACs, fewer MACs, more parameters)"
+                              + (" (default: the artifacts' setting)" if from_artifacts else "")),
         ], f)
     return decorate(f) if f is not None else decorate
 

@@ -36,7 +36,7 @@ from sdt_deploy.cli.options import (
 @json_option
 @run_options
 def report(ckpt, input_path, data_dir, digits, random_n, seed, energy, float_model, explain, json_path, csv_path,
-           plot_path, weight_bits, input_bits, scale_search, input_range, force, as_json, batch_size, quiet,
+           plot_path, weight_bits, input_bits, scale_search, input_range, reparam, force, as_json, batch_size, quiet,
            no_progress, **kw):
     """Operations, firing rates and energy per layer: the paper's convention, what the integer engine
     measured, and the ANN baseline. By default the quantized model is counted on the first 32 held-out
@@ -66,11 +66,11 @@ def report(ckpt, input_path, data_dir, digits, random_n, seed, energy, float_mod
                            default_digits=32)
     progress = not (quiet or no_progress)
     if float_model:
-        rep = run_float_report(source.model, deploy_graph(source), inputs, table, batch_size=batch_size,
-                               progress=progress)
+        rep = run_float_report(source.model, deploy_graph(source, reparam=bool(reparam)), inputs, table,
+                               batch_size=batch_size, progress=progress)
     else:
         q = quantize(source, weight_bits=weight_bits, input_bits=input_bits, scale_search=scale_search,
-                     input_range=input_range, progress=progress)
+                     input_range=input_range, progress=progress, reparam=reparam)
         rep = run_report(q, inputs, table, batch_size=batch_size, progress=progress)
     write_outputs(rep, json_path, csv_path, plot_path)
     if as_json:

@@ -449,7 +449,9 @@ def _v2_float_model(ck: Checkpoint, flags: Optional[Mapping[str, Any]], config: 
         raise DeployError(f"checkpoint {ck.path!r}: unexpected key {extra[0]} for a V2 Meta-SpikeFormer")
     model.load_state_dict(_float32(ck.state_dict), strict=True, assign=True)
     model.T = resolved.config.time_steps
-    return LoadedModel(model.eval(), resolved, ck)
+    # every tap in the deploy graph's [C, H, W] layout, as the quantized model's (`run --dump` writes the
+    # original's layout back)
+    return LoadedModel(model.eval().record_taps_as_grids(), resolved, ck)
 
 
 def _float32(state_dict: Mapping[str, torch.Tensor]) -> dict:
@@ -463,7 +465,8 @@ def model_from_config(flags: Optional[Mapping[str, Any]] = None, config: Optiona
     Meta-SpikeFormer (`--kd` for its distilled form)."""
     if is_v2_name(config):
         resolved = resolve_v2(flags=flags, named=config)
-        return LoadedModel(build_v2_model(resolved.config), resolved, Checkpoint(path="", state_dict={}, layout="none"))
+        return LoadedModel(build_v2_model(resolved.config).record_taps_as_grids(), resolved,
+                           Checkpoint(path="", state_dict={}, layout="none"))
     if (flags or {}).get("kd") is not None:
         raise DeployError("--kd is a V2 setting (the distilled Meta-SpikeFormer); V1 has no second head")
     resolved = resolve(flags=flags, yaml_path=config)

@@ -92,8 +92,23 @@ def cut_values(stem) -> np.ndarray:
     return np.ascontiguousarray(values.swapaxes(0, 1))
 
 
+def run_nir_then_host(art: NirArtifact, x: np.ndarray) -> tuple[dict, np.ndarray]:
+    """A V2 export (manifest `order` "nir-then-host"): the NIR prefix on the image, its per-step output (the
+    current at the cut, float64, exact) fed to the host's ONNX graph, which gives the logits."""
+    outputs, nir_spikes = run_nir(art.graph, nir_input(art.graph, x))
+    if len(outputs) != 1:
+        raise DeployError(f"{art.path}: expected one NIR output, found {len(outputs)}")
+    cut = np.ascontiguousarray(np.asarray(next(iter(outputs.values()))).swapaxes(0, 1))   # [B, T, ...]
+    host = art.host.run(cut)
+    spikes = dict(nir_layer_spikes(art.graph, nir_spikes))
+    spikes.update(host.spikes)
+    return spikes, host.logits
+
+
 def run_artifact(art: NirArtifact, x: np.ndarray) -> tuple[dict, np.ndarray]:
     """(spikes by layer name, logits) of the artifact on model inputs x ([B,C,H,W] or [B,T,C,H,W])."""
+    if art.manifest is not None and art.manifest.get("order") == "nir-then-host":
+        return run_nir_then_host(art, x)
     spikes, feed = host_feed(art, x)
     outputs, nir_spikes = run_nir(art.graph, feed)
     spikes.update(nir_layer_spikes(art.graph, nir_spikes))

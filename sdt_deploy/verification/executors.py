@@ -154,7 +154,7 @@ def _onnx(variant: str) -> Callable[[Context, np.ndarray], Output]:
             ctx.cache[key] = open_onnx(ensure_artifact(ctx, f"onnx-{variant}"))
         res = run_onnx(ctx.cache[key], x)
         per_step = res.logits_int if variant == "int" else res.per_step
-        return Output(res.spikes, res.logits, res.membranes, per_step, "int" if variant == "int" else "float32")
+        return Output(res.spikes, res.logits, res.membranes, per_step, res.arithmetic)
     return run
 
 
@@ -195,6 +195,13 @@ def state_reference(ctx: Context, arithmetic: str, x: np.ndarray) -> Output:
         key = "torch-float32"
         if key not in ctx.batch:
             ctx.batch[key] = _torch_run(ctx, x, torch.float32)
+        return ctx.batch[key]
+    if arithmetic == "float64":   # a V2 float file: its currents and states are float64
+        if ctx.float64_reference and "torch" in ctx.batch and ctx.batch["torch"].arithmetic == "float64":
+            return ctx.batch["torch"]
+        key = "torch-float64"
+        if key not in ctx.batch:
+            ctx.batch[key] = _torch_run(ctx, x, torch.float64)
         return ctx.batch[key]
     raise DeployError(f"internal: no state reference for {arithmetic!r} arithmetic")
 
