@@ -251,16 +251,35 @@ def ops_mismatches(expected: Mapping, engine: Mapping) -> list[str]:
 
 # ---- the paper's convention ----
 
+def is_v2(g: Graph) -> bool:
+    return g.meta.get("family") == "v2"
+
+
 def paper_layer(g: Graph, n: Node, rates: Mapping[str, float], time_steps: int,
                 static_input: bool = True) -> Optional[dict]:
     """The paper's count for one layer, per sample: the encoder conv `FLOPs` MACs for a static image
     (E_MAC x FL_conv^1: the image is the same at every step, so its convolution is computed once),
     `FLOPs * T` for event frames (a new frame each step); every other conv/linear
-    `rate(input spikes) * T * FLOPs` SOPs (ACs); None for everything else."""
+    `rate(input spikes) * T * FLOPs` SOPs (ACs); None for everything else.
+
+    V2 (Yao et al., ICLR 2024, its energy formula E_MAC FL_conv^1 + E_AC T (sum_n FL_conv^n fr^n + sum_m
+    FL_SDSA^m fr^m)): the attention's products too, `kv` at the rate of k and `q kv` at the rate of q,
+    FL_SDSA = N C d each; and a convolution reading a real value (SepConv's pointwise after the depthwise,
+    RepConv's depthwise and second 1x1), for which the formula has no firing rate, at rate 1 (a real
+    input is nonzero almost everywhere), priced as AC as the formula does -- the measured column counts
+    the MACs they are."""
+    if isinstance(n, (KVProduct, QKVProduct)) and is_v2(g):
+        src = n.inputs[0]
+        r = float(rates[src])
+        flops = dense_flops(g, n)
+        return {"counted_as": "AC", "rate": r, "flops": flops, "ops": r * time_steps * flops}
     if not isinstance(n, SYNAPTIC):
         return None
     flops = dense_flops(g, n)
     if not reads_spikes(g, n):
+        if is_v2(g) and not isinstance(g[n.inputs[0]], Input):
+            return {"counted_as": "AC", "rate": 1.0, "flops": flops, "ops": float(time_steps * flops),
+                    "real_input": True}
         macs = flops if static_input else flops * time_steps
         return {"counted_as": "MAC", "rate": None, "flops": flops, "ops": float(macs)}
     src = n.inputs[0]
@@ -271,7 +290,8 @@ def paper_layer(g: Graph, n: Node, rates: Mapping[str, float], time_steps: int,
 
 
 def paper_convention(g: Graph, rates: Mapping[str, float], time_steps: int, static_input: bool = True) -> dict:
-    """{layer: paper_layer(...)} for every conv and linear layer. `rates` maps spike tensors (node names,
+    """{layer: paper_layer(...)} for every conv and linear layer (V2: and the attention's products). `rates`
+    maps spike tensors (node names,
     as the paper's Table S1 lists firing rates per spike tensor) to their mean firing rate."""
     out = {}
     for n in g.nodes:
@@ -770,4 +790,30 @@ def convention_notes(table: EnergyTable, engine_checked: bool = True, graph: Opt
             "memory access and data movement (neither convention prices them; on real hardware they often "
             "dominate)",
         ],
+        **({"v2": v2_notes(graph)} if graph is not None and is_v2(graph) else {}),
     }
+
+
+def v2_notes(g: Graph) -> list:
+    """What the accounting does with V2's own ops (in the report of a V2 graph only)."""
+    reparam = bool(g.meta.get("reparam"))
+    return [
+        "SDT V2 (Meta-SpikeFormer, Yao et al., ICLR 2024): the paper column follows its energy formula, "
+        "E = E_MAC FL_conv^1 + E_AC T (sum_n FL_conv^n fr^n + sum_m FL_SDSA^m fr^m): the first convolution (the "
+        "image) as MAC, every other convolution and linear layer and the attention's two products as SOPs",
+        "the attention: kv = k^T v (binary x binary) counts one AC per coincidence of a k and a v spike at a token "
+        "(measured), FL_SDSA = N C d at the rate of k (paper); q kv (binary x integer) counts one integer AC per "
+        "query spike and entry of its kv row, d a spike (measured: 'int_ac', priced as an AC: an addition, of a "
+        "multi-bit integer read from a dynamic memory), FL_SDSA = N C d at the rate of q (paper); the 0.125 "
+        "scale is a shift (the grid), counted nowhere",
+        "kind 'MAC on a current': a convolution whose input is real-valued -- SepConv's pointwise 1x1 after the "
+        "depthwise 7x7, RepConv's depthwise 3x3 and second 1x1 after the BN-and-pad; the measured column counts "
+        "their multiply-accumulates (every valid tap of every input value, at every step); the paper's formula "
+        "has no firing rate for them and is applied with rate 1 (a real input is nonzero almost everywhere), "
+        "priced as AC as the formula prices every layer after the first"
+        + ("; this graph is re-parameterized (--reparam): those chains are convolutions of spikes here, ACs in "
+           "both columns" if reparam else "; --reparam fuses those chains into convolutions of spikes (ACs)"),
+        "depthwise convolutions of spikes: one AC per (input spike, tap) pair per output channel of its group "
+        "(one channel)",
+        "kd: the two heads are two linear layers on the same spikes; their mean (the read-out) runs on the host",
+    ]
