@@ -252,7 +252,7 @@ def lower_input(em: Emitter, n: Input, x: str, ctx: StepContext) -> Value:
     scale = em.const(f"{n.name}.scale", chan(np.exp2(grid.astype(np.float64))))
     if n.bits is None:   # a partition's cut: already on the grid (exact float32 values)
         if not ctx.is_int:
-            return Value(x, FLOAT, grid)
+            return cast_to(em, Value(x, FLOAT, grid), ctx.float_type, f"{n.name}/wide")
         scaled = em.op("Mul", [x, scale], f"{n.name}/scaled")
         rounded = em.op("Round", [scaled], f"{n.name}/rounded")
         elem = int_type_for(ctx.bound(n.name), n.name, "input integer")

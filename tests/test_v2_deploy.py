@@ -270,3 +270,27 @@ def test_nir_export_is_partitioned_before_the_first_attention_product(tmp_path):
     a = torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(w), padding=1, groups=6)
     b = torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(dense_from_grouped(w, 6)), padding=1)
     assert torch.equal(a, b)
+
+
+@needs_v2_fixture
+def test_nir_export_with_a_float_host_part_verifies_as_shipped(tmp_path):
+    """`export --target nir --onnx-variant float` (what `demo` writes): the host ONNX computes its currents in
+    float64, so the cut's input -- the NIR prefix's exact float64 values -- enters as float64 too; the pair
+    is spike-exact as shipped."""
+    import json
+
+    q = fixture_quantized()
+    path = tmp_path / "m.nir"
+    api.export(q, "nir", str(path), onnx_variant="float")
+    manifest = json.loads((tmp_path / "m.manifest.json").read_text())
+    assert manifest["host"]["variant"] == "float" and manifest["host"]["output"] == "logits"
+    host = onnx.load(str(tmp_path / "m.host.onnx"))
+    assert host.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    from exporters.onnx import read_metadata
+
+    assert read_metadata(host)["arithmetic"] == "float64"
+    states = [i for i in host.graph.input if i.name.startswith("v_in.")]
+    assert states and all(i.type.tensor_type.elem_type == onnx.TensorProto.DOUBLE for i in states)
+    res = api.verify(q, fixture_input()[:2], executors=["torch", "nir"], artifacts=[str(path)])
+    assert res.ok, res.to_json()["first_divergence"]
+    assert res.to_json()["executors"]["nir"]["ran"]

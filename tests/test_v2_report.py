@@ -80,3 +80,4 @@ def test_reparameterized_report_has_no_mac_but_the_encoder():
     assert macs == ["downsample1_1.encode_conv"]
     plain = report()
     assert rep["totals"]["measured"]["macs"] < plain["totals"]["measured"]["macs"]
+    assert rep["model"]["reparam"] is True and plain["model"]["reparam"] is False     # recorded in the JSON

@@ -649,7 +649,8 @@ def build_report(g: Graph, tally: SpikeTally, table: EnergyTable, engine_totals:
 def _model_summary(g: Graph) -> dict:
     cfg = g.meta.get("config", {})
     return {"counted": COUNTED[counted_model(g)], "config": cfg, "params": g.param_count(),
-            "quantized": bool(g.meta.get("quantized")), "token_shape": list(g.meta.get("token_shape", []))}
+            "quantized": bool(g.meta.get("quantized")), "token_shape": list(g.meta.get("token_shape", [])),
+            "reparam": bool(g.meta.get("reparam"))}
 
 
 def _block_comparison(g: Graph, scope: str, layers: list, heads: int, table: EnergyTable) -> dict:

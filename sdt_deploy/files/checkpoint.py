@@ -482,3 +482,11 @@ def save_original_format(path: str, model: torch.nn.Module, args: argparse.Names
     if optimizer is not None:
         payload["optimizer"] = optimizer
     save_torch(path, payload)
+
+
+def save_v2_original_format(path: str, model: torch.nn.Module, args: argparse.Namespace, epoch: int = 0,
+                            optimizer: Optional[dict] = None) -> None:
+    """Write a V2 checkpoint the way the original `util/misc.py save_model` does: `model`, `optimizer`,
+    `epoch`, `scaler` (empty without CUDA), `args`."""
+    save_torch(path, {"model": model.state_dict(), "optimizer": optimizer or {}, "epoch": epoch, "scaler": {},
+                      "args": args})
