@@ -135,10 +135,13 @@ from sdt_deploy.ir.graph import (
     Conv,
     Graph,
     Input,
+    KdReadout,
+    KVProduct,
     Linear,
     MaxPool,
     Node,
     OrPool,
+    QKVProduct,
     Readout,
     SpatialMean,
     TokenSum,
@@ -219,6 +222,8 @@ def _build(qgraph: Graph, profile: str, dt: float, time_steps: Optional[int],
     b = _Builder(qgraph, prof, dt, T, lazy_arrays)
     for n in qgraph.nodes:
         _EMIT[type(n)](b, n)
+    if not isinstance(qgraph.output, Readout):     # a partition's prefix ends in the cut's current
+        _emit_prefix_output(b, qgraph.output)
     if prof.depth_first_safe:
         _make_depth_first_safe(b)
     graph = nir.NIRGraph(nodes=b.nodes, edges=b.edges, metadata=_graph_metadata(b), type_check=True)
@@ -301,6 +306,9 @@ def _check_exportable(g: Graph) -> None:
                               "the graph first (exporters.bundle.partition) and export its device part")
         if isinstance(n, (BatchNorm, SpatialMean)):
             raise DeployError(f"{n.name} ({n.op}) should have been removed by fold_bn/quantize")
+        if isinstance(n, (KVProduct, QKVProduct)):
+            raise DeployError(f"{n.name}: a product of two dynamic tensors ({n.op}), which no NIR node computes; "
+                              "partition the graph first (exporters.bundle: the prefix to NIR, the rest on the host)")
         if type(n) not in _EMIT:
             raise DeployError(f"{n.name}: no NIR encoding for a {n.op} node")
         if isinstance(n, LIF) and (n.theta_int is None or n.grid is None):
@@ -471,17 +479,34 @@ def _emit_input(b: _Builder, n: Input) -> None:
     b.value(n.name, (n.name,), n.shape)
 
 
+def dense_from_grouped(weight: np.ndarray, groups: int) -> np.ndarray:
+    """The [O, C, k, k] weight of an ungrouped convolution that computes the grouped one exactly: each
+    group's block where it is, zeros elsewhere (nir 1.0.8 type-checks only ungrouped convolutions)."""
+    O, Cg, kh, kw = weight.shape
+    Og = O // groups
+    dense = np.zeros((O, Cg * groups, kh, kw), dtype=weight.dtype)
+    for gi in range(groups):
+        dense[gi * Og:(gi + 1) * Og, gi * Cg:(gi + 1) * Cg] = weight[gi * Og:(gi + 1) * Og]
+    return dense
+
+
 def _emit_conv(b: _Builder, n: Conv) -> None:
     c_in, h, w = b.shape_in(n)
     kh, kw = n.weight_shape[2:]
-    if kh != kw or n.groups != 1:
-        raise DeployError(f"{n.name}: nir 1.0.8 type-checks only square, ungrouped convolutions "
-                          f"(kernel {kh}x{kw}, groups {n.groups})")
-    reads_spikes = b.g[n.inputs[0]].out_kind == SPIKE
-    node = _conv(b.weight(n.name, lambda: n.float_weight(F64), n.weight_shape), (h, w), n.stride, n.padding,
+    if kh != kw:
+        raise DeployError(f"{n.name}: nir 1.0.8 type-checks only square convolutions (kernel {kh}x{kw})")
+    source = b.g[n.inputs[0]]
+    role = "synapse" if source.out_kind == SPIKE else ("encoder" if isinstance(source, Input) else "synapse.current")
+    shape = (n.weight_shape[0], c_in, kh, kw)
+    meta = {}
+    if n.groups == 1:
+        make = lambda: n.float_weight(F64)          # noqa: E731
+    else:     # V2's depthwise convolutions: the exact dense equivalent (groups x the weights, zeros elsewhere)
+        make = lambda: dense_from_grouped(n.float_weight(F64), n.groups)   # noqa: E731
+        meta = {"groups": int(n.groups), "encoding": "grouped convolution as its dense equivalent (zero blocks)"}
+    node = _conv(b.weight(n.name, make, shape), (h, w), n.stride, n.padding,
                  None if n.bias is None else np.asarray(n.bias, dtype=F64))
-    b.add(n.name, node, b.feed(n), role="synapse" if reads_spikes else "encoder", w_int=n.w_int, w_exp=n.w_exp,
-          b_int=n.b_int, grid=n.grid)
+    b.add(n.name, node, b.feed(n), role=role, w_int=n.w_int, w_exp=n.w_exp, b_int=n.b_int, grid=n.grid, **meta)
     b.value(n.name, (n.name,), n.shape)
 
 
@@ -641,9 +666,31 @@ def _emit_readout(b: _Builder, n: Readout) -> None:
     b.value(n.name, (OUTPUT,), shape)
 
 
+def _emit_kd_readout(b: _Builder, n: KdReadout) -> None:
+    """V2 with kd: both heads' edges into `Scale(0.5)` (exact), whose value is the per-step output; the mean
+    over T stays with the host, as for `Readout`."""
+    shapes = {b.shapes[i] for i in n.inputs}
+    if len(shapes) != 1:
+        raise DeployError(f"{n.name}: heads of different shapes {sorted(shapes)}")
+    shape = shapes.pop()
+    half = b.add(f"{n.name}.mean_of_heads", nir.Scale(scale=np.full(shape, 0.5, dtype=F64)),
+                 b.feed(n, 0) + b.feed(n, 1), role="kd_mean")
+    b.add(OUTPUT, nir.Output(output_type=np.asarray(shape, dtype=np.int64)), (half,), role="output", readout=n.mode)
+    b.readout = n.mode
+    b.value(n.name, (OUTPUT,), shape)
+
+
+def _emit_prefix_output(b: _Builder, n: Node) -> None:
+    """The output of a partition's prefix (V2: the residual stream at the cut, a current), per step."""
+    shape = b.shapes[n.name]
+    b.add(OUTPUT, nir.Output(output_type=np.asarray(shape, dtype=np.int64)), b.sources[n.name], role="output",
+          readout="none", grid=n.grid)
+    b.readout = "none"
+
+
 _EMIT = {Input: _emit_input, Conv: _emit_conv, Linear: _emit_linear, LIF: _emit_lif, And: _emit_and,
          OrPool: _emit_orpool, TokenSum: _emit_tokensum, Broadcast: _emit_broadcast, Add: _emit_add,
-         Readout: _emit_readout}
+         Readout: _emit_readout, KdReadout: _emit_kd_readout}
 
 
 # ---------------------------------------------------------------- depth-first safety (norse profile)
@@ -758,6 +805,9 @@ _LOADERS = {
 
 
 def readout_rule(mode: str, T: int, flat_head: bool) -> str:
+    if mode == "none":
+        return (f"run the graph for exactly time_steps = {T} steps, one input frame per step; output[t] is the "
+                "current at the cut, which the host part of the partition reads at step t")
     """How the logits are formed from the per-step `Output` (graph metadata `readout_rule`)."""
     shape = "[K]" if flat_head else "[K, 1, 1], flattened to [K]"
     steps = (f"run the graph for exactly time_steps = {T} steps (its thresholds are exact for up to {T}), "

@@ -48,6 +48,20 @@ exact), S = H >= v_threshold, V' = Where(S, 0, H). Spikes are float32 0/1.
 
 Both variants require decay 1/2 (tau = 2; the quantizer sets every PLIF to it).
 
+SDT V2 (Meta-SpikeFormer)
+-------------------------
+V2 convolutions also read currents: SepConv's pointwise 1x1 after its depthwise 7x7, RepConv's
+depthwise 3x3 and second 1x1. Their integers exceed ConvInteger's 8-bit operands (and float32's 24 bits:
+the bit analysis measures 30 to 45 bits), so they are lowered without Conv: a depthwise k x k
+convolution as the sum over its k*k taps of a strided Slice times the tap's per-channel weight, a 1x1
+convolution as a MatMul of the [C, H*W] current, in int32/int64 (int) or float64 (float), each channel
+first shifted onto its group's grid (`quant.contract.input_shift`). The float variant of a V2 graph
+computes every current in float64 (`sdt_deploy.arithmetic` = float64): convolutions of spikes stay
+float32 Conv (exact: the bound fits 24 bits, checked) and are widened; LIF states and the per-step
+output are float64. The attention's products: `kv = k^T v` is a MatMulInteger of the two uint8 spike
+tensors per head (int32 counts), `q kv` a MatMul of int32 (float: float64) with the 2**-3 scale as the
+grid (float: a multiply by 0.125, exact). kd: `head + head_kd` on the grid one step finer (the halving).
+
 The int read-out
 ----------------
 Per step t the int model outputs `logits_int[t]`, integers (int32, int64 where the bound asks) on the
@@ -86,15 +100,18 @@ from sdt_deploy.ir.graph import (
     Conv,
     Graph,
     Input,
+    KdReadout,
+    KVProduct,
     Linear,
     MaxPool,
     Node,
     OrPool,
+    QKVProduct,
     Readout,
     TokenSum,
 )
 from sdt_deploy.quant.bits import channel_bounds, fits_int64
-from sdt_deploy.quant.contract import settings_of
+from sdt_deploy.quant.contract import input_shift, settings_of
 
 OPSET = 21
 IR_VERSION = 10
@@ -104,6 +121,8 @@ META = ONNX_META_PREFIX
 
 INT8, UINT8, INT32, INT64, FLOAT = (TensorProto.INT8, TensorProto.UINT8, TensorProto.INT32, TensorProto.INT64,
                                     TensorProto.FLOAT)
+DOUBLE = TensorProto.DOUBLE
+FLOAT32_EXACT = 2 ** 24     # float32 holds every integer below this
 
 
 def np_dtype(elem_type: int) -> np.dtype:
@@ -204,6 +223,7 @@ class StepContext:
     state_in: Callable[[str, Value], str]          # LIF name, its input -> the tensor holding V before the step
     state_out: Callable[[str], str]                # LIF name -> the name to give V after the step
     states: dict = field(default_factory=dict)     # LIF name -> (tensor name, elem type) of V after the step
+    float_type: int = FLOAT                        # of the float variant's currents: float64 for V2
 
     @property
     def is_int(self) -> bool:
@@ -232,7 +252,7 @@ def lower_input(em: Emitter, n: Input, x: str, ctx: StepContext) -> Value:
     scale = em.const(f"{n.name}.scale", chan(np.exp2(grid.astype(np.float64))))
     if n.bits is None:   # a partition's cut: already on the grid (exact float32 values)
         if not ctx.is_int:
-            return Value(x, FLOAT, grid)
+            return cast_to(em, Value(x, FLOAT, grid), ctx.float_type, f"{n.name}/wide")
         scaled = em.op("Mul", [x, scale], f"{n.name}/scaled")
         rounded = em.op("Round", [scaled], f"{n.name}/rounded")
         elem = int_type_for(ctx.bound(n.name), n.name, "input integer")
@@ -259,10 +279,13 @@ def accumulator_bound(n: Node, bound_with_bias: np.ndarray) -> float:
 def lower_conv(em: Emitter, n: Conv, x: Value, ctx: StepContext) -> Value:
     conv_attrs = dict(strides=[n.stride] * 2, pads=[n.padding] * 4, group=n.groups,
                       kernel_shape=list(n.weight_shape[2:]))
+    if x.dtype not in (UINT8, INT8, FLOAT):       # a wide current (V2): no Conv kernel takes it exactly
+        return lower_conv_of_current(em, n, x, ctx)
     if not ctx.is_int:
         w = em.const(f"{n.name}.weight", n.float_weight().astype(np.float32))
         b = em.const(f"{n.name}.bias", n.bias.astype(np.float32))
-        return Value(em.op("Conv", [x.name, w, b], f"{n.name}/out", **conv_attrs), FLOAT, n.grid)
+        y = Value(em.op("Conv", [x.name, w, b], f"{n.name}/out", **conv_attrs), FLOAT, n.grid)
+        return widen_float(em, n, y, ctx)
     check_integer_operand(n, x)
     acc = integer_accumulate(em, n, "ConvInteger", [x.name, em.const(f"{n.name}.w_int", n.w_int.astype(np.int8))],
                              ctx, conv_attrs)
@@ -273,11 +296,77 @@ def lower_linear(em: Emitter, n: Linear, x: Value, ctx: StepContext) -> Value:
     if not ctx.is_int:
         w = em.const(f"{n.name}.weight", n.float_weight().astype(np.float32))
         b = em.const(f"{n.name}.bias", n.bias.astype(np.float32))
-        return Value(em.op("Gemm", [x.name, w, b], f"{n.name}/out", transB=1), FLOAT, n.grid)
+        y = Value(em.op("Gemm", [x.name, w, b], f"{n.name}/out", transB=1), FLOAT, n.grid)
+        return widen_float(em, n, y, ctx)
     check_integer_operand(n, x)
     w_t = em.const(f"{n.name}.w_int_t", np.ascontiguousarray(n.w_int.astype(np.int8).T))
     acc = integer_accumulate(em, n, "MatMulInteger", [x.name, w_t], ctx, {})
     return add_bias(em, n, acc, ctx)
+
+
+def widen_float(em: Emitter, n: Node, y: Value, ctx: StepContext) -> Value:
+    """A float32 Conv/Gemm output as the variant's current type (float64 for V2): exact, where its bound
+    (the accumulation of spikes times the weights) fits float32's 24 bits, else refused."""
+    if ctx.float_type == FLOAT:
+        return y
+    if ctx.bound(n.name) >= FLOAT32_EXACT:
+        raise DeployError(f"{n.name}: the worst-case sum 2**{np.log2(ctx.bound(n.name)):.1f} does not fit the "
+                          "float32 Conv of the float variant exactly; export the int variant")
+    return cast_to(em, y, ctx.float_type, f"{n.name}/wide")
+
+
+def current_type(n: Node, ctx: StepContext, what: str) -> int:
+    """The element type a current is computed in: the int variant's int32/int64 by its bound, the float
+    variant's float type."""
+    return int_type_for(ctx.bound(n.name), n.name, what) if ctx.is_int else ctx.float_type
+
+
+def lower_conv_of_current(em: Emitter, n: Conv, x: Value, ctx: StepContext) -> Value:
+    """A convolution reading a wide current (V2), without Conv: each channel shifted onto its group's grid,
+    then a depthwise k x k as the sum over taps of a strided slice times the tap's per-channel weight, or
+    a 1x1 as a MatMul over the channels; the bias added. int32/int64 by the bound (int), float64 (float)."""
+    C_in, H, W = ctx.graph[n.inputs[0]].shape
+    O, Cg, k, _ = n.weight_shape
+    elem = current_type(n, ctx, "output")
+    rank = ctx.rank(n)
+    xw = cast_to(em, x, elem, f"{n.name}/x_wide")
+    if ctx.is_int:
+        xw = Value(shift_left(em, xw, input_shift(n, x.grid), rank, f"{n.name}/x_shifted"), elem, x.grid)
+        weights = n.w_int.astype(np_dtype(elem))
+        bias = n.b_int
+    else:
+        weights = n.float_weight(np.float64)
+        bias = n.bias
+    if n.groups == C_in == O and Cg == 1:
+        acc = depthwise_taps(em, n, xw.name, weights, elem, (H, W))
+    elif n.groups == 1 and k == 1 and n.stride == 1 and n.padding == 0:
+        flat = em.op("Reshape", [xw.name, em.ints([0, C_in, H * W])], f"{n.name}/flat")
+        w = em.const(f"{n.name}.weight_matrix", np.ascontiguousarray(weights.reshape(O, C_in)))
+        prod = em.op("MatMul", [w, flat], f"{n.name}/matmul")
+        acc = em.op("Reshape", [prod, em.ints([0, O] + list(n.shape[1:]))], f"{n.name}/acc")
+    else:
+        raise DeployError(f"{n.name}: the ONNX export lowers convolutions of a current only as depthwise or 1x1 "
+                          f"(this one: {k}x{k}, groups {n.groups})")
+    b = em.const(f"{n.name}.bias_wide", per_channel(bias, rank, np_dtype(elem)))
+    return Value(em.op("Add", [acc, b], f"{n.name}/out"), elem, n.grid)
+
+
+def depthwise_taps(em: Emitter, n: Conv, x: str, weights: np.ndarray, elem: int, hw: tuple) -> str:
+    """sum over the k x k taps of w[c, ky, kx] * x[c, yo*s + ky - p, xo*s + kx - p] (zero padding)."""
+    k, s, p = n.weight_shape[2], n.stride, n.padding
+    Ho, Wo = n.shape[1:]
+    src = x
+    if p:
+        src = em.op("Pad", [x, em.ints([0, 0, p, p, 0, 0, p, p]), em.scalar(0, elem)], f"{n.name}/padded")
+    total = None
+    for ky in range(k):
+        for kx in range(k):
+            starts, ends = em.ints([ky, kx]), em.ints([ky + s * (Ho - 1) + 1, kx + s * (Wo - 1) + 1])
+            tap = em.op("Slice", [src, starts, ends, em.ints([2, 3]), em.ints([s, s])], f"{n.name}/tap{ky}_{kx}")
+            w = em.const(f"{n.name}.w_tap{ky}_{kx}", per_channel(weights[:, 0, ky, kx], 4, weights.dtype))
+            term = em.op("Mul", [tap, w], f"{n.name}/term{ky}_{kx}")
+            total = term if total is None else em.op("Add", [total, term], f"{n.name}/sum{ky}_{kx}")
+    return total
 
 
 def check_integer_operand(n: Node, x: Value) -> None:
@@ -312,7 +401,7 @@ def lower_lif(em: Emitter, n: LIF, x: Value, ctx: StepContext) -> Value:
         theta = em.const(f"{n.name}.theta_int", per_channel(n.theta_int, rank, np_dtype(elem)))
     else:
         h, elem = lif_float_membrane(em, n, x, ctx)
-        theta = em.scalar(float(n.v_threshold), FLOAT)
+        theta = em.scalar(float(n.v_threshold), elem)
     fired = em.op("GreaterOrEqual", [h, theta], f"{n.name}/fired")
     out_type = spike_dtype(ctx)
     spike = em.op("Cast", [fired], f"{n.name}/out", to=out_type)
@@ -323,6 +412,7 @@ def lower_lif(em: Emitter, n: LIF, x: Value, ctx: StepContext) -> Value:
         # it fired), two cheap element-wise ops where onnxruntime's Where with a broadcast scalar took
         # 3x their time
         kept = em.op("Sub", [em.scalar(1.0, FLOAT), spike], f"{n.name}/kept")
+        kept = cast_to(em, Value(kept, FLOAT), elem, f"{n.name}/kept_wide").name
         v_next = em.op("Mul", [h, kept], ctx.state_out(n.name), raw_name=True)
     ctx.states[n.name] = (v_next, elem)
     return Value(spike, out_type, None)
@@ -345,12 +435,13 @@ def lif_int_membrane(em: Emitter, n: LIF, x: Value, ctx: StepContext, rank: int)
 
 
 def lif_float_membrane(em: Emitter, n: LIF, x: Value, ctx: StepContext) -> tuple[str, int]:
-    """spikingjelly's decay_input step with tau = 2: H = V + (X - V) * 0.5."""
-    xf = cast_to(em, x, FLOAT, f"{n.name}/x_float")
+    """spikingjelly's decay_input step with tau = 2: H = V + (X - V) * 0.5 (float32; float64 for V2)."""
+    ft = ctx.float_type
+    xf = cast_to(em, x, ft, f"{n.name}/x_float")
     v = ctx.state_in(n.name, xf)
     delta = em.op("Sub", [xf.name, v], f"{n.name}/delta")
-    half = em.op("Mul", [delta, em.scalar(0.5, FLOAT)], f"{n.name}/half")
-    return em.op("Add", [v, half], f"{n.name}/h"), FLOAT
+    half = em.op("Mul", [delta, em.scalar(0.5, ft)], f"{n.name}/half")
+    return em.op("Add", [v, half], f"{n.name}/h"), ft
 
 
 # ---------------------------------------------------------------- spike logic and pooling
@@ -425,7 +516,7 @@ def lower_add(em: Emitter, n: Add, ins: list, ctx: StepContext) -> Value:
         total = ins[0].name
         for i, v in enumerate(ins[1:], 1):
             total = em.op("Add", [total, v.name], f"{n.name}/sum{i}")
-        return Value(total, FLOAT, n.grid)
+        return Value(total, ctx.float_type, n.grid)
     elem = int_type_for(ctx.bound(n.name), n.name, "sum")
     terms = []
     for i, v in enumerate(ins):
@@ -436,6 +527,56 @@ def lower_add(em: Emitter, n: Add, ins: list, ctx: StepContext) -> Value:
     for i, t in enumerate(terms[1:], 1):
         total = em.op("Add", [total, t], f"{n.name}/sum{i}")
     return Value(total, elem, n.grid)
+
+
+# ---------------------------------------------------------------- V2's attention products and kd
+
+def to_heads_layout(em: Emitter, name: str, x: str, shape: tuple, heads: int, out: str) -> str:
+    """[B, C, H, W] -> [B, heads, d, N] (channel c = h*d + i, token n = y*W + x)."""
+    C = shape[0]
+    return em.op("Reshape", [x, em.ints([0, heads, C // heads, int(np.prod(shape[1:]))])], f"{name}/{out}")
+
+
+def lower_kv_product(em: Emitter, n: KVProduct, k: Value, v: Value, ctx: StepContext) -> Value:
+    """kv[h] = K_h V_h^T over the tokens: K_h [d, N] (uint8 spikes) times V_h^T [N, d]."""
+    shape = ctx.graph[n.inputs[0]].shape
+    kh = to_heads_layout(em, n.name, k.name, shape, n.heads, "k_heads")
+    vh = to_heads_layout(em, n.name, v.name, shape, n.heads, "v_heads")
+    vt = em.op("Transpose", [vh], f"{n.name}/v_tokens", perm=[0, 1, 3, 2])
+    if ctx.is_int:
+        return Value(em.op("MatMulInteger", [kh, vt], f"{n.name}/out"), INT32, n.grid)
+    kf = em.op("Cast", [kh], f"{n.name}/k_wide", to=ctx.float_type)
+    vf = em.op("Cast", [vt], f"{n.name}/v_wide", to=ctx.float_type)
+    return Value(em.op("MatMul", [kf, vf], f"{n.name}/out"), ctx.float_type, n.grid)
+
+
+def lower_qkv_product(em: Emitter, n: QKVProduct, q: Value, kv: Value, ctx: StepContext) -> Value:
+    """y[h*d + j, n] = sum_i q[h*d + i, n] kv[h, i, j]: Q_h^T [N, d] times kv_h [d, d], back to [C, H, W];
+    the scale 2**-scale_exp is the grid (int) or a multiply (float, exact)."""
+    qh = to_heads_layout(em, n.name, q.name, n.shape, n.heads, "q_heads")
+    qt = em.op("Transpose", [qh], f"{n.name}/q_tokens", perm=[0, 1, 3, 2])
+    elem = current_type(n, ctx, "q kv")
+    qw = em.op("Cast", [qt], f"{n.name}/q_wide", to=elem)
+    kvw = cast_to(em, kv, elem, f"{n.name}/kv_wide")
+    prod = em.op("MatMul", [qw, kvw.name], f"{n.name}/matmul")                 # [B, h, N, d]
+    if not ctx.is_int:
+        prod = em.op("Mul", [prod, em.scalar(2.0 ** -int(n.scale_exp), elem)], f"{n.name}/scaled")
+    back = em.op("Transpose", [prod], f"{n.name}/channels", perm=[0, 1, 3, 2])  # [B, h, d, N]
+    return Value(em.op("Reshape", [back, em.ints([0] + list(n.shape))], f"{n.name}/out"), elem, n.grid)
+
+
+def lower_kd_readout(em: Emitter, n: KdReadout, ins: list, ctx: StepContext) -> Value:
+    """Per step head + head_kd: int, both shifted onto the node's grid less the halving step; float,
+    (head + head_kd) * 0.5."""
+    if not ctx.is_int:
+        total = em.op("Add", [ins[0].name, ins[1].name], f"{n.name}/sum")
+        return Value(em.op("Mul", [total, em.scalar(0.5, ins[0].dtype)], f"{n.name}/out"), ins[0].dtype, n.grid)
+    elem = int_type_for(ctx.bound(n.name), n.name, "sum of the heads")
+    terms = []
+    for i, v in enumerate(ins):
+        wide = cast_to(em, v, elem, f"{n.name}/in{i}_wide")
+        terms.append(shift_left(em, wide, np.asarray(n.grid) - 1 - np.asarray(v.grid), 2, f"{n.name}/in{i}_shifted"))
+    return Value(em.op("Add", terms, f"{n.name}/out"), elem, n.grid)
 
 
 # ---------------------------------------------------------------- one time step
@@ -458,6 +599,9 @@ LOWER = {
     Broadcast: lambda em, n, ins, ctx: lower_broadcast(em, n, ins[0], ctx),
     Add: lower_add,
     Readout: lambda em, n, ins, ctx: ins[0],
+    KVProduct: lambda em, n, ins, ctx: lower_kv_product(em, n, ins[0], ins[1], ctx),
+    QKVProduct: lambda em, n, ins, ctx: lower_qkv_product(em, n, ins[0], ins[1], ctx),
+    KdReadout: lower_kd_readout,
 }
 
 
@@ -536,9 +680,14 @@ def to_onnx(qgraph: Graph, variant: str = "int", debug_outputs: bool = False, un
     return model
 
 
+def is_v2(qg: Graph) -> bool:
+    return qg.meta.get("family") == "v2"
+
+
 def make_context(qg: Graph, variant: str, state_in, state_out) -> StepContext:
-    bounds = channel_bounds(qg) if variant == "int" else {}
-    return StepContext(qg, variant, bounds, state_in, state_out)
+    wide = is_v2(qg)          # V2: float64 currents in the float variant (bounds decide what is exact)
+    bounds = channel_bounds(qg) if variant == "int" or wide else {}
+    return StepContext(qg, variant, bounds, state_in, state_out, float_type=DOUBLE if wide else FLOAT)
 
 
 def fill_graph(graph: onnx.GraphProto, em: Emitter, name: str, inputs: list, outputs: list) -> None:
@@ -670,6 +819,10 @@ def metadata(qg: Graph, variant: str, unroll: bool, debug: bool) -> dict:
     if "partition" in qg.meta:
         meta["partition"] = str(qg.meta["partition"])
         meta["cut"] = str(qg.meta.get("cut", ""))
+    if is_v2(qg):         # (V1 exports keep their keys as they were: their bytes are pinned)
+        meta["family"] = "v2"
+        meta["arithmetic"] = "int" if variant == "int" else "float64"
+        meta["reparam"] = json.dumps(bool(qg.meta.get("reparam")))
     return meta
 
 

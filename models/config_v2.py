@@ -83,6 +83,16 @@ class V2Config:
     def feature_dim(self) -> int:
         return self.embed_dim[3]
 
+    # What V2 does not have, said in V1's terms for code that serves both families: no CIFAR10-DVS pools,
+    # no per-step (TET) output; its input is always an image repeated over T.
+    @property
+    def dvs_mode(self) -> bool:
+        return False
+
+    @property
+    def tet(self) -> bool:
+        return False
+
     def feature_sizes(self, h: int | None = None, w: int | None = None) -> list[tuple[int, int]]:
         """(H, W) after downsample1_1, 1_2, 2, 3 and 4 for an h x w input (default img_size)."""
         h = self.img_size if h is None else h
@@ -94,7 +104,10 @@ class V2Config:
         return sizes
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Plain JSON-like values (embed_dim a list, as it reads back from any file that stores it)."""
+        d = asdict(self)
+        d["embed_dim"] = list(d["embed_dim"])
+        return d
 
     def replace(self, **changes) -> V2Config:
         return replace(self, **changes)

@@ -19,9 +19,11 @@ def unused_pools(cfg: SDTConfig) -> set[str]:
     return {f"patch_embed.{n}" for n, bit in zip(names, cfg.pooling_stat) if bit == "0"}
 
 
-def layer_table(model: nn.Module, cfg: SDTConfig) -> list[dict]:
+def layer_table(model: nn.Module, cfg) -> list[dict]:
+    """One row per module; V2 (a `V2Config`) calls every module it builds (its `attn_lif` is called)."""
     rows = []
-    skip_pools = unused_pools(cfg)
+    v1 = isinstance(cfg, SDTConfig)
+    skip_pools = unused_pools(cfg) if v1 else set()
     for name, m in model.named_modules():
         if not name or list(m.children()) and not is_neuron(m):
             continue
@@ -32,10 +34,12 @@ def layer_table(model: nn.Module, cfg: SDTConfig) -> list[dict]:
         elif isinstance(m, nn.Conv2d):
             kind, shape = "Conv2d", tuple(m.weight.shape)
             info = {"stride": m.stride[0], "padding": m.padding[0], "bias": m.bias is not None}
+            if m.groups != 1:
+                info["groups"] = m.groups
         elif isinstance(m, nn.Conv1d):
             kind, shape, info = "Conv1d", tuple(m.weight.shape), {}
-        elif isinstance(m, nn.BatchNorm2d):
-            kind, shape, info = "BatchNorm2d", (m.num_features,), {"eps": m.eps}
+        elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
+            kind, shape, info = type(m).__name__, (m.num_features,), {"eps": m.eps}
         elif isinstance(m, nn.Linear):
             kind, shape, info = "Linear", tuple(m.weight.shape), {"bias": m.bias is not None}
         elif isinstance(m, (nn.MaxPool2d, nn.MaxPool3d)):
@@ -44,7 +48,7 @@ def layer_table(model: nn.Module, cfg: SDTConfig) -> list[dict]:
         else:
             continue
         params = sum(p.numel() for p in m.parameters(recurse=False))
-        called = not (uncalled(name) or name in skip_pools)
+        called = not ((v1 and uncalled(name)) or name in skip_pools)
         rows.append({"name": name, "kind": kind, "shape": list(shape), "params": params,
                      "called": called, **info})
     return rows

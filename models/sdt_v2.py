@@ -28,6 +28,18 @@ Input: a [B, C, H, W] image is repeated T = `model.T` times. The original does
 and a 5-D [B, T, C, H, W] tensor is an error there (the repeat has fewer dims than the tensor). V2 has
 no event-frame path; a 5-D input is refused here with a sentence saying so.
 
+Deployable forms (`form`), the shapes a quantized model's weights come in, module paths kept:
+- `folded`: every BatchNorm folded away (`nn.Identity` at its path), every convolution with a bias; a
+  `BNAndPad` becomes zero-padding of the 1x1 convolution before it (`body.0`, padding 1): a 1x1
+  convolution of a zero border outputs its bias, which after the fold is BN(0), the ring's value.
+- `reparam`: folded, and structurally re-parameterized: each RepConv with its outer BN is one 3x3
+  convolution (padding 1) at the RepConv's path (`block3.0.attn.q_conv`), each SepConv's depthwise 7x7
+  and pointwise 1x1 one 7x7 convolution `Conv.dwconv_pwconv2`; every synaptic layer then reads spikes.
+The deployable forms record the taps of `attn_lif`, `fc1_lif` and `fc2_lif` in the [C, H, W] layout of
+every other tap (the deploy graph's), where the original form records the [C, N] it computes them in.
+With `head_pool="sum"` the tokens are summed before `lif`, whose threshold takes the factor H*W
+(`tokens`): exact where dividing by H*W is not. `input_quant` puts the image on its grid.
+
 `forward(x, taps)` records into the dict `taps`, keyed by the original module path, every LIF's output
 spikes ([T, B, ...], float 0/1, as the model computed them), `<block>.attn.kv` [T, B, heads, C/h, C/h]
 and `<block>.attn.qkv` [T, B, heads, N, C/h] as int32 (before the 0.125 scale), and `head.out`
@@ -79,18 +91,27 @@ class BNAndPad(nn.Module):
         return out
 
 
-class RepConv(nn.Module):
-    """1x1 conv → BNAndPad → 3x3 depthwise (unpadded) → 1x1 conv → BN, all without bias, as `body`."""
+FORMS = ("original", "folded", "reparam")
 
-    def __init__(self, cin: int, cout: int):
+
+def _bn2d(c: int, form: str) -> nn.Module:
+    return nn.BatchNorm2d(c) if form == "original" else nn.Identity()
+
+
+class RepConv(nn.Module):
+    """1x1 conv → BNAndPad → 3x3 depthwise (unpadded) → 1x1 conv → BN, all without bias, as `body`.
+    Folded: the 1x1 pads its input by 1 and carries the BN's bias, the BNs are identities."""
+
+    def __init__(self, cin: int, cout: int, form: str = "original"):
         super().__init__()
+        folded = form != "original"
         self.body = nn.Sequential(
-            nn.Conv2d(cin, cin, 1, bias=False),
-            BNAndPad(cin, pad_pixels=1),
+            nn.Conv2d(cin, cin, 1, padding=1 if folded else 0, bias=folded),
+            nn.Identity() if folded else BNAndPad(cin, pad_pixels=1),
             nn.Sequential(
                 nn.Conv2d(cin, cin, 3, groups=cin, bias=False),
-                nn.Conv2d(cin, cout, 1, bias=False),
-                nn.BatchNorm2d(cout),
+                nn.Conv2d(cin, cout, 1, bias=folded),
+                _bn2d(cout, form),
             ),
         )
 
@@ -98,9 +119,12 @@ class RepConv(nn.Module):
         return self.body(x)
 
 
-def _repconv_bn(dim: int) -> nn.Sequential:
-    """The attention's `q_conv`/`k_conv`/`v_conv`/`proj_conv`: RepConv then one more BN."""
-    return nn.Sequential(RepConv(dim, dim), nn.BatchNorm2d(dim))
+def _repconv_bn(dim: int, form: str = "original") -> nn.Module:
+    """The attention's `q_conv`/`k_conv`/`v_conv`/`proj_conv`: RepConv then one more BN; re-parameterized,
+    one 3x3 convolution with padding 1 and a bias."""
+    if form == "reparam":
+        return nn.Conv2d(dim, dim, 3, padding=1, bias=True)
+    return nn.Sequential(RepConv(dim, dim, form), _bn2d(dim, form))
 
 
 class DownSampling(nn.Module):
@@ -108,11 +132,11 @@ class DownSampling(nn.Module):
     it sees the image."""
 
     def __init__(self, cin: int, cout: int, kernel_size: int, stride: int, padding: int, path: str,
-                 first_layer: bool = False):
+                 first_layer: bool = False, form: str = "original"):
         super().__init__()
         self.path = path
         self.encode_conv = nn.Conv2d(cin, cout, kernel_size, stride=stride, padding=padding)
-        self.encode_bn = nn.BatchNorm2d(cout)
+        self.encode_bn = _bn2d(cout, form)
         if not first_layer:
             self.encode_lif = LIF()
 
@@ -128,17 +152,20 @@ class DownSampling(nn.Module):
 class SepConv(nn.Module):
     """Inverted separable conv: LIF → 1x1 (2*dim) → BN → LIF → 7x7 depthwise → 1x1 (dim) → BN."""
 
-    def __init__(self, dim: int, path: str):
+    def __init__(self, dim: int, path: str, form: str = "original"):
         super().__init__()
         med = 2 * dim
         self.path = path
         self.lif1 = LIF()
-        self.pwconv1 = nn.Conv2d(dim, med, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(med)
+        self.pwconv1 = nn.Conv2d(dim, med, 1, bias=form != "original")
+        self.bn1 = _bn2d(med, form)
         self.lif2 = LIF()
-        self.dwconv = nn.Conv2d(med, med, 7, padding=3, groups=med, bias=False)
-        self.pwconv2 = nn.Conv2d(med, dim, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(dim)
+        if form == "reparam":   # depthwise 7x7 then pointwise 1x1 as one 7x7 convolution of the spikes
+            self.dwconv_pwconv2 = nn.Conv2d(med, dim, 7, padding=3, bias=True)
+        else:
+            self.dwconv = nn.Conv2d(med, med, 7, padding=3, groups=med, bias=False)
+            self.pwconv2 = nn.Conv2d(med, dim, 1, bias=form != "original")
+        self.bn2 = _bn2d(dim, form)
 
     def forward(self, x: torch.Tensor, taps: Taps = None) -> torch.Tensor:
         T, B, _C, H, W = x.shape
@@ -147,6 +174,8 @@ class SepConv(nn.Module):
         h = self.bn1(self.pwconv1(s.flatten(0, 1))).reshape(T, B, -1, H, W)
         s = self.lif2(h)
         _record(taps, f"{self.path}.lif2", s)
+        if hasattr(self, "dwconv_pwconv2"):
+            return self.bn2(self.dwconv_pwconv2(s.flatten(0, 1))).reshape(T, B, -1, H, W)
         h = self.dwconv(s.flatten(0, 1))
         return self.bn2(self.pwconv2(h)).reshape(T, B, -1, H, W)
 
@@ -154,16 +183,17 @@ class SepConv(nn.Module):
 class ConvBlock(nn.Module):
     """`x = x + Conv(x)`, then `x + BN(conv3x3(LIF(BN(conv3x3(LIF(x))))))` through 4*dim channels."""
 
-    def __init__(self, dim: int, mlp_ratio: int, path: str):
+    def __init__(self, dim: int, mlp_ratio: int, path: str, form: str = "original"):
         super().__init__()
         self.path = path
-        self.Conv = SepConv(dim, f"{path}.Conv")
+        folded = form != "original"
+        self.Conv = SepConv(dim, f"{path}.Conv", form)
         self.lif1 = LIF()
-        self.conv1 = nn.Conv2d(dim, dim * mlp_ratio, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(dim * mlp_ratio)
+        self.conv1 = nn.Conv2d(dim, dim * mlp_ratio, 3, padding=1, bias=folded)
+        self.bn1 = _bn2d(dim * mlp_ratio, form)
         self.lif2 = LIF()
-        self.conv2 = nn.Conv2d(dim * mlp_ratio, dim, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(dim)
+        self.conv2 = nn.Conv2d(dim * mlp_ratio, dim, 3, padding=1, bias=folded)
+        self.bn2 = _bn2d(dim, form)
 
     def forward(self, x: torch.Tensor, taps: Taps = None) -> torch.Tensor:
         T, B, C, H, W = x.shape
@@ -187,19 +217,20 @@ def to_heads(s: torch.Tensor, heads: int) -> torch.Tensor:
 class Attention(nn.Module):
     """The V2 spike-driven self-attention (`MS_Attention_RepConv_qkv_id`); returns BN(RepConv(a))."""
 
-    def __init__(self, dim: int, num_heads: int, path: str):
+    def __init__(self, dim: int, num_heads: int, path: str, form: str = "original"):
         super().__init__()
         self.path = path
         self.num_heads = num_heads
+        self.flat_taps = form == "original"
         self.head_lif = LIF()
-        self.q_conv = _repconv_bn(dim)
-        self.k_conv = _repconv_bn(dim)
-        self.v_conv = _repconv_bn(dim)
+        self.q_conv = _repconv_bn(dim, form)
+        self.k_conv = _repconv_bn(dim, form)
+        self.v_conv = _repconv_bn(dim, form)
         self.q_lif = LIF()
         self.k_lif = LIF()
         self.v_lif = LIF()
         self.attn_lif = LIF(v_threshold=ATTN_THRESHOLD)
-        self.proj_conv = _repconv_bn(dim)
+        self.proj_conv = _repconv_bn(dim, form)
 
     def forward(self, x: torch.Tensor, taps: Taps = None) -> torch.Tensor:
         T, B, C, H, W = x.shape
@@ -224,43 +255,45 @@ class Attention(nn.Module):
             taps[f"{p}.qkv"] = qkv.detach().to(torch.int32)
         a = (qkv * ATTN_SCALE).transpose(3, 4).reshape(T, B, C, H * W).contiguous()
         a = self.attn_lif(a)
-        _record(taps, f"{p}.attn_lif", a)
+        _record(taps, f"{p}.attn_lif", a if self.flat_taps else a.reshape(T, B, C, H, W))
         return self.proj_conv(a.reshape(T, B, C, H, W).flatten(0, 1)).reshape(T, B, C, H, W)
 
 
 class MLP(nn.Module):
     """LIF → fc1 (Conv1d k=1, bias) → BN1d → LIF → fc2 → BN1d over the N = H*W tokens."""
 
-    def __init__(self, dim: int, hidden: int, path: str):
+    def __init__(self, dim: int, hidden: int, path: str, form: str = "original"):
         super().__init__()
         self.path = path
+        self.flat_taps = form == "original"
         self.c_hidden = hidden
         self.c_output = dim
+        bn1d = (lambda c: nn.BatchNorm1d(c)) if form == "original" else (lambda c: nn.Identity())
         self.fc1_conv = nn.Conv1d(dim, hidden, kernel_size=1)
-        self.fc1_bn = nn.BatchNorm1d(hidden)
+        self.fc1_bn = bn1d(hidden)
         self.fc1_lif = LIF()
         self.fc2_conv = nn.Conv1d(hidden, dim, kernel_size=1)
-        self.fc2_bn = nn.BatchNorm1d(dim)
+        self.fc2_bn = bn1d(dim)
         self.fc2_lif = LIF()
 
     def forward(self, x: torch.Tensor, taps: Taps = None) -> torch.Tensor:
         T, B, C, H, W = x.shape
         s = self.fc1_lif(x.flatten(3))
-        _record(taps, f"{self.path}.fc1_lif", s)
+        _record(taps, f"{self.path}.fc1_lif", s if self.flat_taps else s.reshape(T, B, C, H, W))
         h = self.fc1_bn(self.fc1_conv(s.flatten(0, 1))).reshape(T, B, self.c_hidden, H * W).contiguous()
         s = self.fc2_lif(h)
-        _record(taps, f"{self.path}.fc2_lif", s)
+        _record(taps, f"{self.path}.fc2_lif", s if self.flat_taps else s.reshape(T, B, -1, H, W))
         return self.fc2_bn(self.fc2_conv(s.flatten(0, 1))).reshape(T, B, C, H, W).contiguous()
 
 
 class MetaBlock(nn.Module):
     """`x = x + attn(x)`, `x = x + mlp(x)` (`MS_Block`)."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: int, path: str):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: int, path: str, form: str = "original"):
         super().__init__()
-        self.attn = Attention(dim, num_heads, f"{path}.attn")
+        self.attn = Attention(dim, num_heads, f"{path}.attn", form)
         self.drop_path = nn.Identity()   # built by the original (DropPath only if a rate is given), never called
-        self.mlp = MLP(dim, int(dim * mlp_ratio), f"{path}.mlp")
+        self.mlp = MLP(dim, int(dim * mlp_ratio), f"{path}.mlp", form)
 
     def forward(self, x: torch.Tensor, taps: Taps = None) -> torch.Tensor:
         x = x + self.attn(x, taps)
@@ -270,29 +303,47 @@ class MetaBlock(nn.Module):
 class MetaSpikeFormer(nn.Module):
     """`Spiking_vit_MetaFormer`: 4 stages (two of conv blocks, two of transformer blocks) and a head."""
 
-    def __init__(self, cfg: V2Config):
+    def __init__(self, cfg: V2Config, form: str = "original", head_pool: str = "mean", tokens: int = 1):
         super().__init__()
+        if form not in FORMS:
+            raise ValueError(f"form must be one of {', '.join(FORMS)}, got {form!r}")
+        if head_pool not in ("mean", "sum"):
+            raise ValueError(f"head_pool must be 'mean' or 'sum', got {head_pool!r}")
         self.cfg = cfg
+        self.form = form
+        self.folded = form != "original"
+        self.head_pool = head_pool
         self.num_classes = cfg.num_classes
         self.T = cfg.time_steps
         self.kd = cfg.kd
+        self.input_quant: nn.Module = nn.Identity()
         d0, e0, e1, e2, e3 = cfg.stage_dims
         r = cfg.mlp_ratio
-        self.downsample1_1 = DownSampling(cfg.in_channels, d0, 7, 2, 3, "downsample1_1", first_layer=True)
-        self.ConvBlock1_1 = nn.ModuleList([ConvBlock(d0, r, "ConvBlock1_1.0")])
-        self.downsample1_2 = DownSampling(d0, e0, 3, 2, 1, "downsample1_2")
-        self.ConvBlock1_2 = nn.ModuleList([ConvBlock(e0, r, "ConvBlock1_2.0")])
-        self.downsample2 = DownSampling(e0, e1, 3, 2, 1, "downsample2")
-        self.ConvBlock2_1 = nn.ModuleList([ConvBlock(e1, r, "ConvBlock2_1.0")])
-        self.ConvBlock2_2 = nn.ModuleList([ConvBlock(e1, r, "ConvBlock2_2.0")])
-        self.downsample3 = DownSampling(e1, e2, 3, 2, 1, "downsample3")
-        self.block3 = nn.ModuleList([MetaBlock(e2, cfg.num_heads, r, f"block3.{j}") for j in range(STAGE3_BLOCKS)])
-        self.downsample4 = DownSampling(e2, e3, 3, 1, 1, "downsample4")
-        self.block4 = nn.ModuleList([MetaBlock(e3, cfg.num_heads, r, f"block4.{j}") for j in range(STAGE4_BLOCKS)])
-        self.lif = LIF()
+        f = form
+        self.downsample1_1 = DownSampling(cfg.in_channels, d0, 7, 2, 3, "downsample1_1", first_layer=True, form=f)
+        self.ConvBlock1_1 = nn.ModuleList([ConvBlock(d0, r, "ConvBlock1_1.0", f)])
+        self.downsample1_2 = DownSampling(d0, e0, 3, 2, 1, "downsample1_2", form=f)
+        self.ConvBlock1_2 = nn.ModuleList([ConvBlock(e0, r, "ConvBlock1_2.0", f)])
+        self.downsample2 = DownSampling(e0, e1, 3, 2, 1, "downsample2", form=f)
+        self.ConvBlock2_1 = nn.ModuleList([ConvBlock(e1, r, "ConvBlock2_1.0", f)])
+        self.ConvBlock2_2 = nn.ModuleList([ConvBlock(e1, r, "ConvBlock2_2.0", f)])
+        self.downsample3 = DownSampling(e1, e2, 3, 2, 1, "downsample3", form=f)
+        self.block3 = nn.ModuleList([MetaBlock(e2, cfg.num_heads, r, f"block3.{j}", f) for j in range(STAGE3_BLOCKS)])
+        self.downsample4 = DownSampling(e2, e3, 3, 1, 1, "downsample4", form=f)
+        self.block4 = nn.ModuleList([MetaBlock(e3, cfg.num_heads, r, f"block4.{j}", f) for j in range(STAGE4_BLOCKS)])
+        # summed tokens (head_pool "sum"): the threshold times the H*W tokens, exact where a division is not
+        self.lif = LIF(v_threshold=1.0 * (tokens if head_pool == "sum" else 1))
         self.head = nn.Linear(e3, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
         if cfg.kd:
             self.head_kd = nn.Linear(e3, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
+
+    def record_taps_as_grids(self, on: bool = True) -> MetaSpikeFormer:
+        """Record the taps of `attn_lif`, `fc1_lif` and `fc2_lif` as [C, H, W] (the layout of every other tap)
+        instead of the original's [C, N]: the same neurons, reshaped. The deployable forms always do."""
+        for m in self.modules():
+            if hasattr(m, "flat_taps"):
+                m.flat_taps = not on
+        return self
 
     def time_major(self, x: torch.Tensor) -> torch.Tensor:
         """[B, C, H, W] -> [T, B, C, H, W] (a [C, H, W] tensor becomes a batch of one, as in the original)."""
@@ -321,8 +372,9 @@ class MetaSpikeFormer(nn.Module):
         return x
 
     def forward(self, x: torch.Tensor, taps: Taps = None):
-        x = self.forward_features(self.time_major(x), taps)
-        s = self.lif(x.flatten(3).mean(3))
+        x = self.forward_features(self.time_major(self.input_quant(x)), taps)
+        x = x.flatten(3).sum(3) if self.head_pool == "sum" else x.flatten(3).mean(3)
+        s = self.lif(x)
         _record(taps, "lif", s)
         y = self.head(s)
         _record(taps, "head.out", y)
@@ -335,9 +387,11 @@ class MetaSpikeFormer(nn.Module):
         return (y, y_kd) if self.training else (y + y_kd) / 2
 
 
-def build_v2_model(cfg: V2Config) -> MetaSpikeFormer:
-    """A Meta-SpikeFormer in eval mode with `T = cfg.time_steps` (load the weights with strict=True)."""
-    return MetaSpikeFormer(cfg).eval()
+def build_v2_model(cfg: V2Config, form: str = "original", head_pool: str = "mean",
+                   tokens: int = 1) -> MetaSpikeFormer:
+    """A Meta-SpikeFormer in eval mode with `T = cfg.time_steps` (load the weights with strict=True);
+    `form` "folded" / "reparam" for the deployable forms (see the module docstring)."""
+    return MetaSpikeFormer(cfg, form, head_pool, tokens).eval()
 
 
 def v2_lif_names(cfg: V2Config) -> list[str]:

@@ -17,7 +17,7 @@ from typing import Any, Mapping, Optional, Union
 
 import numpy as np
 
-from models import SpikeDrivenTransformer
+from models import MetaSpikeFormer, SpikeDrivenTransformer
 from sdt_deploy import __version__
 from sdt_deploy.errors import DeployError
 from sdt_deploy.files.checkpoint import Checkpoint, LoadedModel, float_model, load_checkpoint
@@ -29,7 +29,7 @@ from sdt_deploy.quant.bits import check_engine_bounds
 from sdt_deploy.quant.contract import QuantOptions, fold_and_quantize
 from sdt_deploy.quant.qmodel import QuantizedModel, load_quantized
 
-Source = Union[str, os.PathLike, LoadedModel, QuantizedModel, SpikeDrivenTransformer]
+Source = Union[str, os.PathLike, LoadedModel, QuantizedModel, SpikeDrivenTransformer, MetaSpikeFormer]
 
 
 def load_model(path: Union[str, os.PathLike], flags: Optional[Mapping[str, Any]] = None, config: Optional[str] = None,
@@ -51,21 +51,33 @@ def loaded(source: Source) -> Union[LoadedModel, QuantizedModel]:
         return load_model(source)
     if isinstance(source, SpikeDrivenTransformer):
         return LoadedModel(source, Resolved(source.cfg, DataConfig(), {}), Checkpoint("", {}, "none"))
+    if isinstance(source, MetaSpikeFormer):
+        from sdt_deploy.files.configs import v2_data_config
+
+        source.record_taps_as_grids()     # the deploy graph's [C, H, W] layout for every tap
+        return LoadedModel(source, Resolved(source.cfg, v2_data_config(None, source.cfg.img_size), {}),
+                           Checkpoint("", {}, "none"))
     raise TypeError(f"expected a checkpoint path, a LoadedModel, a QuantizedModel or an SDT model, "
                     f"got {type(source).__name__}")
 
 
-def deploy_graph(source: Source) -> Graph:
-    """The BatchNorm-folded float deploy graph of a model (the quantized graph of a quantized source)."""
+def deploy_graph(source: Source, reparam: bool = False) -> Graph:
+    """The BatchNorm-folded float deploy graph of a model (the quantized graph of a quantized source);
+    `reparam`: structurally re-parameterized (V2, `ir.reparam`)."""
     src = loaded(source)
     if isinstance(src, QuantizedModel):
         return src.graph
-    return fold_bn(lower(src.model))
+    g = fold_bn(lower(src.model))
+    if reparam:
+        from sdt_deploy.ir.reparam import reparameterize
+
+        g = reparameterize(g)
+    return g
 
 
 def quantize(source: Source, weight_bits: int = 8, input_bits: int = 8, scale_search: str = "mse",
              input_range: Optional[float] = None, data: Optional[DataConfig] = None,
-             consume: bool = False, progress: bool = False) -> QuantizedModel:
+             consume: bool = False, progress: bool = False, reparam: Optional[bool] = None) -> QuantizedModel:
     """Fold BatchNorm, quantize to power-of-two per-channel grids (brevitas); `.model` of the result is
     the quantized torch model that carries the dequantized weights (runs with CuPy on a GPU, torch on a
     CPU), built on first use. A quantized source is returned as it is. `consume` (a LoadedModel source):
@@ -83,12 +95,18 @@ def quantize(source: Source, weight_bits: int = 8, input_bits: int = 8, scale_se
             if name.endswith("talking_heads.weight")}
     # lowered as views of the model's tensors, folded and quantized one layer at a time: the float64
     # copies of a whole model (lowered, folded) are never made
-    graph = lower(src.model, copy=False)
-    if consume:     # then the lowered graph's views are the last references to the float weights
-        src.model = None
-        src.checkpoint.state_dict.clear()
-    qg = fold_and_quantize(graph, opts, consume=consume, progress=progress)
-    del graph
+    if reparam:     # folded and fused in float64 first, then quantized (the fused weights are new tensors)
+        from sdt_deploy.ir.reparam import reparameterize
+        from sdt_deploy.quant.contract import quantize_graph
+
+        qg = quantize_graph(reparameterize(fold_bn(lower(src.model))), opts, progress=progress)
+    else:
+        graph = lower(src.model, copy=False)
+        if consume:     # then the lowered graph's views are the last references to the float weights
+            src.model = None
+            src.checkpoint.state_dict.clear()
+        qg = fold_and_quantize(graph, opts, consume=consume, progress=progress)
+        del graph
     qg.meta["provenance"] = provenance(src.checkpoint)
     check_engine_bounds(qg)   # refuse, naming the layer, rather than hand on a graph that could wrap
     return QuantizedModel(None, qg, src.config, src.resolved.data, keep=keep, resolved=src.resolved,
@@ -112,12 +130,15 @@ def float_source(source: Source) -> LoadedModel:
 
 def inspect_model(source: Source, graph: bool = False, bits: bool = False, weight_bits: int = 8,
                   input_bits: int = 8, scale_search: str = "mse", input_range: Optional[float] = None,
-                  observe: Optional[dict] = None, batch_size: int = 16, progress: bool = False) -> dict:
+                  observe: Optional[dict] = None, batch_size: int = 16, progress: bool = False,
+                  check: bool = False, reparam: Optional[bool] = None) -> dict:
     """What a model is, as plain data: checkpoint layout, the configuration with the source of every
     value, data settings, parameter count, the module listing; with `graph` the deploy graph's summary,
     with `bits` the bit-width analysis of its quantized form (quantized here unless it already is), and
     with `observe` (inputs as for `verify`: {"input": path, "digits": N, ...}) the largest integer each
-    layer reached in a run of the integer engine over them."""
+    layer reached in a run of the integer engine over them; with `check` the dataflow check
+    (`ir.dataflow`: every edge binary, integer or real, every synaptic op AC, integer-AC or MAC) of the
+    BN-folded graph, `reparam` (V2) of the re-parameterized one with what that costs and gains."""
     from models import parameter_count
     from models.listing import layer_table
     from sdt_deploy.ir.graph import graph_summary
@@ -136,10 +157,23 @@ def inspect_model(source: Source, graph: bool = False, bits: bool = False, weigh
     }
     stored = src.graph if isinstance(src, QuantizedModel) else None   # a quantized file carries its graph
     if graph:
-        report["graph"] = graph_summary(stored if stored is not None else lower(src.model))
+        if stored is None and reparam:
+            report["graph"] = graph_summary(deploy_graph(src, reparam=True))
+        else:
+            report["graph"] = graph_summary(stored if stored is not None else lower(src.model))
+    if check:
+        from sdt_deploy.ir.dataflow import dataflow
+
+        checked = stored if stored is not None else deploy_graph(src, reparam=bool(reparam))
+        report["check"] = dataflow(checked)
+        if reparam and stored is None:
+            from sdt_deploy.ir.reparam import reparam_cost
+
+            report["check"]["reparam_cost"] = reparam_cost(deploy_graph(src), checked)
     if bits:
         qg = stored if stored is not None else quantize(src, weight_bits=weight_bits, input_bits=input_bits,
-                                                        scale_search=scale_search, input_range=input_range).graph
+                                                        scale_search=scale_search, input_range=input_range,
+                                                        reparam=reparam).graph
         observed = None
         if observe is not None:
             from sdt_deploy.console import progress as progress_bar
@@ -176,7 +210,7 @@ def _inputs(src, x=None, input: Optional[str] = None, data: Optional[str] = None
 def export(source: Source, target: str, output: str, *, nir_profile: str = "standard", onnx_variant: str = "int",
            partition: bool = True, debug_outputs: bool = False, unroll: bool = False, float_weights: bool = False,
            weight_bits: int = 8, input_bits: int = 8, scale_search: str = "mse", input_range: Optional[float] = None,
-           force: bool = False, consume: Optional[bool] = None):
+           force: bool = False, consume: Optional[bool] = None, reparam: Optional[bool] = None):
     """Quantize (unless `float_weights`: the BN-folded float weights, NIR only) and write the files of one
     target, as `sdt-deploy export` does: a NIR export of a graph with the stem's max-pool over currents is
     partitioned (host stem ONNX + NIR + manifest) unless `partition=False`, which refuses it. Returns the
@@ -196,12 +230,12 @@ def export(source: Source, target: str, output: str, *, nir_profile: str = "stan
     check_output_path(str(output), force)
     src = loaded(source)
     if float_weights:
-        graph = float_nir_graph(deploy_graph(src))
+        graph = float_nir_graph(deploy_graph(src, reparam=bool(reparam)))
     else:
         # the float checkpoint is not needed past the quantization: each layer's weights go once quantized
         consume = isinstance(source, (str, os.PathLike)) if consume is None else consume
         graph = quantize(src, weight_bits=weight_bits, input_bits=input_bits, scale_search=scale_search,
-                         input_range=input_range, consume=consume).graph
+                         input_range=input_range, consume=consume, reparam=reparam).graph
     del src
     for p in planned_outputs(graph, target, str(output), mode):
         check_output_path(p, force)
@@ -215,16 +249,18 @@ def verify(source: Source, x=None, *, input: Optional[str] = None, data: Optiona
            input_bits: Optional[int] = None, scale_search: Optional[str] = None,
            input_range: Optional[float] = None, flags: Optional[Mapping[str, Any]] = None,
            config: Optional[str] = None, ema: bool = False, progress: bool = False, rank: int = 0,
-           world: int = 1, max_memory=None, jobs: Optional[int] = None, notes=None):
+           world: int = 1, max_memory=None, jobs: Optional[int] = None, notes=None,
+           reparam: Optional[bool] = None):
     """`sdt-deploy verify`: every executor against the quantized torch model on the inputs, every layer at
     every step; `artifacts`: exported files (.onnx, .nir) to check as they are, their settings read from
     them (a setting given here must agree). Returns a `VerifyResult` (`.ok`, `.to_json()`, the first
     divergence in `.tally.first`, the batch and processes it ran with in `.plan`), or with
-    `reference="float"` the agreement with the float model (a dict). `rank`/`world`: this process's share
+    `reference="float"` the agreement with the float model (a dict), or with `reference="reparam"` (V2)
+    the agreement of the quantized plain and re-parameterized graphs. `rank`/`world`: this process's share
     of the inputs under torchrun (the caller gathers the tallies). `max_memory`: the most memory the run
     may hold (bytes, '8G', '500M', or a fraction of the available memory; default a third of it): the
     batch is cut to fit, and `notes(sentence)` (if given) is told. `jobs`: processes taking whole batches
-    (default: one per CPU the budget holds)."""
+    (default: one per CPU the budget holds). `reparam` (V2): the re-parameterized graph."""
     from sdt_deploy.data.datasets import shard
     from sdt_deploy.run.memory import parse_memory
     from sdt_deploy.verification.executors import ALL_EXECUTORS
@@ -241,12 +277,13 @@ def verify(source: Source, x=None, *, input: Optional[str] = None, data: Optiona
     for e in names:
         if e not in ALL_EXECUTORS:
             raise DeployError(f"unknown executor {e!r} (choose from {', '.join(ALL_EXECUTORS)})")
-    if reference not in ("quantized", "float"):
-        raise DeployError(f"reference must be 'quantized' or 'float', got {reference!r}")
+    if reference not in ("quantized", "float", "reparam"):
+        raise DeployError(f"reference must be 'quantized', 'float' or 'reparam', got {reference!r}")
     files = [read_artifact(os.fspath(p)) for p in artifacts]
     by_kind = artifacts_by_kind(files)
     settings = quantization_for(files, {"weight_bits": weight_bits, "input_bits": input_bits,
-                                        "scale_search": scale_search, "input_range": input_range})
+                                        "scale_search": scale_search, "input_range": input_range,
+                                        "reparam": reparam})
     if isinstance(source, (str, os.PathLike)):
         src = open_for_artifacts(os.fspath(source), dict(flags or {}), config, ema, files)
     else:
@@ -258,6 +295,14 @@ def verify(source: Source, x=None, *, input: Optional[str] = None, data: Optiona
             check_origin(files, origin.get("checkpoint_sha256") or src.checkpoint.sha256 or None,
                          os.path.basename(src.checkpoint.path) or "the model", src.config.to_dict())
     inputs = _inputs(src, x, input, data, digits, random)
+    if reference == "reparam":   # V2: the quantized plain and re-parameterized graphs side by side
+        from sdt_deploy.verification.reparam_compare import compare_reparam
+
+        fl = float_source(src)
+        common = {k: v for k, v in settings.items() if k != "reparam"}
+        return compare_reparam(fl.model, quantize(fl, **common, reparam=False), quantize(fl, **common, reparam=True),
+                               deploy_graph(fl), deploy_graph(fl, reparam=True), inputs.dataset,
+                               batch_size=batch_size)
     # a checkpoint opened here is not needed past its quantization (the spike-exact check runs the
     # quantized model): its float weights go layer by layer as they are quantized
     consume = isinstance(source, (str, os.PathLike)) and reference == "quantized" and isinstance(src, LoadedModel)
@@ -275,7 +320,7 @@ def report(source: Source, x=None, *, input: Optional[str] = None, data: Optiona
            digits: Optional[int] = None, random: Optional[int] = None, seed: int = 0, energy: str = "45nm-fp32",
            batch_size: int = 16, weight_bits: int = 8, input_bits: int = 8, scale_search: str = "mse",
            input_range: Optional[float] = None, float_model: bool = False, progress: bool = False,
-           max_memory=None, notes=None) -> dict:
+           max_memory=None, notes=None, reparam: Optional[bool] = None) -> dict:
     """`sdt-deploy report`: operations, firing rates and energy per layer of the quantized model on the
     inputs, in the paper's convention and as the integer engine measured them, with the ANN baseline;
     `float_model=True` (`--float`) counts the float checkpoint as trained instead (its own spikes).
@@ -294,7 +339,7 @@ def report(source: Source, x=None, *, input: Optional[str] = None, data: Optiona
                                 progress=progress, max_memory=max_memory, notes=notes)
     consume = isinstance(source, (str, os.PathLike)) and isinstance(src, LoadedModel)
     q = quantize(src, weight_bits=weight_bits, input_bits=input_bits, scale_search=scale_search,
-                 input_range=input_range, consume=consume, progress=progress)
+                 input_range=input_range, consume=consume, progress=progress, reparam=reparam)
     return run_report(q, inputs, table, batch_size=batch_size, progress=progress, max_memory=max_memory,
                       notes=notes)
 

@@ -9,7 +9,19 @@ import pytest
 from exporters.nir import _EMIT as NIR_EMIT
 from exporters.onnx import LOWER as ONNX_LOWER
 from sdt_deploy.accounting.counting import ACCOUNTING
-from sdt_deploy.ir.graph import NODE_TYPES, And, BatchNorm, Broadcast, Input, MaxPool, OrPool, SpatialMean
+from sdt_deploy.ir.graph import (
+    NODE_TYPES,
+    And,
+    BatchNorm,
+    BNPad,
+    Broadcast,
+    Input,
+    KVProduct,
+    MaxPool,
+    OrPool,
+    QKVProduct,
+    SpatialMean,
+)
 from sdt_deploy.quant.bits import BOUNDS
 from sdt_deploy.quant.contract import RULES as QUANTIZATION_RULES
 from sdt_deploy.run.float_executor import FLOAT_EVAL
@@ -17,16 +29,18 @@ from sdt_deploy.run.integer_engine import INTEGER_EVAL
 
 from conftest import ROOT
 
-FOLDED_OR_REWRITTEN = {BatchNorm, SpatialMean}      # gone before quantization (fold_bn, the head rewrite)
+FOLDED_OR_REWRITTEN = {BatchNorm, BNPad, SpatialMean}   # gone before quantization (fold_bn, the head rewrite)
+# products of two dynamic tensors (V2's kv = k^T v, q kv): no NIR node computes one; partitioned to the host
+NO_NIR_NODE = {KVProduct, QKVProduct}
 
 # (table, the op types it need not handle, and why)
 TABLES = {
-    "quantization rules": (QUANTIZATION_RULES, {BatchNorm}),          # folded before; SpatialMean refused by rule
+    "quantization rules": (QUANTIZATION_RULES, {BatchNorm}),   # folded before; SpatialMean, BNPad refused by rule
     "worst-case bounds": (BOUNDS, FOLDED_OR_REWRITTEN | {And, OrPool, Broadcast}),   # spikes have no bound
     "float executor": (FLOAT_EVAL, set()),                              # runs unfolded float graphs too
     "integer engine": (INTEGER_EVAL, FOLDED_OR_REWRITTEN),
     "ONNX lowering": (ONNX_LOWER, FOLDED_OR_REWRITTEN | {Input}),       # the input is lowered before the step
-    "NIR emitters": (NIR_EMIT, FOLDED_OR_REWRITTEN | {MaxPool}),        # no exact NIR encoding: partitioned
+    "NIR emitters": (NIR_EMIT, FOLDED_OR_REWRITTEN | {MaxPool} | NO_NIR_NODE),   # no exact encoding: partitioned
     "report accounting": (ACCOUNTING, set()),
 }
 

@@ -35,14 +35,18 @@ from sdt_deploy.ir.graph import (
     Add,
     And,
     BatchNorm,
+    BNPad,
     Broadcast,
     Conv,
     Graph,
     Input,
+    KdReadout,
+    KVProduct,
     Linear,
     MaxPool,
     Node,
     OrPool,
+    QKVProduct,
     Readout,
     SpatialMean,
     TokenSum,
@@ -59,14 +63,19 @@ KIND_OR_POOL = "OR-pool"
 KIND_MAX_POOL = "max-pool on currents"
 KIND_RESIDUAL = "residual add"
 KIND_NEURON = "neuron update"
+# SDT V2 (Meta-SpikeFormer)
+KIND_CURRENT_MAC = "MAC on a current"          # a conv reading a real value other than the image
+KIND_ATTN_AC = "attention AC"                  # kv = k^T v: binary x binary, one increment per coincidence
+KIND_ATTN_INT_AC = "attention integer AC"      # q kv: integers selected by spikes, one add per entry
 
 # Nodes that do no arithmetic (listed in the convention notes, not as rows).
-FREE_NODES = (Input, Broadcast, Readout, BatchNorm)
+FREE_NODES = (Input, Broadcast, Readout, BatchNorm, BNPad)
 
 # Measured operation -> the energy-table entry that prices it.
 MEASURED_PRICE = {
     "mac": "mac",                 # encoder: real value x weight
     "ac": "ac",                   # synaptic: one weight added per (input event, tap, output channel)
+    "int_ac": "ac",               # V2 q kv: an integer of kv added where a query spike selects it
     "bias_add": "add",            # the folded bias, added once per output value
     "and": "bitop",               # spike AND spike
     "or": "bitop",                # an input event of an OR-pool
@@ -137,16 +146,19 @@ class SpikeTally:
     time_steps: int
     nnz: dict = field(default_factory=dict)             # spike node -> int64 [T]
     fanout_events: dict = field(default_factory=dict)   # synaptic conv -> int64 [T]
+    coincidences: dict = field(default_factory=dict)    # V2 kv node -> int64 [T]: k and v spikes at one token
 
     def __add__(self, other: "SpikeTally") -> "SpikeTally":
         if other.time_steps != self.time_steps:
             raise DeployError(f"report: batches with different time steps ({self.time_steps} and "
                               f"{other.time_steps}) cannot share one report")
-        if set(other.nnz) != set(self.nnz) or set(other.fanout_events) != set(self.fanout_events):
+        if set(other.nnz) != set(self.nnz) or set(other.fanout_events) != set(self.fanout_events) or \
+                set(other.coincidences) != set(self.coincidences):
             raise DeployError("report: tallies of different graphs cannot be added")
         return SpikeTally(self.samples + other.samples, self.time_steps,
                           {k: self.nnz[k] + other.nnz[k] for k in self.nnz},
-                          {k: self.fanout_events[k] + other.fanout_events[k] for k in self.fanout_events})
+                          {k: self.fanout_events[k] + other.fanout_events[k] for k in self.fanout_events},
+                          {k: self.coincidences[k] + other.coincidences[k] for k in self.coincidences})
 
 
 def tally_spikes(g: Graph, spikes: Mapping[str, np.ndarray]) -> SpikeTally:
@@ -168,7 +180,17 @@ def tally_spikes(g: Graph, spikes: Mapping[str, np.ndarray]) -> SpikeTally:
         if reads_spikes(g, n):
             per_position = spikes[n.inputs[0]].sum(axis=(1, 2), dtype=np.int64)      # [T, H, W]
             fanout[n.name] = (per_position * conv_fanout_map(g, n)).sum(axis=(1, 2))
-    return SpikeTally(int(B), int(T), nnz, fanout)
+    coincidences = {n.name: kv_coincidences(spikes[n.inputs[0]], spikes[n.inputs[1]], n.heads)
+                    for n in g.of_type(KVProduct)}
+    return SpikeTally(int(B), int(T), nnz, fanout, coincidences)
+
+
+def kv_coincidences(k: np.ndarray, v: np.ndarray, heads: int) -> np.ndarray:
+    """Per step, the (k spike, v spike) pairs of one head at one token, summed over samples, heads and
+    tokens: the increments of kv = k^T v. [T, B, C, H, W] spikes -> int64 [T]."""
+    T, B, C = k.shape[:3]
+    per_head = lambda a: a.reshape(T, B, heads, C // heads, -1).sum(axis=3, dtype=np.int64)   # noqa: E731
+    return (per_head(k) * per_head(v)).sum(axis=(1, 2, 3))
 
 
 def firing_rates(g: Graph, tally: SpikeTally) -> dict:
@@ -183,7 +205,7 @@ def _has_bias(n: Node) -> bool:
 
 
 ENGINE_KEYS = {"acs": "ac", "macs": "mac", "bias_adds": "bias_add", "neuron_updates": "neuron_update",
-               "and": "and", "or_inputs": "or", "comparisons": "compare"}
+               "and": "and", "or_inputs": "or", "comparisons": "compare", "int_acs": "int_ac"}
 
 
 def ops_from_engine(g: Graph, engine_ops: Mapping[str, Mapping[str, int]]) -> dict:
@@ -229,16 +251,35 @@ def ops_mismatches(expected: Mapping, engine: Mapping) -> list[str]:
 
 # ---- the paper's convention ----
 
+def is_v2(g: Graph) -> bool:
+    return g.meta.get("family") == "v2"
+
+
 def paper_layer(g: Graph, n: Node, rates: Mapping[str, float], time_steps: int,
                 static_input: bool = True) -> Optional[dict]:
     """The paper's count for one layer, per sample: the encoder conv `FLOPs` MACs for a static image
     (E_MAC x FL_conv^1: the image is the same at every step, so its convolution is computed once),
     `FLOPs * T` for event frames (a new frame each step); every other conv/linear
-    `rate(input spikes) * T * FLOPs` SOPs (ACs); None for everything else."""
+    `rate(input spikes) * T * FLOPs` SOPs (ACs); None for everything else.
+
+    V2 (Yao et al., ICLR 2024, its energy formula E_MAC FL_conv^1 + E_AC T (sum_n FL_conv^n fr^n + sum_m
+    FL_SDSA^m fr^m)): the attention's products too, `kv` at the rate of k and `q kv` at the rate of q,
+    FL_SDSA = N C d each; and a convolution reading a real value (SepConv's pointwise after the depthwise,
+    RepConv's depthwise and second 1x1), for which the formula has no firing rate, at rate 1 (a real
+    input is nonzero almost everywhere), priced as AC as the formula does -- the measured column counts
+    the MACs they are."""
+    if isinstance(n, (KVProduct, QKVProduct)) and is_v2(g):
+        src = n.inputs[0]
+        r = float(rates[src])
+        flops = dense_flops(g, n)
+        return {"counted_as": "AC", "rate": r, "flops": flops, "ops": r * time_steps * flops}
     if not isinstance(n, SYNAPTIC):
         return None
     flops = dense_flops(g, n)
     if not reads_spikes(g, n):
+        if is_v2(g) and not isinstance(g[n.inputs[0]], Input):
+            return {"counted_as": "AC", "rate": 1.0, "flops": flops, "ops": float(time_steps * flops),
+                    "real_input": True}
         macs = flops if static_input else flops * time_steps
         return {"counted_as": "MAC", "rate": None, "flops": flops, "ops": float(macs)}
     src = n.inputs[0]
@@ -249,7 +290,8 @@ def paper_layer(g: Graph, n: Node, rates: Mapping[str, float], time_steps: int,
 
 
 def paper_convention(g: Graph, rates: Mapping[str, float], time_steps: int, static_input: bool = True) -> dict:
-    """{layer: paper_layer(...)} for every conv and linear layer. `rates` maps spike tensors (node names,
+    """{layer: paper_layer(...)} for every conv and linear layer (V2: and the attention's products). `rates`
+    maps spike tensors (node names,
     as the paper's Table S1 lists firing rates per spike tensor) to their mean firing rate."""
     out = {}
     for n in g.nodes:
@@ -311,6 +353,29 @@ def _linear_measured(g: Graph, n: Linear, t: SpikeTally) -> dict:
     return {"ac": int(t.nnz[n.inputs[0]].sum()) * n.weight_shape[0], "bias_add": _bias_adds(n, t)}
 
 
+def _conv_kind(g: Graph, n: Node) -> str:
+    if reads_spikes(g, n):
+        return KIND_SYNAPTIC
+    return KIND_ENCODER if isinstance(g[n.inputs[0]], Input) else KIND_CURRENT_MAC
+
+
+def _kv_flops(g: Graph, n: KVProduct) -> int:
+    """k^T v per head: d x d entries, each a sum over the N tokens: heads d^2 N = C d N."""
+    heads, d, _ = n.shape
+    return int(heads * d * d * numel(g[n.inputs[0]].shape[1:]))
+
+
+def _qkv_flops(g: Graph, n: QKVProduct) -> int:
+    """q kv per head: N x d entries, each a sum over d: heads N d^2 = C d N."""
+    C = n.shape[0]
+    return int(C * (C // n.heads) * numel(n.shape[1:]))
+
+
+def _qkv_measured(g: Graph, n: QKVProduct, t: SpikeTally) -> dict:
+    """Each query spike adds its row of kv: d integers."""
+    return {"int_ac": int(t.nnz[n.inputs[0]].sum()) * (n.shape[0] // n.heads)}
+
+
 def _synaptic_ann(g: Graph, n: Node) -> dict:
     return {"mac": dense_flops(g, n), "add": numel(n.shape) if _has_bias(n) else 0}
 
@@ -355,8 +420,7 @@ ACCOUNTING: dict[type, Accounting] = {
     Broadcast: Accounting(_kind(None)),            # wiring
     Readout: Accounting(_kind(None)),              # the host's mean over T
     BatchNorm: Accounting(_kind(None)),            # folded into the convolutions
-    Conv: Accounting(lambda g, n: KIND_SYNAPTIC if reads_spikes(g, n) else KIND_ENCODER, _conv_measured,
-                     _synaptic_ann, _conv_flops),
+    Conv: Accounting(_conv_kind, _conv_measured, _synaptic_ann, _conv_flops),
     Linear: Accounting(lambda g, n: KIND_SYNAPTIC if reads_spikes(g, n) else KIND_ENCODER, _linear_measured,
                        _synaptic_ann, _linear_flops),
     LIF: Accounting(_kind(KIND_NEURON), lambda g, n, t: {"neuron_update": _steps(t) * numel(n.shape)}, _lif_ann),
@@ -373,6 +437,13 @@ ACCOUNTING: dict[type, Accounting] = {
                             _token_sum_ann),
     Add: Accounting(_kind(KIND_RESIDUAL), lambda g, n, t: {"add": _steps(t) * numel(n.shape) * (len(n.inputs) - 1)},
                     lambda g, n: {"add": numel(n.shape) * (len(n.inputs) - 1)}),
+    BNPad: Accounting(_kind(None)),                # folded into the 1x1 convolution (its zero padding)
+    KdReadout: Accounting(_kind(None)),            # the host's mean of the two heads over T
+    # V2's attention: the ANN of the same architecture computes both products densely (MACs)
+    KVProduct: Accounting(_kind(KIND_ATTN_AC), lambda g, n, t: {"ac": int(t.coincidences[n.name].sum())},
+                          lambda g, n: {"mac": _kv_flops(g, n)}, _kv_flops),
+    QKVProduct: Accounting(_kind(KIND_ATTN_INT_AC), _qkv_measured, lambda g, n: {"mac": _qkv_flops(g, n)},
+                           _qkv_flops),
 }
 
 
@@ -578,7 +649,8 @@ def build_report(g: Graph, tally: SpikeTally, table: EnergyTable, engine_totals:
 def _model_summary(g: Graph) -> dict:
     cfg = g.meta.get("config", {})
     return {"counted": COUNTED[counted_model(g)], "config": cfg, "params": g.param_count(),
-            "quantized": bool(g.meta.get("quantized")), "token_shape": list(g.meta.get("token_shape", []))}
+            "quantized": bool(g.meta.get("quantized")), "token_shape": list(g.meta.get("token_shape", [])),
+            "reparam": bool(g.meta.get("reparam"))}
 
 
 def _block_comparison(g: Graph, scope: str, layers: list, heads: int, table: EnergyTable) -> dict:
@@ -719,4 +791,30 @@ def convention_notes(table: EnergyTable, engine_checked: bool = True, graph: Opt
             "memory access and data movement (neither convention prices them; on real hardware they often "
             "dominate)",
         ],
+        **({"v2": v2_notes(graph)} if graph is not None and is_v2(graph) else {}),
     }
+
+
+def v2_notes(g: Graph) -> list:
+    """What the accounting does with V2's own ops (in the report of a V2 graph only)."""
+    reparam = bool(g.meta.get("reparam"))
+    return [
+        "SDT V2 (Meta-SpikeFormer, Yao et al., ICLR 2024): the paper column follows its energy formula, "
+        "E = E_MAC FL_conv^1 + E_AC T (sum_n FL_conv^n fr^n + sum_m FL_SDSA^m fr^m): the first convolution (the "
+        "image) as MAC, every other convolution and linear layer and the attention's two products as SOPs",
+        "the attention: kv = k^T v (binary x binary) counts one AC per coincidence of a k and a v spike at a token "
+        "(measured), FL_SDSA = N C d at the rate of k (paper); q kv (binary x integer) counts one integer AC per "
+        "query spike and entry of its kv row, d a spike (measured: 'int_ac', priced as an AC: an addition, of a "
+        "multi-bit integer read from a dynamic memory), FL_SDSA = N C d at the rate of q (paper); the 0.125 "
+        "scale is a shift (the grid), counted nowhere",
+        "kind 'MAC on a current': a convolution whose input is real-valued -- SepConv's pointwise 1x1 after the "
+        "depthwise 7x7, RepConv's depthwise 3x3 and second 1x1 after the BN-and-pad; the measured column counts "
+        "their multiply-accumulates (every valid tap of every input value, at every step); the paper's formula "
+        "has no firing rate for them and is applied with rate 1 (a real input is nonzero almost everywhere), "
+        "priced as AC as the formula prices every layer after the first"
+        + ("; this graph is re-parameterized (--reparam): those chains are convolutions of spikes here, ACs in "
+           "both columns" if reparam else "; --reparam fuses those chains into convolutions of spikes (ACs)"),
+        "depthwise convolutions of spikes: one AC per (input spike, tap) pair per output channel of its group "
+        "(one channel)",
+        "kd: the two heads are two linear layers on the same spikes; their mean (the read-out) runs on the host",
+    ]

@@ -1,8 +1,9 @@
 """`sdt-deploy demo`: the whole toolchain on the shipped demo checkpoint, end to end.
 
 load -> accuracy of the float model on the held-out digits -> quantize (int8) -> export NIR (partitioned
-at the stem's real-valued max-pool) and ONNX (int and float) -> verify every executor against the
-quantized torch model on those very files -> operation / energy report (table, JSON, CSV, PNG).
+at the stem's real-valued max-pool; V2: before the first attention product) and ONNX (int and float) ->
+verify every executor against the quantized torch model on those very files -> operation / energy report
+(table, JSON, CSV, PNG).
 The checkpoint is loaded once and quantized once; every step after that takes the quantized model.
 """
 from __future__ import annotations
@@ -25,8 +26,8 @@ from sdt_deploy.errors import DeployError
 @click.option("--no-progress", is_flag=True, help="no progress bars")
 def demo(ckpt, out_dir, force, quiet, no_progress):
     """The whole toolchain on a checkpoint (default: the shipped demo, an SDT trained on scikit-learn's
-    digits): accuracy, quantize, export NIR and ONNX, verify every executor on the exported files, report
-    operations and energy."""
+    digits; sdt_deploy/assets/demo_v2_digits.pth is the shipped SDT-V2 one): accuracy, quantize, export NIR
+    and ONNX, verify every executor on the exported files, report operations and energy."""
     checkpoint = ckpt or DEMO_CHECKPOINT
     if not os.path.exists(checkpoint):
         raise DeployError(f"demo checkpoint {checkpoint!r} is missing")
@@ -43,6 +44,7 @@ def _accuracy(model, x, y) -> float:
 def run_demo(checkpoint: str, out_dir: str, force: bool = False, verify_samples: int = 32, progress: bool = True,
              quiet: bool = False) -> dict:
     from exporters.bundle import export_graph, planned_outputs
+    from models import V2Config
     from sdt_deploy.accounting.energy import load_energy_table
     from sdt_deploy.accounting.measure import run_report
     from sdt_deploy.accounting.render import print_report, write_outputs
@@ -62,8 +64,14 @@ def run_demo(checkpoint: str, out_dir: str, force: bool = False, verify_samples:
     t0 = time.time()
     loaded = float_source(load_model(checkpoint))
     cfg = loaded.config
-    test = digits_split("test", img_size=cfg.img_size, channels=cfg.in_channels)
-    click.echo(f"[1/5] {os.path.basename(checkpoint)}: SDT dim {cfg.dim}, depth {cfg.depth}, T {cfg.time_steps}, "
+    if isinstance(cfg, V2Config):    # V2: its own evaluation transform (ImageNet mean/std)
+        test = digits_split("test", img_size=cfg.img_size, channels=cfg.in_channels, mean=loaded.data.mean,
+                            std=loaded.data.std)
+        what = f"SDT-V2 embed_dim {list(cfg.embed_dim)}, {cfg.num_heads} heads{', kd' if cfg.kd else ''}"
+    else:
+        test = digits_split("test", img_size=cfg.img_size, channels=cfg.in_channels)
+        what = f"SDT dim {cfg.dim}, depth {cfg.depth}"
+    click.echo(f"[1/5] {os.path.basename(checkpoint)}: {what}, T {cfg.time_steps}, "
                f"{cfg.img_size}x{cfg.img_size}; {len(test.y)} held-out digits")
     acc_float = _accuracy(loaded.model, test.x, test.y)
     q = quantize(loaded, progress=progress)

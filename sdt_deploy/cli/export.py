@@ -27,7 +27,8 @@ from sdt_deploy.cli.options import force_option, json_option, model_options, qua
 @json_option
 @run_options
 def export(ckpt, target, output, no_quantize, no_partition, nir_profile, onnx_variant, unroll, debug_outputs,
-           weight_bits, input_bits, scale_search, input_range, force, as_json, batch_size, quiet, no_progress, **kw):
+           weight_bits, input_bits, scale_search, input_range, reparam, force, as_json, batch_size, quiet, no_progress,
+           **kw):
     """Export to NIR (.nir, HDF5) or ONNX with explicit LIF state and binary spikes between layers."""
     from exporters.bundle import check_output_name
     from sdt_deploy import api
@@ -42,7 +43,7 @@ def export(ckpt, target, output, no_quantize, no_partition, nir_profile, onnx_va
     res = api.export(open_model(ckpt, kw), target, output, nir_profile=nir_profile, onnx_variant=onnx_variant,
                      partition=not no_partition, debug_outputs=debug_outputs, unroll=unroll,
                      float_weights=no_quantize, weight_bits=weight_bits, input_bits=input_bits,
-                     scale_search=scale_search, input_range=input_range, force=force, consume=True)
+                     scale_search=scale_search, input_range=input_range, force=force, consume=True, reparam=reparam)
     if as_json:
         echo_json({"files": res.files, "note": res.message})
         return

@@ -6,8 +6,8 @@ shipped demo); `--json` prints JSON on stdout instead of the tables; files are w
 `--force`; inputs are `-i/--input`, `--data`, `--digits`, `--random`; `--batch-size` is 16 everywhere;
 `--quiet` leaves only the results (no notes, no progress, no "wrote" lines) and `--no-progress` only
 drops the progress bars; quantization takes `--weight-bits`, `--input-bits`, `--scale-search`,
-`--input-range` wherever it happens; `--max-memory` bounds what verify, report and run hold (the batch
-is cut to fit, and a note on stderr says so).
+`--input-range` (and, for V2, `--reparam`) wherever it happens; `--max-memory` bounds what verify, report
+and run hold (the batch is cut to fit, and a note on stderr says so).
 
 A leaf module: it imports click and nothing heavy at import time, so that starting the command line
 (and `--help`) stays light; the library is imported inside the functions that need it.
@@ -25,7 +25,7 @@ BATCH_SIZE = 16
 
 # the configuration fields a flag can set (the SDTConfig field names)
 FLAG_FIELDS = ("img_size", "in_channels", "num_classes", "dim", "depth", "num_heads", "mlp_ratio",
-               "time_steps", "pooling_stat", "spike_mode", "dvs_mode", "tet")
+               "time_steps", "pooling_stat", "spike_mode", "dvs_mode", "tet", "kd")
 
 
 def _apply(options, f):
@@ -39,7 +39,8 @@ def model_options(f):
     return _apply([
         click.argument("ckpt", required=False),
         click.option("--config", "config", metavar="YAML|NAME",
-                     help="an original conf YAML file, or a published name such as cifar10/2_256_300E_t4"),
+                     help="an original conf YAML file, or a published name such as cifar10/2_256_300E_t4 or "
+                          "v2/metaspikformer_8_512 (SDT V2)"),
         click.option("--ema", is_flag=True, help="use the checkpoint's EMA weights (state_dict_ema)"),
         click.option("--img-size", type=int, help="input height = width"),
         click.option("--in-channels", type=int, help="input channels (3 for images, 2 for DVS events)"),
@@ -53,6 +54,7 @@ def model_options(f):
         click.option("--spike-mode", type=click.Choice(["lif", "plif"]), help="LIF, or PLIF (learned decay)"),
         click.option("--dvs-mode/--no-dvs-mode", default=None, help="the 3x3 OR-pools of CIFAR10-DVS"),
         click.option("--tet/--no-tet", default=None, help="per-step logits (TET)"),
+        click.option("--kd/--no-kd", default=None, help="V2: the distilled Meta-SpikeFormer (a second head, head_kd)"),
     ], f)
 
 
@@ -75,6 +77,10 @@ def quant_options(f=None, *, from_artifacts: bool = False):
                          help="largest |input| the input grid must hold"
                               + (later.format("from the data's mean/std") if from_artifacts
                                  else " (default: from the data's mean/std)")),
+            click.option("--reparam", is_flag=True, default=None,
+                         help="V2: structurally re-parameterize before quantizing (RepConv and SepConv chains as "
+                              "one convolution of spikes: more ACs, fewer MACs, more parameters)"
+                              + (" (default: the artifacts' setting)" if from_artifacts else "")),
         ], f)
     return decorate(f) if f is not None else decorate
 

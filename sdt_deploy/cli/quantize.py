@@ -13,8 +13,8 @@ from sdt_deploy.cli.options import force_option, json_option, model_options, ope
 @force_option
 @json_option
 @run_options
-def quantize(ckpt, output, weight_bits, input_bits, scale_search, input_range, force, as_json, batch_size, quiet,
-             no_progress, **kw):
+def quantize(ckpt, output, weight_bits, input_bits, scale_search, input_range, reparam, force, as_json, batch_size,
+             quiet, no_progress, **kw):
     """Fold BatchNorm and quantize to power-of-two per-channel grids; write the quantized model."""
     from sdt_deploy.api import quantize as quantize_model
     from sdt_deploy.cli.options import echo_json
@@ -25,13 +25,15 @@ def quantize(ckpt, output, weight_bits, input_bits, scale_search, input_range, f
     QuantOptions(weight_bits=weight_bits, input_bits=input_bits, scale_search=scale_search, input_range=input_range)
     check_output_path(output, force)
     q = quantize_model(open_model(ckpt, kw), weight_bits=weight_bits, input_bits=input_bits,
-                       scale_search=scale_search, input_range=input_range, progress=not (quiet or no_progress))
+                       scale_search=scale_search, input_range=input_range, progress=not (quiet or no_progress),
+                       reparam=reparam)
     q.save(output)
     s = bit_report(q.graph)["summary"]
     if as_json:
         echo_json({"file": output, "quantization": settings_of(q.graph.meta), "bits": s})
         return
-    say(quiet, f"wrote {output}: int{weight_bits} weights, input grid 2**-{q.graph.meta['input_grid']} "
+    kind = " (re-parameterized)" if reparam else ""
+    say(quiet, f"wrote {output}: int{weight_bits} weights{kind}, input grid 2**-{q.graph.meta['input_grid']} "
                f"({input_bits} bits); the integer side needs {s['max_int_bits']} bits, float32 "
                f"{s['max_float32_bits'] - 1} (exact to 24)", err=False)
     if q.graph.meta.get("plif_tau"):

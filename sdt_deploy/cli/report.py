@@ -39,8 +39,8 @@ from sdt_deploy.cli.options import (
 @json_option
 @run_options
 def report(ckpt, input_path, data_dir, digits, random_n, seed, energy, float_model, explain, json_path, csv_path,
-           plot_path, weight_bits, input_bits, scale_search, input_range, force, max_memory, as_json, batch_size,
-           quiet, no_progress, **kw):
+           plot_path, weight_bits, input_bits, scale_search, input_range, reparam, force, max_memory, as_json,
+           batch_size, quiet, no_progress, **kw):
     """Operations, firing rates and energy per layer: the paper's convention, what the integer engine
     measured, and the ANN baseline. By default the quantized model is counted on the first 32 held-out
     digits; --float counts the float checkpoint as trained."""
@@ -68,7 +68,7 @@ def report(ckpt, input_path, data_dir, digits, random_n, seed, energy, float_mod
                      energy=energy, batch_size=batch_size, weight_bits=weight_bits, input_bits=input_bits,
                      scale_search=scale_search, input_range=input_range, float_model=float_model,
                      progress=not (quiet or no_progress), max_memory=max_memory,
-                     notes=lambda text: say(quiet, text))
+                     notes=lambda text: say(quiet, text), reparam=reparam)
     write_outputs(rep, json_path, csv_path, plot_path)
     if as_json:
         echo_json(rep)

@@ -25,8 +25,10 @@ from sdt_deploy.errors import MismatchError
               help="comma-separated executors to compare with the reference")
 @click.option("--artifact", "artifacts", multiple=True, type=click.Path(dir_okay=False),
               help="check this exported file as it is (.onnx, .nir; repeatable); its settings are read from it")
-@click.option("--reference", type=click.Choice(["quantized", "float"]), default="quantized", show_default=True,
-              help="quantized: spike-exact check; float: agreement with the original float model")
+@click.option("--reference", type=click.Choice(["quantized", "float", "reparam"]), default="quantized",
+              show_default=True,
+              help="quantized: spike-exact check; float: agreement with the original float model; reparam (V2): "
+                   "agreement of the quantized plain and re-parameterized graphs, and what re-parameterizing costs")
 @click.option("--jobs", type=click.IntRange(min=1), metavar="N",
               help="processes that take whole batches, one intra-op thread each (default: one per CPU, as many "
                    "as --max-memory holds; under torchrun: 1 per rank)")
@@ -35,7 +37,7 @@ from sdt_deploy.errors import MismatchError
 @json_option
 @run_options
 def verify(ckpt, input_path, data_dir, digits, random_n, seed, executors, artifacts, reference, jobs, weight_bits,
-           input_bits, scale_search, input_range, max_memory, as_json, batch_size, quiet, no_progress, **kw):
+           input_bits, scale_search, input_range, reparam, max_memory, as_json, batch_size, quiet, no_progress, **kw):
     """Spike-exact equivalence of every executor against the quantized torch model, every layer at every
     step; `--artifact` files are checked as they were written, with the settings they record. The layers
     are compared as the executors produce them and the batch is cut to fit --max-memory."""
@@ -52,15 +54,16 @@ def verify(ckpt, input_path, data_dir, digits, random_n, seed, executors, artifa
                   executors=[e.strip() for e in executors.split(",") if e.strip()], artifacts=artifacts,
                   reference=reference, batch_size=batch_size, weight_bits=weight_bits, input_bits=input_bits,
                   scale_search=scale_search, input_range=input_range, flags=flags, config=kw.pop("config", None),
-                  ema=kw.pop("ema", False))
-    if reference == "float":
+                  ema=kw.pop("ema", False), reparam=reparam)
+    if reference in ("float", "reparam"):
         from sdt_deploy.verification.float_reference import print_float_report
+        from sdt_deploy.verification.reparam_compare import print_reparam_report
 
         rep = api.verify(ckpt or DEMO_CHECKPOINT, **common)
         if as_json:
             click.echo(json.dumps(rep, indent=2))
         else:
-            print_float_report(rep)
+            (print_float_report if reference == "float" else print_reparam_report)(rep)
         return
     rank, world = distributed()
     try:

@@ -9,7 +9,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from models import SDTConfig
+from models import SDTConfig, V2Config
 from sdt_deploy.data.datasets import ArrayDataset, open_dataset
 from sdt_deploy.errors import DeployError
 from sdt_deploy.files.arrays import check_input, load_array
@@ -40,7 +40,7 @@ def digits_inputs(n: int, cfg: SDTConfig, data: DataConfig) -> ArrayDataset:
 
     if n < 1:
         raise DeployError("--digits must be at least 1")
-    if data.events or cfg.dvs_mode or cfg.in_channels == 2:
+    if data.events or cfg.dvs_mode or (cfg.in_channels == 2 and not isinstance(cfg, V2Config)):
         return ArrayDataset(digit_events(n, cfg.time_steps, cfg.img_size, channels=cfg.in_channels), None)
     split = digits_split("test", img_size=cfg.img_size, channels=cfg.in_channels, mean=data.mean, std=data.std)
     if n > split.x.shape[0]:

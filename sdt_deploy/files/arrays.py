@@ -5,7 +5,7 @@ import os
 
 import numpy as np
 
-from models import SDTConfig
+from models import SDTConfig, V2Config
 from sdt_deploy.errors import DeployError
 
 
@@ -37,6 +37,9 @@ def check_input(x: np.ndarray, cfg: SDTConfig, name: str = "input") -> np.ndarra
     want = (cfg.in_channels, cfg.img_size, cfg.img_size)
     if (c, h, w) != want:
         raise DeployError(f"{name}: shape {x.shape} does not end in [C,H,W] = {list(want)} of the model")
+    if x.ndim == 5 and isinstance(cfg, V2Config):
+        raise DeployError(f"{name}: shape {x.shape}: a V2 Meta-SpikeFormer takes [B,C,H,W] images, repeated over "
+                          "T (the original cannot take [B,T,C,H,W] frames)")
     if x.shape[0] < 1 or (x.ndim == 5 and x.shape[1] < 1):
         raise DeployError(f"{name}: shape {x.shape} has an empty batch or time axis")
     if x.ndim == 5 and x.shape[1] != cfg.time_steps:

@@ -5,7 +5,8 @@ written once.
   membrane is the pair of graph tensors `v_in.<layer>` (before the step) and `v_out.<layer>` (after).
 - A partitioned NIR export is three files beside each other: `<name>.nir` (the device part),
   `<name>.stem.onnx` (the host part) and `<name>.manifest.json`, which says how they connect and holds
-  their sha256 checksums.
+  their sha256 checksums. A V2 export is cut the other way (`order`: "nir-then-host"): `<name>.nir` is the
+  prefix NIR computes exactly, `<name>.host.onnx` the rest, from the first attention product on.
 """
 from __future__ import annotations
 
@@ -35,6 +36,12 @@ def partition_paths(nir_path: str) -> tuple[str, str]:
     """(host stem, manifest) paths of a partitioned NIR export named `nir_path`."""
     stem = nir_path[:-4] if nir_path.endswith(".nir") else nir_path
     return stem + ".stem.onnx", stem + ".manifest.json"
+
+
+def host_path(nir_path: str) -> str:
+    """The host part of a V2 NIR export named `nir_path`: the graph after the NIR prefix, as ONNX."""
+    stem = nir_path[:-4] if nir_path.endswith(".nir") else nir_path
+    return stem + ".host.onnx"
 
 
 def read_manifest(nir_path: str) -> Optional[dict]:

@@ -30,11 +30,11 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-from models import SDTConfig, build_model
+from models import SDTConfig, build_model, build_v2_model, is_v2_state_dict
 from sdt_deploy.errors import DeployError, without_unsafe_advice
 from sdt_deploy.files.artifacts import sha256_of
 from sdt_deploy.files.atomic import save_torch
-from sdt_deploy.files.configs import Resolved, resolve
+from sdt_deploy.files.configs import Resolved, is_v2_name, resolve, resolve_v2
 
 ALLOWED_GLOBALS = (argparse.Namespace,)
 QUANTIZED_FORMAT = "sdt-deploy-quantized"
@@ -406,8 +406,13 @@ class LoadedModel:
 
 
 def float_model(ck: Checkpoint, flags: Optional[Mapping[str, Any]] = None, config: Optional[str] = None) -> LoadedModel:
-    """The SDT a (float) checkpoint describes, loaded strictly (eval mode, CPU)."""
+    """The SDT a (float) checkpoint describes, loaded strictly (eval mode, CPU): V1, or a V2
+    Meta-SpikeFormer where the state dict is one (`models.is_v2_state_dict`)."""
     path = ck.path
+    if is_v2_state_dict(ck.state_dict):
+        return _v2_float_model(ck, flags, config)
+    if (flags or {}).get("kd") is not None:
+        raise DeployError("--kd is a V2 setting (the distilled Meta-SpikeFormer); V1 has no second head")
     resolved = resolve(flags=flags, yaml_path=config, ckpt_args=ck.args, state_dict=ck.state_dict)
     check_values(ck.state_dict, path)
     # built on the meta device and given the checkpoint's own tensors (assign): no random initialisation
@@ -422,6 +427,33 @@ def float_model(ck: Checkpoint, flags: Optional[Mapping[str, Any]] = None, confi
     return LoadedModel(model.eval(), resolved, ck)
 
 
+def _v2_float_model(ck: Checkpoint, flags: Optional[Mapping[str, Any]], config: Optional[str]) -> LoadedModel:
+    """A V2 checkpoint (the original `save_model` layout: `model`, `args` an argparse.Namespace from
+    `main_finetune.get_args_parser()`): shapes from the state dict, T and the input size from the args."""
+    if config:
+        raise DeployError(f"--config {config!r}: a V2 checkpoint's configuration comes from its state dict and "
+                          "args; give flags (-T, --img-size, --num-heads) to change what they do not fix")
+    resolved = resolve_v2(flags=flags, ckpt_args=ck.args, state_dict=ck.state_dict)
+    check_values(ck.state_dict, ck.path)
+    with torch.device("meta"):
+        model = build_v2_model(resolved.config)
+    expected = model.state_dict()
+    for key, t in expected.items():
+        if key not in ck.state_dict:
+            raise DeployError(f"checkpoint {ck.path!r}: missing key {key} (expected shape {tuple(t.shape)})")
+        if tuple(ck.state_dict[key].shape) != tuple(t.shape):
+            raise DeployError(f"checkpoint {ck.path!r}: {key} has shape {tuple(ck.state_dict[key].shape)}, the "
+                              f"resolved configuration expects {tuple(t.shape)}")
+    extra = [k for k in ck.state_dict if k not in expected]
+    if extra:
+        raise DeployError(f"checkpoint {ck.path!r}: unexpected key {extra[0]} for a V2 Meta-SpikeFormer")
+    model.load_state_dict(_float32(ck.state_dict), strict=True, assign=True)
+    model.T = resolved.config.time_steps
+    # every tap in the deploy graph's [C, H, W] layout, as the quantized model's (`run --dump` writes the
+    # original's layout back)
+    return LoadedModel(model.eval().record_taps_as_grids(), resolved, ck)
+
+
 def _float32(state_dict: Mapping[str, torch.Tensor]) -> dict:
     """Floating tensors as float32, the model's dtype (what load_state_dict's copy would have cast to);
     no copy where they already are."""
@@ -429,7 +461,14 @@ def _float32(state_dict: Mapping[str, torch.Tensor]) -> dict:
 
 
 def model_from_config(flags: Optional[Mapping[str, Any]] = None, config: Optional[str] = None) -> LoadedModel:
-    """A randomly initialised SDT for a configuration alone (for `inspect --config`)."""
+    """A randomly initialised SDT for a configuration alone (for `inspect --config`); `v2/...` names a V2
+    Meta-SpikeFormer (`--kd` for its distilled form)."""
+    if is_v2_name(config):
+        resolved = resolve_v2(flags=flags, named=config)
+        return LoadedModel(build_v2_model(resolved.config).record_taps_as_grids(), resolved,
+                           Checkpoint(path="", state_dict={}, layout="none"))
+    if (flags or {}).get("kd") is not None:
+        raise DeployError("--kd is a V2 setting (the distilled Meta-SpikeFormer); V1 has no second head")
     resolved = resolve(flags=flags, yaml_path=config)
     model = build_model(resolved.config)
     return LoadedModel(model, resolved, Checkpoint(path="", state_dict={}, layout="none"))
@@ -443,3 +482,11 @@ def save_original_format(path: str, model: torch.nn.Module, args: argparse.Names
     if optimizer is not None:
         payload["optimizer"] = optimizer
     save_torch(path, payload)
+
+
+def save_v2_original_format(path: str, model: torch.nn.Module, args: argparse.Namespace, epoch: int = 0,
+                            optimizer: Optional[dict] = None) -> None:
+    """Write a V2 checkpoint the way the original `util/misc.py save_model` does: `model`, `optimizer`,
+    `epoch`, `scaler` (empty without CUDA), `args`."""
+    save_torch(path, {"model": model.state_dict(), "optimizer": optimizer or {}, "epoch": epoch, "scaler": {},
+                      "args": args})

@@ -198,3 +198,68 @@ def resolve(flags: Optional[Mapping[str, Any]] = None, yaml_path: Optional[str] 
     except TypeError as exc:
         raise DeployError(f"invalid configuration: {exc}") from None
     return Resolved(config=cfg, data=DataConfig(**data), sources=sources)
+
+
+# ---------------------------------------------------------------------------------------------------
+# SDT V2 (Meta-SpikeFormer)
+
+#: the flags that can change a V2 model (the others are V1's: depth, dim, pooling_stat, ... shape
+#: nothing in V2 and are refused rather than ignored)
+V2_FLAGS = ("img_size", "time_steps", "num_heads", "in_channels", "num_classes", "kd", "mlp_ratio")
+V1_ONLY_FLAGS = ("dim", "depth", "pooling_stat", "spike_mode", "dvs_mode", "tet")
+
+
+def v2_data_config(args: Optional[Mapping[str, Any]], img_size: int) -> DataConfig:
+    """`main_finetune.py`'s evaluation transform: timm's ImageNet mean/std, bicubic, crop 224/256 up to
+    224 px input and 1.0 above (`util/datasets.build_transform`)."""
+    dataset = "imagenet" if not args or args.get("data_path") != "sklearn_digits" else "sklearn/digits"
+    return DataConfig(dataset=dataset, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+                      crop_pct=224 / 256 if img_size <= 224 else 1.0, interpolation="bicubic")
+
+
+def _refuse_v1_flags(flags: Mapping[str, Any]) -> None:
+    wrong = [k for k in V1_ONLY_FLAGS if flags.get(k) is not None]
+    if wrong:
+        raise DeployError(f"--{wrong[0].replace('_', '-')} is a V1 setting; a V2 Meta-SpikeFormer has no such "
+                          f"field (its shapes come from embed_dim, read from the state dict or the named config)")
+    if flags.get("mlp_ratio") not in (None, 4):
+        raise DeployError(f"--mlp-ratio {flags['mlp_ratio']}: V2 runs only with 4 (the conv blocks' hidden width "
+                          "is fixed at 4 * dim in the original)")
+
+
+def resolve_v2(flags: Optional[Mapping[str, Any]] = None, ckpt_args: Optional[Mapping[str, Any]] = None,
+               state_dict: Optional[Mapping[str, Any]] = None, named: Optional[str] = None) -> Resolved:
+    """The V2 configuration of a checkpoint (shapes from its state dict, T and the input size from its
+    args, `models.v2_config_for_checkpoint`) or of a named configuration (`v2/metaspikformer_8_512`), with
+    the flags on top, and the source of every value."""
+    from dataclasses import replace
+
+    from models import named_v2_config, v2_config_for_checkpoint
+
+    flags = {k: v for k, v in dict(flags or {}).items() if v is not None}
+    _refuse_v1_flags(flags)
+    try:
+        if state_dict is not None:
+            cfg = v2_config_for_checkpoint(ckpt_args, state_dict, num_heads=flags.get("num_heads"))
+            sources = {k: "state dict shapes" for k in ("embed_dim", "in_channels", "num_classes", "mlp_ratio", "kd")}
+            args = ckpt_args or {}
+            sources.update({f: ("checkpoint args" if args.get(a) is not None else "main_finetune default")
+                            for f, a in (("time_steps", "time_steps"), ("img_size", "input_size"))})
+            sources["num_heads"] = "default (the factories' 8; heads shape no parameter)"
+            for k in ("in_channels", "num_classes", "kd"):
+                if k in flags and flags[k] != getattr(cfg, k):
+                    raise DeployError(f"--{k.replace('_', '-')} {flags[k]!r}: the checkpoint's state dict has "
+                                      f"{k} = {getattr(cfg, k)!r}")
+        else:
+            cfg = named_v2_config(named)
+            sources = {k: f"config {named}" for k in cfg.to_dict()}
+        changes = {k: flags[k] for k in V2_FLAGS if k in flags and flags[k] != getattr(cfg, k)}
+        cfg = replace(cfg, **changes)
+    except (ConfigError, TypeError) as exc:
+        raise DeployError(f"invalid configuration: {exc}") from None
+    sources.update({k: "command line" for k in V2_FLAGS if k in flags})
+    return Resolved(config=cfg, data=v2_data_config(ckpt_args, cfg.img_size), sources=sources)
+
+
+def is_v2_name(name: Optional[str]) -> bool:
+    return bool(name) and str(name).startswith("v2/")

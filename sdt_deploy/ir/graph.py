@@ -105,7 +105,12 @@ class _Synaptic:
 
 @dataclass
 class Conv(_Synaptic, Node):
-    """2-D convolution `y = W * x + b`; synaptic (an accumulate per input event) when x is spikes."""
+    """2-D convolution `y = W * x + b`; synaptic (an accumulate per input event) when x is spikes.
+
+    `groups` = channels is a depthwise convolution (V2's SepConv and RepConv): output channel c reads
+    input channel c only, `y[c] = w[c] * x[c] + b[c]`. Reading a current whose channels lie on different
+    grids (V2's convolutions after a depthwise one), each group's inputs are first shifted onto the
+    finest grid among them (`input_shift`): exact, and the output grid is `w_exp + that grid`."""
 
     weight: Optional[np.ndarray] = None  # float64 [O, I/groups, kh, kw]; None once quantized: float_weight()
     bias: Optional[np.ndarray] = None    # float64 [O]
@@ -140,6 +145,32 @@ class BatchNorm(Node):
     var: np.ndarray = None
     eps: float = 1e-5
     op: ClassVar[str] = "batchnorm"
+
+    def param_count(self) -> int:
+        return int(self.weight.size + self.bias.size)
+
+
+@dataclass
+class BNPad(Node):
+    """V2's `BNAndPad`: eval-mode BatchNorm, then a ring of `pad` pixels around it holding what the
+    BatchNorm gives a zero input, [C, H, W] -> [C, H + 2 pad, W + 2 pad]:
+
+        y[c, p + i, p + j] = (x[c, i, j] - mean) / sqrt(var + eps) * weight + bias
+        y[c, ring]         = bias - mean * weight / sqrt(var + eps)        (in this order, float32)
+
+    The ring is BN(0) in exact arithmetic, but computed in this order it differs from BatchNorm applied
+    to 0 by one float32 ulp in many channels, and the original computes it so. Removed by `fold_bn`
+    after an unpadded 1x1 convolution: that is the same function as the convolution with the folded
+    weights and its input zero-padded by `pad` (a 1x1 convolution of a zero border outputs its bias,
+    which after the fold is BN(0))."""
+
+    weight: np.ndarray = None
+    bias: np.ndarray = None
+    mean: np.ndarray = None
+    var: np.ndarray = None
+    eps: float = 1e-5
+    pad: int = 1
+    op: ClassVar[str] = "bnpad"
 
     def param_count(self) -> int:
         return int(self.weight.size + self.bias.size)
@@ -236,6 +267,35 @@ class Add(Node):
 
 
 @dataclass
+class KVProduct(Node):
+    """V2's attention key-value product, per head h of d = C / heads channels, over the N = H*W tokens
+    (token n = y*W + x, channel c = h*d + i), of two spike tensors [C, H, W]:
+
+        kv[h, i, j] = sum_n k[h*d + i, n] * v[h*d + j, n]          -> [heads, d, d]
+
+    A product of two binary tensors: a count of coincidences, an integer in [0, N] (grid 0)."""
+
+    heads: int = 1
+    op: ClassVar[str] = "kv_product"
+
+
+@dataclass
+class QKVProduct(Node):
+    """V2's attention query product with its fixed scale, of spikes q [C, H, W] and the integer kv
+    [heads, d, d], into the channel layout the next LIF reads:
+
+        y[h*d + j, n] = 2**-scale_exp * sum_i q[h*d + i, n] * kv[h, i, j]    -> [C, H, W]
+
+    The sum is an integer in [0, N*d] (the original's `q @ kv`, int32 in its taps), the scale (0.125 =
+    2**-3 whatever the head width) a shift: the output is that integer on grid `scale_exp`. Binary x
+    integer: each query spike selects a row of kv to add (an integer accumulate, not a multiply)."""
+
+    heads: int = 1
+    scale_exp: int = 3
+    op: ClassVar[str] = "qkv_product"
+
+
+@dataclass
 class Readout(Node):
     """Host-side read-out of the per-step logits: `mean` over T, or `per_step` (TET)."""
 
@@ -243,8 +303,22 @@ class Readout(Node):
     op: ClassVar[str] = "readout"
 
 
+@dataclass
+class KdReadout(Readout):
+    """V2 with knowledge distillation (`kd`): two heads, `head` and `head_kd`, read the same spikes; the
+    eval output is the mean of the two heads' mean over T:
+
+        logits = (mean_t head[t] + mean_t head_kd[t]) / 2
+
+    Per step the node holds `head[t] + head_kd[t]` (integers on the finer of the two grids) on a grid one
+    step finer, which is the division by 2 (exact); the read-out over T is then the plain mean."""
+
+    op: ClassVar[str] = "kd_readout"
+
+
 NODE_TYPES = {cls.op: cls for cls in (Input, Conv, Linear, BatchNorm, LIF, And, OrPool, MaxPool, TokenSum,
-                                      SpatialMean, Broadcast, Add, Readout)}
+                                      SpatialMean, Broadcast, Add, Readout, BNPad, KVProduct, QKVProduct,
+                                      KdReadout)}
 SYNAPTIC = (Conv, Linear)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from models import SDTConfig, SpikeDrivenTransformer
+from models import MetaSpikeFormer, SDTConfig, SpikeDrivenTransformer
 from sdt_deploy.ir.graph import (
     LIF,
     SPIKE,
@@ -81,7 +81,11 @@ def _conv_bn(b: _Builder, conv: nn.Conv2d, bn: nn.Module, conv_name: str, bn_nam
 def lower(model: SpikeDrivenTransformer, copy: bool = True) -> Graph:
     """The deploy graph of a model: float64 copies of its parameters, or (`copy=False`, for a graph
     consumed at once by `fold_and_quantize`) read-only views of the model's own tensors, in their dtype
-    -- then the graph changes if the model does."""
+    -- then the graph changes if the model does. A V2 Meta-SpikeFormer is lowered by `ir.lower_v2`."""
+    if isinstance(model, MetaSpikeFormer):
+        from sdt_deploy.ir.lower_v2 import lower_v2
+
+        return lower_v2(model, copy=copy)
     cfg: SDTConfig = model.cfg
     b = _Builder(copy)
     S = cfg.img_size

@@ -46,3 +46,40 @@ def split_at_current_maxpool(g: Graph) -> Optional[Partition]:
     host_meta = {**g.meta, "partition": "host", "cut": cut}
     device_meta = {**g.meta, "partition": "device", "cut": cut}
     return Partition(Graph(list(host_nodes), host_meta), Graph(device_nodes, device_meta), cut)
+
+
+@dataclass
+class NirPrefix:
+    """A graph cut in two for NIR the other way round (SDT V2): the prefix NIR computes exactly, the rest on
+    the host. `nir`: Input -> ... -> the cut (its output is the cut's current); `host`: Input(<cut>) -> ...
+    -> readout."""
+
+    nir: Graph
+    host: Graph
+    cut: str
+    first_host_node: str   # the first node NIR cannot compute (what forces the cut)
+
+
+def split_before(g: Graph, cannot: tuple) -> Optional[NirPrefix]:
+    """Cut a graph before its first node of a type in `cannot` (V2: the attention's products of two dynamic
+    tensors), at the last node before it that is the only value the rest reads from the prefix (the
+    residual stream entering the first transformer block). None when no node is of those types."""
+    names = [n.name for n in g.nodes]
+    index = {name: i for i, name in enumerate(names)}
+    first = next((i for i, n in enumerate(g.nodes) if isinstance(n, cannot)), None)
+    if first is None:
+        return None
+    # earliest[i]: the earliest node read by any node at position >= i
+    earliest = [len(names)] * (len(names) + 1)
+    for i in range(len(names) - 1, -1, -1):
+        reads = [index[s] for s in g.nodes[i].inputs]
+        earliest[i] = min([earliest[i + 1]] + reads)
+    cut_at = next((c for c in range(first - 1, 0, -1) if earliest[c + 1] >= c), None)
+    if cut_at is None or isinstance(g.nodes[cut_at], Input):
+        raise DeployError(f"cannot partition before {names[first]}: no single value separates it from the input")
+    cut = g.nodes[cut_at]
+    prefix_meta = {**g.meta, "partition": "device", "cut": cut.name}
+    host_meta = {**g.meta, "partition": "host", "cut": cut.name}
+    host_nodes = [Input(cut.name, (), tuple(cut.shape), grid=cut.grid, bits=None)] + list(g.nodes[cut_at + 1:])
+    return NirPrefix(Graph(list(g.nodes[:cut_at + 1]), prefix_meta), Graph(host_nodes, host_meta), cut.name,
+                     names[first])

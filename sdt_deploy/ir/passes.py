@@ -8,7 +8,7 @@ from typing import Iterator
 import numpy as np
 
 from sdt_deploy.errors import DeployError
-from sdt_deploy.ir.graph import CURRENT, SYNAPTIC, BatchNorm, Conv, Graph, Input, Linear
+from sdt_deploy.ir.graph import CURRENT, SYNAPTIC, BatchNorm, BNPad, Conv, Graph, Input, Linear
 
 
 def fold_bn_params(weight: np.ndarray, bias, bn: BatchNorm,
@@ -29,8 +29,54 @@ def fold_bn_params(weight: np.ndarray, bias, bn: BatchNorm,
 def fold_bn(g: Graph) -> Graph:
     """Fold every BatchNorm into the conv/linear that feeds it; no BatchNorm survives.
 
-    The folded node keeps the conv's name; consumers of the BatchNorm now read the conv."""
+    The folded node keeps the conv's name; consumers of the BatchNorm now read the conv. A chain of
+    BatchNorms (V2's RepConv ends in two) folds one after the other, in float64, rounded once. V2's
+    `BNPad` after an unpadded 1x1 convolution folds like a BatchNorm, with the convolution's input
+    zero-padded by the ring's width: the same function (the 1x1 convolution of a zero border outputs its
+    folded bias, BN(0), the ring's value)."""
     return g.replace_nodes(list(fold_nodes(g)), folded=True)
+
+
+def _bn_chains(g: Graph) -> dict:
+    """{conv/linear name: [the BatchNorms (and a first BNPad) that follow it, in order]}, every one checked
+    foldable: each follows the previous one or the conv, which has that single consumer."""
+    plan: dict[str, list] = {}
+    tail_of: dict[str, str] = {}       # last BN of a chain -> its conv
+    for n in g.nodes:
+        if not isinstance(n, (BatchNorm, BNPad)):
+            continue
+        (src,) = n.inputs
+        if len(g.consumers(src)) != 1:
+            raise DeployError(f"cannot fold {n.name}: it does not follow a conv/linear with a single consumer")
+        if src in tail_of and isinstance(n, BatchNorm):
+            conv = tail_of.pop(src)
+            plan[conv].append(n)
+        elif src not in plan and isinstance(g[src], (Conv, Linear)):
+            if isinstance(n, BNPad):
+                c = g[src]
+                if not (isinstance(c, Conv) and c.weight_shape[2:] == (1, 1) and c.stride == 1 and c.padding == 0):
+                    raise DeployError(f"cannot fold {n.name}: its ring is the convolution's zero padding only after "
+                                      f"an unpadded 1x1 convolution, and {src} is not one")
+            conv = src
+            plan[conv] = [n]
+        else:
+            raise DeployError(f"cannot fold {n.name}: it does not follow a conv/linear with a single consumer")
+        tail_of[n.name] = conv
+    return plan
+
+
+def _fold_chain(n, chain: list, weight_dtype):
+    """The conv/linear `n` with its chain of BatchNorms folded in (the first possibly a BNPad)."""
+    if len(chain) == 1 and isinstance(chain[0], BatchNorm):    # one BatchNorm: rounded once as it is written
+        w, b = fold_bn_params(n.weight, n.bias, chain[0], weight_dtype)
+        return replace(n, weight=w, bias=b)
+    w, b = n.weight, n.bias
+    for bn in chain:                                           # float64 throughout, rounded once at the end
+        w, b = fold_bn_params(w, b, bn, np.float64)
+    changes = {"weight": w.astype(weight_dtype, copy=False), "bias": b}
+    if isinstance(chain[0], BNPad):
+        changes.update(padding=int(chain[0].pad), shape=tuple(chain[0].shape))
+    return replace(n, **changes)
 
 
 def fold_nodes(g: Graph, consume: bool = False, weight_dtype=np.float64) -> Iterator:
@@ -41,25 +87,18 @@ def fold_nodes(g: Graph, consume: bool = False, weight_dtype=np.float64) -> Iter
     for a consumer that reads nothing finer (brevitas: `quant.brevitas_backend.scales_and_integers`). `consume`: g
     is emptied here and each of its nodes dropped once its folded node is made, so that nothing of g
     outlives its layer's turn."""
-    plan: dict[str, BatchNorm] = {}
-    for n in g.nodes:
-        if isinstance(n, BatchNorm):
-            (src,) = n.inputs
-            if src in plan or not isinstance(g[src], (Conv, Linear)) or len(g.consumers(src)) != 1:
-                raise DeployError(f"cannot fold {n.name}: it does not follow a conv/linear with a single consumer")
-            plan[src] = n
-    renamed = {bn.name: src for src, bn in plan.items()}
+    plan = _bn_chains(g)
+    renamed = {bn.name: src for src, chain in plan.items() for bn in chain}
 
     queue = collections.deque(g.take_nodes() if consume else g.nodes)
 
     def nodes():
         while queue:
             n = queue.popleft()
-            if isinstance(n, BatchNorm):
+            if isinstance(n, (BatchNorm, BNPad)):
                 continue
             if n.name in plan:
-                w, b = fold_bn_params(n.weight, n.bias, plan[n.name], weight_dtype)
-                n = replace(n, weight=w, bias=b)
+                n = _fold_chain(n, plan[n.name], weight_dtype)
             elif isinstance(n, (Conv, Linear)) and (n.weight.dtype != weight_dtype or
                                                     (n.bias is not None and n.bias.dtype != np.float64)):
                 n = replace(n, weight=n.weight.astype(weight_dtype),

@@ -27,9 +27,12 @@ from sdt_deploy.ir.graph import (
     Conv,
     Graph,
     Input,
+    KdReadout,
+    KVProduct,
     Linear,
     MaxPool,
     OrPool,
+    QKVProduct,
     Readout,
     TokenSum,
 )
@@ -66,7 +69,23 @@ def _input_bound(n: Input, src, b: dict, qg: Graph) -> np.ndarray:
     return np.full(n.shape[0], float(2 ** (n.bits - 1)))
 
 
+def _per_channel_input_bound(n, src, b: dict) -> np.ndarray:
+    """sum over inputs of |w_int| x the input's bound on the group's grid, per output channel: a
+    convolution reading a current whose channels differ in grid or bound (V2: after a depthwise
+    convolution, and the depthwise convolution itself)."""
+    from sdt_deploy.quant.contract import input_shift
+
+    O = n.w_int.shape[0]
+    groups = int(getattr(n, "groups", 1))
+    w = np.abs(n.w_int.astype(np.float64)).reshape(O, n.w_int.shape[1], -1).sum(axis=2)   # [O, C/groups]
+    shifted = b[src.name] * np.exp2(input_shift(n, src.grid).astype(np.float64))           # [C]
+    per_group = shifted.reshape(groups, -1)                                               # [groups, C/groups]
+    return (w.reshape(groups, O // groups, -1) * per_group[:, None, :]).sum(axis=2).reshape(O)
+
+
 def _synaptic_bound(n, src, b: dict, qg: Graph) -> np.ndarray:
+    if src[0].out_kind == CURRENT and not (isinstance(src[0], Input) and int(getattr(n, "groups", 1)) == 1):
+        return _per_channel_input_bound(n, src[0], b) + np.abs(n.b_int.astype(np.float64))
     # sum of |w_int| per output channel (int8 widened to int16, which holds |-128|, not float64: a
     # quarter of the memory traffic on 66M weights)
     w = n.w_int.reshape(n.w_int.shape[0], -1)
@@ -100,13 +119,32 @@ def _lif_bound(n: LIF, src, b: dict, qg: Graph) -> np.ndarray:
 
 
 def _input_kept(n, src, b: dict, qg: Graph) -> np.ndarray:
+    if src[0].out_kind != CURRENT:      # a read-out of spikes (a V2 model without a head)
+        return np.ones(n.shape[0])
     return b[src[0].name]
+
+
+def _kv_bound(n: KVProduct, src, b: dict, qg: Graph) -> np.ndarray:
+    """A count of coincidences over the N tokens: at most N."""
+    return np.full(n.shape[0], float(np.prod(src[0].shape[1:])))
+
+
+def _qkv_bound(n: QKVProduct, src, b: dict, qg: Graph) -> np.ndarray:
+    """q selects up to d rows of kv, each entry at most its bound (N): d N."""
+    d = int(src[1].shape[1])
+    return np.full(n.shape[0], float(d * b[src[1].name].max()))
+
+
+def _kd_readout_bound(n: KdReadout, src, b: dict, qg: Graph) -> np.ndarray:
+    """head + head_kd, each shifted onto the node's grid less the halving step."""
+    return sum(b[s.name] * np.exp2(n.grid - 1 - s.grid) for s in src)
 
 
 # each node type's worst-case |integer| per channel: fn(node, its sources, bounds so far, graph); spike
 # nodes (AND, OR-pool, broadcast) carry 0/1 and have no bound
 BOUNDS = {Input: _input_bound, Conv: _synaptic_bound, Linear: _synaptic_bound, MaxPool: _input_kept,
-          TokenSum: _token_sum_bound, Add: _add_bound, LIF: _lif_bound, Readout: _input_kept}
+          TokenSum: _token_sum_bound, Add: _add_bound, LIF: _lif_bound, Readout: _input_kept,
+          KVProduct: _kv_bound, QKVProduct: _qkv_bound, KdReadout: _kd_readout_bound}
 SPIKES_ONLY = (And, OrPool, Broadcast)
 
 

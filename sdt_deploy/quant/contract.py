@@ -39,14 +39,18 @@ from sdt_deploy.ir.graph import (
     SYNAPTIC,
     Add,
     And,
+    BNPad,
     Broadcast,
     Conv,
     Graph,
     Input,
+    KdReadout,
+    KVProduct,
     Linear,
     MaxPool,
     Node,
     OrPool,
+    QKVProduct,
     Readout,
     SpatialMean,
     TokenSum,
@@ -81,8 +85,13 @@ SETTINGS = ("weight_bits", "input_bits", "scale_search", "input_range", "input_g
 
 
 def settings_of(meta: dict) -> dict:
-    """The quantization settings a quantized graph (or an artifact's copy of its meta) records."""
-    return {k: meta.get(k) for k in SETTINGS}
+    """The quantization settings a quantized graph (or an artifact's copy of its meta) records; `reparam`
+    where the graph was structurally re-parameterized before quantization (V2, `ir.reparam`), so that a
+    shipped file verifies as shipped (an artifact without it was not re-parameterized)."""
+    out = {k: meta.get(k) for k in SETTINGS}
+    if meta.get("reparam"):
+        out["reparam"] = True
+    return out
 
 
 # ---------------------------------------------------------------- weights
@@ -145,10 +154,11 @@ def threshold_grid(theta: float, at_least: int) -> int:
 
 
 def head_mean_as_sum(n: Node, meta: dict) -> Node:
-    """One node of the head rewrite (see `rewrite_head_mean`)."""
+    """One node of the head rewrite (see `rewrite_head_mean`): the LIF reading `head_mean` is the head's
+    (`head_lif` in V1, `lif` in V2)."""
     if isinstance(n, SpatialMean):
         return TokenSum("head_sum", n.inputs, n.shape)
-    if n.name == "head_lif":
+    if isinstance(n, LIF) and "head_mean" in n.inputs:
         H, W = meta["token_shape"][1:]
         return replace(n, inputs=tuple("head_sum" if i == "head_mean" else i for i in n.inputs),
                        v_threshold=float(n.v_threshold) * H * W)
@@ -180,18 +190,41 @@ def _input(n: Input, p: _Pass, weights=None) -> Input:
     return replace(n, grid=_channels(input_grid(p.opts), n.shape[0]), bits=p.opts.input_bits)
 
 
+def group_input_grid(node, in_grid: np.ndarray) -> np.ndarray:
+    """Per input channel, the grid a synaptic node reads it on: the finest grid among the channels of its
+    group (all the input channels; one channel for a depthwise convolution). Coarser channels are shifted
+    left onto it, exactly (`input_shift`)."""
+    g = np.asarray(in_grid, dtype=np.int64)
+    groups = int(getattr(node, "groups", 1))
+    return np.repeat(g.reshape(groups, -1).max(axis=1), g.size // groups)
+
+
+def input_shift(node, in_grid: np.ndarray) -> np.ndarray:
+    """Per input channel, the left shift that puts it on `group_input_grid` (>= 0; all 0 where the grid is
+    uniform, as for the image, and for a depthwise convolution)."""
+    return group_input_grid(node, in_grid) - np.asarray(in_grid, dtype=np.int64)
+
+
+def output_input_grid(node, in_grid: np.ndarray, out_channels: int) -> np.ndarray:
+    """Per output channel, the grid of the inputs it sums (`group_input_grid` of its group)."""
+    per_group = group_input_grid(node, in_grid).reshape(int(getattr(node, "groups", 1)), -1)[:, 0]
+    return np.repeat(per_group, out_channels // per_group.size)
+
+
 def _synaptic(node, p: _Pass, weights=None):
     """w = w_int * 2**-e per output channel; the output grid is e + the input's grid (0 for spikes); the
-    bias rounded once onto it. `weights`: (the back end's future result, the weight's shape)."""
+    bias rounded once onto it. `weights`: (the back end's future result, the weight's shape). A current
+    whose channels lie on different grids (V2: after a depthwise convolution) is read on the finest grid
+    of each group (`group_input_grid`)."""
     future, shape = weights
     (src,) = node.inputs
     in_grid = p.grids[src]
     if in_grid is None:           # spikes: integers 0/1
         in_exp = 0
-    else:                          # the encoder reads the input grid (uniform over channels)
-        if len(set(in_grid.tolist())) != 1:
-            raise DeployError(f"{node.name}: input grid differs between channels; not supported")
+    elif len(set(in_grid.tolist())) == 1:   # the encoder reads the input grid (uniform over channels)
         in_exp = int(in_grid[0])
+    else:
+        in_exp = output_input_grid(node, in_grid, shape[0])
     w_int, w_exp = weight_exponents(*future.result(), shape)
     out_exp = w_exp + in_exp
     bias = np.zeros(w_int.shape[0]) if node.bias is None else node.bias
@@ -230,8 +263,28 @@ def _input_grid_kept(n, p: _Pass, weights=None):
 
 
 def _readout(n: Readout, p: _Pass, weights=None) -> Readout:
-    return replace(n, grid=p.grids[n.inputs[0]])
+    grid = p.grids[n.inputs[0]]         # spikes (a V2 model without a head): integers 0/1
+    return replace(n, grid=np.zeros(n.shape[0], dtype=np.int64) if grid is None else grid)
 
+
+def _kd_readout(n: KdReadout, p: _Pass, weights=None) -> KdReadout:
+    """head + head_kd on the finer of their grids, and one step finer still: the division by 2."""
+    return replace(n, grid=np.max(np.stack([p.grids[i] for i in n.inputs]), axis=0) + 1)
+
+
+def _kv_product(n: KVProduct, p: _Pass, weights=None) -> KVProduct:
+    """Counts of coincidences of two spike tensors: integers (grid 0), per head."""
+    if any(p.grids[i] is not None for i in n.inputs):
+        raise DeployError(f"{n.name}: kv reads two spike tensors")
+    return replace(n, grid=np.zeros(n.shape[0], dtype=np.int64))
+
+
+def _qkv_product(n: QKVProduct, p: _Pass, weights=None) -> QKVProduct:
+    """The integer q @ kv on grid `scale_exp`: the 2**-scale_exp scale is the grid, nothing is rounded."""
+    q, kv = n.inputs
+    if p.grids[q] is not None or p.grids[kv] is None or np.any(p.grids[kv] != 0):
+        raise DeployError(f"{n.name}: qkv reads spikes and integer counts")
+    return replace(n, grid=np.full(n.shape[0], int(n.scale_exp), dtype=np.int64))
 
 def _spikes(n, p: _Pass, weights=None):
     """Spikes are integers 0/1: no grid to choose."""
@@ -245,7 +298,8 @@ def _removed_before(n, p: _Pass, weights=None):
 RULES: dict[type, Callable] = {
     Input: _input, Conv: _synaptic, Linear: _synaptic, LIF: _lif, Add: _add, MaxPool: _input_grid_kept,
     TokenSum: _input_grid_kept, Readout: _readout, And: _spikes, OrPool: _spikes, Broadcast: _spikes,
-    SpatialMean: _removed_before,
+    SpatialMean: _removed_before, BNPad: _removed_before, KVProduct: _kv_product, QKVProduct: _qkv_product,
+    KdReadout: _kd_readout,
 }
 
 

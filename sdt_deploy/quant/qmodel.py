@@ -8,7 +8,7 @@ from typing import Any, Mapping, Optional
 import numpy as np
 import torch
 
-from models import InputQuantizer, SDTConfig, build_model
+from models import InputQuantizer, SDTConfig, V2Config, build_model, build_v2_model
 from sdt_deploy import __version__
 from sdt_deploy.errors import DeployError
 from sdt_deploy.files.atomic import save_torch
@@ -17,12 +17,52 @@ from sdt_deploy.files.configs import DataConfig, Resolved
 from sdt_deploy.ir.graph import LIF, SYNAPTIC, Graph
 
 
+def build_quantized_v2_model(qg: Graph, cfg: V2Config, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """The folded (or, for a re-parameterized graph, the re-parameterized) Meta-SpikeFormer holding qg's
+    values, token sum before `lif` with its threshold times H*W: the original's modules, LIFs and forward,
+    with the quantized weights. Every graph node of a conv/linear is the module of the same path (the
+    MLP's Conv1d takes the [O, I, 1, 1] weight as [O, I, 1])."""
+    H, W = qg.meta["token_shape"][1:]
+    form = "reparam" if qg.meta.get("reparam") else "folded"
+    model = build_v2_model(cfg, form=form, head_pool="sum", tokens=int(H * W)).to(dtype)
+    modules = dict(model.named_modules())
+    np_dtype = np.float64 if dtype == torch.float64 else None
+    loaded = set()
+    with torch.no_grad():
+        for n in qg.nodes:
+            if isinstance(n, SYNAPTIC):
+                m = modules.get(n.name)
+                if m is None:
+                    raise DeployError(f"{n.name}: no module of that path in the {form} V2 model")
+                m.weight.copy_(torch.from_numpy(n.float_weight(np_dtype)).reshape(m.weight.shape).to(m.weight.dtype))
+                if m.bias is not None:
+                    m.bias.copy_(torch.from_numpy(n.bias).to(m.bias.dtype))
+                elif np.any(n.b_int != 0):
+                    raise DeployError(f"{n.name}: a bias where the {form} V2 model has none")
+                loaded.add(n.name)
+            elif isinstance(n, LIF):
+                m = modules[n.name]
+                if float(m.v_threshold) != float(n.v_threshold):
+                    raise DeployError(f"{n.name}: graph threshold {n.v_threshold} differs from the model's "
+                                      f"{m.v_threshold}")
+        missing = [name for name, m in modules.items() if isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d,
+                                                                          torch.nn.Linear)) and name not in loaded]
+        if missing:
+            raise DeployError(f"{missing[0]}: no graph node holds its weights")
+        inp = qg.input
+        model.input_quant = InputQuantizer(int(inp.grid[0]), int(inp.bits))
+    return model.eval()
+
+
 def build_quantized_model(qg: Graph, cfg: SDTConfig, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """A folded SDT (conv biases, no BatchNorm, token *sum* before head_lif) holding qg's values, in `dtype`:
     float64 for a reference that must hold values float32 cannot (the values go into the parameters
-    from the graph's integers, never through float32)."""
+    from the graph's integers, never through float32). A V2 graph gives the V2 model
+    (`build_quantized_v2_model`)."""
     if not qg.meta.get("quantized"):
         raise DeployError("build_quantized_model needs a quantized graph")
+    if isinstance(cfg, V2Config):
+        return build_quantized_v2_model(qg, cfg, dtype)
     model = build_model(cfg, folded=True, head_pool="sum").to(dtype)
     modules = dict(model.named_modules())
     np_dtype = np.float64 if dtype == torch.float64 else None
@@ -114,9 +154,9 @@ def load_quantized(ck: Checkpoint, flags: Optional[Mapping[str, Any]] = None) ->
         raise DeployError(f"checkpoint {ck.path!r}: a quantized file fixes its configuration; "
                           f"drop the flags {', '.join(sorted(flags))}")
     try:
-        cfg = SDTConfig(**extra["config"])
-        data = DataConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in extra["data"].items()})
         graph = Graph.from_json(extra["graph"])
+        cfg = (V2Config if graph.meta.get("family") == "v2" else SDTConfig)(**extra["config"])
+        data = DataConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in extra["data"].items()})
     except (KeyError, TypeError, ValueError) as exc:
         raise DeployError(f"checkpoint {ck.path!r}: damaged quantized file ({exc})") from None
     model = build_quantized_model(graph, cfg)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from models.sdt import InputQuantizer, heads_or_pool
+from models.sdt_v2 import to_heads
 from sdt_deploy.errors import DeployError
 from sdt_deploy.files.arrays import time_major
 from sdt_deploy.ir.graph import (
@@ -21,13 +22,17 @@ from sdt_deploy.ir.graph import (
     Add,
     And,
     BatchNorm,
+    BNPad,
     Broadcast,
     Conv,
     Graph,
     Input,
+    KdReadout,
+    KVProduct,
     Linear,
     MaxPool,
     OrPool,
+    QKVProduct,
     Readout,
     SpatialMean,
     TokenSum,
@@ -56,11 +61,12 @@ def _tb(fn, v: torch.Tensor) -> torch.Tensor:
 
 
 def execute(g: Graph, x: np.ndarray, dtype: torch.dtype = torch.float32, record: bool = True,
-            membranes: bool = False) -> tuple[np.ndarray, dict, dict]:
+            membranes: bool = False, currents: tuple = ()) -> tuple[np.ndarray, dict, dict]:
     """Run the graph on x ([B,C,H,W] repeated over T, or [B,T,C,H,W]).
 
     Returns (logits, spikes, membranes): logits as the read-out gives them, spikes as uint8 [T,B,...]
-    keyed by node name (every spike-kind node), and — with `membranes` — each LIF's H per step."""
+    keyed by node name (every spike-kind node), and — with `membranes` — each LIF's H per step. The
+    nodes named in `currents` (V2's `kv`, say) join the spikes with their values, [T, B, ...] in `dtype`."""
     T = x.shape[1] if x.ndim == 5 else int(g.meta["time_steps"])
     values: dict[str, torch.Tensor] = {}
     spikes: dict[str, np.ndarray] = {}
@@ -72,6 +78,8 @@ def execute(g: Graph, x: np.ndarray, dtype: torch.dtype = torch.float32, record:
         values[n.name] = y
         if record and n.out_kind == "spike":
             spikes[n.name] = y.to(torch.uint8).numpy()
+        elif n.name in currents:
+            spikes[n.name] = y.numpy().copy()
         for i in n.inputs:  # free what no later node reads
             remaining[i] -= 1
             if remaining[i] == 0 and i != g.output.name:
@@ -96,6 +104,32 @@ def _conv(n: Conv, ins, x, T, dtype, states):
 def _batchnorm(n: BatchNorm, ins, x, T, dtype, states):
     p = {k: torch.from_numpy(getattr(n, k)).to(dtype) for k in ("weight", "bias", "mean", "var")}
     return _tb(lambda t: F.batch_norm(t, p["mean"], p["var"], p["weight"], p["bias"], False, 0.0, n.eps), ins[0])
+
+
+def _bnpad(n: BNPad, ins, x, T, dtype, states):
+    """BatchNorm, then the ring in the original's order (`models.sdt_v2.bn_pad_value`): `bias - mean *
+    weight / sqrt(var + eps)`, torch's float arithmetic, so the ring equals the original's bit for bit."""
+    p = {k: torch.from_numpy(getattr(n, k)).to(dtype) for k in ("weight", "bias", "mean", "var")}
+    y = _batchnorm(n, ins, x, T, dtype, states)
+    ring = p["bias"] - p["mean"] * p["weight"] / torch.sqrt(p["var"] + n.eps)
+    P = int(n.pad)
+    lead = y.shape[:2]
+    out = ring.view(1, 1, -1, 1, 1).expand(*lead, -1, *n.shape[1:]).clone()
+    out[..., P:P + y.shape[3], P:P + y.shape[4]] = y
+    return out
+
+
+def _kv_product(n: KVProduct, ins, x, T, dtype, states):
+    """k^T v per head over the tokens, in the original's layout and order (`models.sdt_v2`)."""
+    k, v = (to_heads(t, n.heads) for t in ins)
+    return k.transpose(-2, -1) @ v
+
+
+def _qkv_product(n: QKVProduct, ins, x, T, dtype, states):
+    q = to_heads(ins[0], n.heads)
+    y = (q @ ins[1]) * (2.0 ** -n.scale_exp)
+    Tn, B = y.shape[:2]
+    return y.transpose(3, 4).reshape(Tn, B, *n.shape)
 
 
 def _orpool(n: OrPool, ins, x, T, dtype, states):
@@ -137,6 +171,11 @@ FLOAT_EVAL = {
     Add: _add,
     Linear: _linear,
     Readout: lambda n, ins, x, T, dtype, states: ins[0] if n.mode == "per_step" else ins[0].mean(0),
+    BNPad: _bnpad,
+    KVProduct: _kv_product,
+    QKVProduct: _qkv_product,
+    # the original's eval output: the mean of the two heads' means over T
+    KdReadout: lambda n, ins, x, T, dtype, states: (ins[0].mean(0) + ins[1].mean(0)) / 2,
 }
 
 

@@ -48,13 +48,17 @@ from sdt_deploy.ir.graph import (
     Conv,
     Graph,
     Input,
+    KdReadout,
+    KVProduct,
     Linear,
     MaxPool,
     OrPool,
+    QKVProduct,
     Readout,
     TokenSum,
 )
 from sdt_deploy.quant.bits import check_engine_bounds
+from sdt_deploy.quant.contract import input_shift
 from sdt_deploy.run import engine_kernels as K
 from sdt_deploy.run.lif import integer_lif
 
@@ -340,6 +344,32 @@ def dense_conv(x: np.ndarray, w_int: np.ndarray, stride: int, padding: int, thre
     return out.astype(out_dtype, copy=False), int(valid) * C * O * N
 
 
+def grouped_conv(x: np.ndarray, w_int: np.ndarray, stride: int, padding: int, groups: int,
+                 bias: Optional[np.ndarray] = None) -> tuple[np.ndarray, int]:
+    """Integer convolution of any stride and grouping (V2: the strided downsampling of spikes, the
+    depthwise convolutions), int64, exact: per kernel tap, the strided window times that tap's weights,
+    group by group. Returns (out [N, O, H', W'] int64, the nonzero (input, tap) pairs x the outputs each
+    feeds: the additions an event-driven core performs for spikes)."""
+    N, C, H, W = x.shape
+    O, Cg, k, _ = w_int.shape
+    Og = O // groups
+    Ho, Wo = (H + 2 * padding - k) // stride + 1, (W + 2 * padding - k) // stride + 1
+    xp = np.pad(x.astype(INT, copy=False), ((0, 0), (0, 0), (padding, padding), (padding, padding)))
+    xg = xp.reshape(N, groups, Cg, H + 2 * padding, W + 2 * padding)
+    w = w_int.astype(INT).reshape(groups, Og, Cg, k, k)
+    out = np.zeros((N, groups, Og, Ho, Wo), dtype=INT)
+    events = 0
+    for ky in range(k):
+        for kx in range(k):
+            patch = xg[..., ky:ky + stride * (Ho - 1) + 1:stride, kx:kx + stride * (Wo - 1) + 1:stride]
+            out += np.einsum("ngchw,goc->ngohw", patch, w[:, :, :, ky, kx], optimize=False)
+            events += int(np.count_nonzero(patch))
+    out = out.reshape(N, O, Ho, Wo)
+    if bias is not None:
+        out += bias.astype(INT)[None, :, None, None]
+    return out, events * Og
+
+
 def _valid_taps(H: int, W: int, k: int, stride: int, padding: int) -> int:
     """Number of (output position, kernel tap) pairs that read a real pixel, not padding."""
     def axis(n):
@@ -426,13 +456,23 @@ def _conv(n: Conv, ins, grids, x, r: _Run):
     a = ins[0]
     flat = a.reshape((r.T * r.B,) + a.shape[2:])
     if grids[0] is None:
-        if n.stride != 1 or n.groups != 1:
-            raise DeployError(f"{n.name}: only stride-1, ungrouped synaptic convolutions are supported")
-        out, adds = synaptic_conv(flat, n.w_int, n.padding, r.threads, out_dtype=r.width(n.name), bias=n.b_int)
+        if n.stride != 1 or n.groups != 1:     # V2's strided and depthwise convolutions of spikes
+            out, adds = grouped_conv(flat, n.w_int, n.stride, n.padding, n.groups, bias=n.b_int)
+        else:
+            out, adds = synaptic_conv(flat, n.w_int, n.padding, r.threads, out_dtype=r.width(n.name),
+                                      bias=n.b_int)
         r.ops[n.name] = {"acs": adds, "macs": 0}
     else:
-        out, macs = dense_conv(flat, n.w_int, n.stride, n.padding, r.threads, out_dtype=r.width(n.name),
-                               bias=n.b_int)
+        shift = input_shift(n, grids[0])
+        if n.groups == 1 and not np.any(shift):
+            out, macs = dense_conv(flat, n.w_int, n.stride, n.padding, r.threads, out_dtype=r.width(n.name),
+                                   bias=n.b_int)
+        else:   # V2: a current whose channels lie on different grids, or a depthwise convolution of one
+            out, _ = grouped_conv(_shift_left(flat.astype(INT), shift, channel_axis=1), n.w_int, n.stride,
+                                  n.padding, n.groups, bias=n.b_int)
+            H, W = flat.shape[2:]
+            macs = _valid_taps(H, W, n.weight_shape[2], n.stride, n.padding) * n.weight_shape[1] * \
+                n.weight_shape[0] * flat.shape[0]
         r.ops[n.name] = {"acs": 0, "macs": macs}
     r.ops[n.name]["bias_adds"] = int(out.size)      # added by the kernels, one per output
     return out.reshape((r.T, r.B) + out.shape[1:])
@@ -501,11 +541,43 @@ def _add(n: Add, ins, grids, x, r: _Run):
     return y
 
 
+def heads_layout(a: np.ndarray, heads: int) -> np.ndarray:
+    """[T, B, C, H, W] -> [T, B, heads, N, d] (token n = y*W + x, channel c = h*d + i), as
+    `models.sdt_v2.to_heads`."""
+    T, B, C = a.shape[:3]
+    return a.reshape(T, B, heads, C // heads, -1).transpose(0, 1, 2, 4, 3)
+
+
+def _kv_product(n: KVProduct, ins, grids, x, r: _Run):
+    """kv = k^T v per head: one increment per coincidence of a k spike and a v spike at a token (the
+    count of additions is the sum of the counts)."""
+    k, v = (heads_layout(a, n.heads).astype(INT) for a in ins)
+    kv = np.einsum("tbhni,tbhnj->tbhij", k, v, optimize=False)
+    r.ops[n.name] = {"acs": int(kv.sum())}
+    return kv
+
+
+def _qkv_product(n: QKVProduct, ins, grids, x, r: _Run):
+    """q kv per head, on grid scale_exp: each query spike adds its row of kv (d integers): integer ACs."""
+    q = heads_layout(ins[0], n.heads)
+    d = q.shape[-1]
+    y = np.einsum("tbhni,tbhij->tbhjn", q.astype(INT), ins[1].astype(INT), optimize=False)
+    r.ops[n.name] = {"int_acs": int(np.count_nonzero(q)) * d}
+    return y.reshape((r.T, r.B) + tuple(n.shape))
+
+
+def _kd_readout(n: KdReadout, ins, grids, x, r: _Run):
+    """head + head_kd on the node's grid less one (the node's grid holds the halving); the host's read-out,
+    like `Readout`, not counted."""
+    return sum(_shift_left(np.asarray(a, dtype=INT), n.grid - 1 - g) for a, g in zip(ins, grids))
+
+
 # each node type's integer meaning: fn(node, inputs, their grids, model input, run) -> [T, B, ...] integers
 INTEGER_EVAL = {
     Input: _input, Conv: _conv, Linear: _linear, LIF: _lif, And: _and, OrPool: _orpool, MaxPool: _maxpool,
     TokenSum: _tokensum, Broadcast: _broadcast, Add: _add,
     Readout: lambda n, ins, grids, x, r: ins[0],
+    KVProduct: _kv_product, QKVProduct: _qkv_product, KdReadout: _kd_readout,
 }
 
 

@@ -106,22 +106,51 @@ def cut_values(stem) -> np.ndarray:
     return np.ascontiguousarray(values.swapaxes(0, 1))
 
 
-def run_artifact(art: NirArtifact, x: np.ndarray, on_spikes=None) -> tuple[dict, np.ndarray]:
-    """(spikes by layer name, logits) of the artifact on model inputs x ([B,C,H,W] or [B,T,C,H,W]). With
-    `on_spikes(layer, spikes, t0)` the spikes are handed on as they are made instead of kept -- the host
-    stem's whole ([T, B, ...], t0 = 0), the NIR graph's step by step ([1, B, ...] at step t0) -- and the
-    returned dict is empty."""
-    spikes, feed = host_feed(art, x, on_spikes)
-    if on_spikes is not None:
+def nir_part(art: NirArtifact, feed: np.ndarray, on_spikes=None) -> tuple[np.ndarray, dict]:
+    """(the NIR graph's one Output per step [T, B, ...], its spikes by layer name) on its input `feed`; with
+    `on_spikes(layer, [1, B, ...], t)` the spikes are handed on step by step instead (the dict is empty)."""
+    if on_spikes is None:
+        outputs, nir_spikes = run_nir(art.graph, feed)
+        spikes = dict(nir_layer_spikes(art.graph, nir_spikes))
+    else:
         def step(t: int, nir_spikes: dict) -> None:
             one = {k: v[None] for k, v in nir_spikes.items()}
             for layer, a in nir_layer_spikes(art.graph, one).items():
                 on_spikes(layer, a, t)
 
         outputs, _ = run_nir(art.graph, feed, on_step=step)
-    else:
-        outputs, nir_spikes = run_nir(art.graph, feed)
-        spikes.update(nir_layer_spikes(art.graph, nir_spikes))
+        spikes = {}
     if len(outputs) != 1:
         raise DeployError(f"{art.path}: expected one NIR output, found {len(outputs)}")
-    return spikes, readout(art.graph, next(iter(outputs.values())))
+    return next(iter(outputs.values())), spikes
+
+
+def run_nir_then_host(art: NirArtifact, x: np.ndarray, on_spikes=None) -> tuple[dict, np.ndarray]:
+    """A V2 export (manifest `order` "nir-then-host"): the NIR prefix on the image, its per-step output (the
+    current at the cut, float64, exact) fed to the host's ONNX graph, which gives the logits. With
+    `on_spikes` both parts' spikes are handed on step by step (the dict is empty)."""
+    out, spikes = nir_part(art, nir_input(art.graph, x), on_spikes)
+    cut = np.ascontiguousarray(np.asarray(out).swapaxes(0, 1))   # [B, T, ...]
+    if on_spikes is None:
+        host = art.host.run(cut)
+        spikes.update(host.spikes)
+        return spikes, host.logits
+
+    def host_step(t: int, _membranes: dict, step_spikes: dict) -> None:
+        for layer, a in step_spikes.items():
+            on_spikes(layer, a[None], t)
+
+    return {}, art.host.run(cut, on_step=host_step).logits
+
+
+def run_artifact(art: NirArtifact, x: np.ndarray, on_spikes=None) -> tuple[dict, np.ndarray]:
+    """(spikes by layer name, logits) of the artifact on model inputs x ([B,C,H,W] or [B,T,C,H,W]). With
+    `on_spikes(layer, spikes, t0)` the spikes are handed on as they are made instead of kept -- the host
+    stem's whole ([T, B, ...], t0 = 0), the NIR graph's step by step ([1, B, ...] at step t0) -- and the
+    returned dict is empty."""
+    if art.manifest is not None and art.manifest.get("order") == "nir-then-host":
+        return run_nir_then_host(art, x, on_spikes)
+    spikes, feed = host_feed(art, x, on_spikes)
+    out, nir_spikes = nir_part(art, feed, on_spikes)
+    spikes.update(nir_spikes)
+    return spikes, readout(art.graph, out)

@@ -32,7 +32,7 @@ from sdt_deploy.files.artifacts import ONNX_META_PREFIX, STATE_IN, STATE_OUT
 
 META = ONNX_META_PREFIX
 ORT_TYPES = {"tensor(float)": np.float32, "tensor(int32)": np.int32, "tensor(int64)": np.int64,
-             "tensor(uint8)": np.uint8, "tensor(int8)": np.int8}
+             "tensor(uint8)": np.uint8, "tensor(int8)": np.int8, "tensor(double)": np.float64}
 
 
 @dataclass
@@ -44,6 +44,7 @@ class OnnxRun:
     variant: str = "float"
     per_step: Optional[np.ndarray] = None       # the output at every step [T, B, ...], before the read-out
     membranes: dict = field(default_factory=dict)   # step model: LIF -> its v_out after every step [T, B, ...]
+    arithmetic: str = "float32"                 # of membranes and per_step: "int", "float32", "float64" (V2)
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,7 @@ class ModelInfo:
     output: str
     output_grid: Optional[np.ndarray]
     spikes: tuple
+    arithmetic: str = "float32"
 
 
 def read_info(session) -> ModelInfo:
@@ -67,9 +69,10 @@ def read_info(session) -> ModelInfo:
     if "variant" not in meta:
         raise DeployError("not an sdt-deploy ONNX export (no sdt_deploy.* metadata)")
     grid = json.loads(meta["output_grid"])
+    arithmetic = meta.get("arithmetic", "int" if meta["variant"] == "int" else "float32")
     return ModelInfo(meta["variant"], json.loads(meta["unrolled"]), int(meta["time_steps"]), meta["readout"],
                      meta["input"], meta["output"], None if grid is None else np.asarray(grid, np.int64),
-                     tuple(json.loads(meta["spikes"])))
+                     tuple(json.loads(meta["spikes"])), arithmetic)
 
 
 def model_bytes_of(source) -> bytes:
@@ -224,6 +227,7 @@ class OnnxSession:
         per_step = np.concatenate(outs, axis=1)
         result = read_out(per_step, self.info)
         result.per_step = per_step
+        result.arithmetic = self.info.arithmetic
         result.spikes = {k: np.concatenate(v, axis=1) for k, v in spikes.items()}
         result.membranes = {k: np.concatenate(v, axis=1) for k, v in membranes.items()}
         return result

@@ -12,21 +12,35 @@ from models import SDTConfig
 Spikes = dict  # contract name -> uint8 array [T, B, ...]
 
 
+# taps of a V2 model that are not spikes: the attention's integer products (int32) and the heads' outputs
+INTEGER_TAPS = (".kv", ".qkv")
+HEAD_OUTPUTS = ("head.out", "head_kd.out")
+
+
 class _SpikeTaps(dict):
     """The model's spike records, made uint8 as they are recorded (0/1 values: lossless) -- so the float
     activations are not all kept alive until the end of the forward pass (measured: the float64 verify
-    reference of CIFAR 2-256 at batch 16 peaked at 2.0 GB RSS, 1.6 GB of it recorded activations)."""
+    reference of CIFAR 2-256 at batch 16 peaked at 2.0 GB RSS, 1.6 GB of it recorded activations).
+    A V2 model's integer products (`<block>.attn.kv`, `.qkv`, int32) and head outputs are not spikes:
+    they go to `extra`, as recorded."""
+
+    def __init__(self):
+        super().__init__()
+        self.extra: dict = {}
 
     def __setitem__(self, name: str, value: torch.Tensor) -> None:
+        if name.endswith(INTEGER_TAPS) or name in HEAD_OUTPUTS:
+            self.extra[name] = value.detach()
+            return
         super().__setitem__(name, value.to(torch.uint8))
 
 
 def run_model(model: torch.nn.Module, x: np.ndarray, batch_size: int = 64, device: Optional[str] = None,
-              record: bool = True, progress=None) -> tuple[np.ndarray, Spikes]:
+              record: bool = True, progress=None, integers: bool = False) -> tuple[np.ndarray, Spikes]:
     """Logits and (if `record`) every spike tensor, state reset before each batch, eval mode.
 
     Spikes come back as uint8 [T, B, ...] keyed by layer name; logits as float32 ([B, K], or
-    [T, B, K] with TET)."""
+    [T, B, K] with TET). `integers`: a V2 model's `kv` and `qkv` taps join them, int32."""
     model.eval()
     dev = torch.device(device) if device else next(model.parameters()).device
     logits, spikes = [], {}
@@ -41,6 +55,9 @@ def run_model(model: torch.nn.Module, x: np.ndarray, batch_size: int = 64, devic
         if record:
             for k, v in taps.items():
                 spikes.setdefault(k, []).append(v.to(torch.uint8).cpu().numpy())
+            for k, v in taps.extra.items() if integers else ():
+                if k.endswith(INTEGER_TAPS):
+                    spikes.setdefault(k, []).append(v.cpu().numpy())
         if progress is not None:
             progress(xb.shape[0])
     batch_axis = 1 if (logits[0].ndim == 3) else 0
@@ -52,7 +69,8 @@ def run_model_state(model: torch.nn.Module, x: np.ndarray, device: Optional[str]
     """One batch through the model with everything a layer-by-layer comparison needs: (logits, spikes,
     membranes, per-step output). `membranes`: each LIF's membrane after the step's reset, [T, B, ...] in
     the model's dtype (spikingjelly keeps it as the neuron's `v_seq`), keyed by module path, which is the
-    layer name; `per_step`: the head's output at every step [T, B, K], before the mean over T."""
+    layer name; `per_step`: the head's output at every step [T, B, K], before the mean over T (V2 with
+    kd: the mean of the two heads' outputs, (head + head_kd) / 2, at every step)."""
     from models import is_neuron
 
     model.eval()
@@ -65,13 +83,18 @@ def run_model_state(model: torch.nn.Module, x: np.ndarray, device: Optional[str]
     try:
         with torch.no_grad():
             y = model(xb, taps)
-        membranes = {name: m.v_seq.detach().cpu().numpy() for name, m in model.named_modules()
-                     if is_neuron(m) and name in taps}
+        # in the layout of the neuron's recorded spikes (a V2 deployable model records [C, H, W] where its
+        # neurons ran on [C, N]: the same neurons in the same order)
+        membranes = {name: m.v_seq.detach().reshape(taps[name].shape).cpu().numpy()
+                     for name, m in model.named_modules() if is_neuron(m) and name in taps}
     finally:
         hook.remove()
         functional.reset_net(model)
     spikes = {k: v.cpu().numpy() for k, v in taps.items()}
-    return y.float().cpu().numpy(), spikes, membranes, heads[0].cpu().numpy()
+    per_step = heads[0]
+    if "head_kd.out" in taps.extra:
+        per_step = (taps.extra["head.out"] + taps.extra["head_kd.out"]) * 0.5
+    return y.float().cpu().numpy(), spikes, membranes, per_step.cpu().numpy()
 
 
 def predictions(logits: np.ndarray) -> np.ndarray:
@@ -114,14 +137,32 @@ def to_original_hooks(spikes: Spikes, cfg: SDTConfig) -> dict:
 
 class _StreamTaps(dict):
     """Spike records handed on as they are made (uint8 numpy [T, B, ...]) instead of kept: a verifier
-    compares a layer and drops it while the model runs on."""
+    compares a layer and drops it while the model runs on. A neuron's membrane waits in `membranes` for
+    its spike record and goes on just before it, in the record's layout (a V2 deployable model records
+    [C, H, W] where its neurons ran on [C, N]: the same neurons in the same order). A V2 model's integer
+    products and head outputs go to `extra`, as in `_SpikeTaps`."""
 
-    def __init__(self, on_spikes):
+    def __init__(self, on_spikes, on_membranes=None):
         super().__init__()
-        self.on_spikes = on_spikes
+        self.on_spikes, self.on_membranes = on_spikes, on_membranes
+        self.extra: dict = {}
+        self.membranes: dict = {}
 
     def __setitem__(self, name: str, value: torch.Tensor) -> None:
-        self.on_spikes(name, value.to(torch.uint8).cpu().numpy())
+        if name.endswith(INTEGER_TAPS) or name in HEAD_OUTPUTS:
+            self.extra[name] = value.detach()
+            return
+        spikes = value.to(torch.uint8).cpu().numpy()
+        v = self.membranes.pop(name, None)
+        if v is not None:
+            self.on_membranes(name, v.reshape(spikes.shape))
+        self.on_spikes(name, spikes)
+
+    def flush(self) -> None:
+        """The membranes of neurons with no spike record of their name, as they are."""
+        for name, v in self.membranes.items():
+            self.on_membranes(name, v)
+        self.membranes.clear()
 
 
 def run_model_stream(model: torch.nn.Module, x: np.ndarray, on_spikes, on_membranes=None,
@@ -139,11 +180,12 @@ def run_model_stream(model: torch.nn.Module, x: np.ndarray, on_spikes, on_membra
     xb = torch.from_numpy(np.ascontiguousarray(x)).to(dev)
     heads: list = []
     hooks = []
+    taps = _StreamTaps(on_spikes, on_membranes)
 
     def neuron_done(name):
         def hook(module, _inputs, _output):
             if on_membranes is not None:
-                on_membranes(name, module.v_seq.detach().cpu().numpy())
+                taps.membranes[name] = module.v_seq.detach().cpu().numpy()
             module.v_seq = None
         return hook
 
@@ -155,9 +197,15 @@ def run_model_stream(model: torch.nn.Module, x: np.ndarray, on_spikes, on_membra
     functional.reset_net(model)
     try:
         with torch.no_grad():
-            y = model(xb, _StreamTaps(on_spikes))
+            y = model(xb, taps)
+        taps.flush()
     finally:
         for h in hooks:
             h.remove()
         functional.reset_net(model)
-    return y.float().cpu().numpy(), (heads[0].cpu().numpy() if per_step else None)
+    if not per_step:
+        return y.float().cpu().numpy(), None
+    out = heads[0]
+    if "head_kd.out" in taps.extra:   # V2 with kd: the mean of the two heads at every step
+        out = (taps.extra["head.out"] + taps.extra["head_kd.out"]) * 0.5
+    return y.float().cpu().numpy(), out.cpu().numpy()

@@ -17,7 +17,7 @@ from sdt_deploy.errors import DeployError
 from sdt_deploy.files.artifacts import ONNX_META_PREFIX, sha256_of
 
 # the quantization settings a user gives as flags, with the tool's defaults
-QUANT_FLAGS = {"weight_bits": 8, "input_bits": 8, "scale_search": "mse", "input_range": None}
+QUANT_FLAGS = {"weight_bits": 8, "input_bits": 8, "scale_search": "mse", "input_range": None, "reparam": None}
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ def read_nir_artifact(path: str) -> Artifact:
     quantization = _json(meta.get("sdt_quantization"), None)
     if quantization is None:      # an export from before the quantization key: its graph meta has them
         graph_meta = _json(meta.get("sdt_graph_meta"), {}) or {}
-        quantization = {k: graph_meta.get(k) for k in QUANT_FLAGS}
+        quantization = {k: graph_meta.get(k) for k in QUANT_FLAGS if k != "reparam"}
     return Artifact(path, "nir", sha256_of(path), _json(meta.get("sdt_config"), {}) or {},
                     {**quantization, "time_steps": int(meta.get("time_steps", 0) or 0)},
                     _json(meta.get("sdt_provenance"), {}) or {}, {"profile": str(meta.get("profile", ""))})
@@ -166,8 +166,9 @@ def open_for_artifacts(path: str, flags: dict, config: Optional[str], ema: bool,
     were exported (their configuration overrides, e.g. `-T`, applied again), refused where an artifact
     comes from another checkpoint or a flag contradicts it. A quantized file fixes its configuration and
     settings: it is refused where they differ from the artifacts'."""
+    from models import is_v2_state_dict
     from sdt_deploy.files.checkpoint import float_model, load_checkpoint
-    from sdt_deploy.files.configs import resolve
+    from sdt_deploy.files.configs import resolve, resolve_v2
     from sdt_deploy.quant.contract import settings_of
     from sdt_deploy.quant.qmodel import load_quantized
 
@@ -184,11 +185,16 @@ def open_for_artifacts(path: str, flags: dict, config: Optional[str], ema: bool,
         mine = settings_of(q.graph.meta)
         for a in artifacts:
             for key in QUANT_FLAGS:
-                if key in a.quantization and a.quantization[key] != mine.get(key):
-                    raise DeployError(f"{name} was quantized with {key} {mine.get(key)!r}, {a.name} exported with "
-                                      f"{a.quantization[key]!r}")
+                theirs = a.quantization.get(key, False if key == "reparam" else None)
+                if (key in a.quantization or key == "reparam") and theirs != mine.get(key, False if key == "reparam"
+                                                                                       else None):
+                    raise DeployError(f"{name} was quantized with {key} {mine.get(key, False)!r}, {a.name} exported "
+                                      f"with {theirs!r}")
         return q
-    resolved = resolve(flags=flags, yaml_path=config, ckpt_args=ck.args, state_dict=ck.state_dict)
+    if is_v2_state_dict(ck.state_dict):      # V2: shapes from the state dict, T and size from the args
+        resolved = resolve_v2(flags=flags, ckpt_args=ck.args, state_dict=ck.state_dict)
+    else:
+        resolved = resolve(flags=flags, yaml_path=config, ckpt_args=ck.args, state_dict=ck.state_dict)
     overrides = check_origin(artifacts, ck.sha256, name, resolved.config.to_dict())
     for key, value in overrides.items():
         if key in flags and flags[key] != value:

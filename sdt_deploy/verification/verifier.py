@@ -422,7 +422,8 @@ def run_verify(q: QuantizedModel, dataset, executors: list, artifacts: Optional[
     # The CuPy model is the reference on a GPU — unless the bit analysis says float32 may round, then
     # the exact side is the float64 torch model on the CPU and CuPy is checked against it.
     reference = "cupy" if ("cupy" in active and bits["float32_exact"]) else "torch"
-    states = {"int" for e in active if e == "onnx-int"} | {"float32" for e in active if e == "onnx-float"}
+    float_file = "float64" if q.graph.meta.get("family") == "v2" else "float32"   # V2: float64 currents
+    states = {"int" for e in active if e == "onnx-int"} | {float_file for e in active if e == "onnx-float"}
     given = dict(artifacts or {})
     idx = list(range(len(dataset))) if indices is None else list(indices)
     models, sample = memory_per_process(q, active, reference, states)
