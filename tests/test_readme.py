@@ -1,6 +1,7 @@
 """The README cannot rot: every shell and Python block in it runs here, in order, in one temporary folder
-holding `ckpt.pth` (the shipped demo checkpoint) and `x.npy` (the first four held-out digits), the
-folder the README's examples assume. A block that cannot run on the CI machine (the install, torchrun
+holding `ckpt.pth` (the shipped demo checkpoint), `x.npy` (the first four held-out digits), `ckpt_v2.pth`
+(the shipped V2 demo) and `x_v2.npy` (the same digits in V2's evaluation transform), the folder the
+README's examples assume. A block that cannot run on the CI machine (the install, torchrun
 with four processes, a dataset at /data) carries `<!-- readme-test: skip: reason -->` on the line
 above it, and the reason must be given. The numbers the README quotes about the demo are computed here
 by the tool and compared."""
@@ -19,6 +20,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 DEMO = ROOT / "sdt_deploy" / "assets" / "demo_sdt_digits.pth"
+DEMO_V2_CHECKPOINT = ROOT / "sdt_deploy" / "assets" / "demo_v2_digits.pth"
+V2_MEAN, V2_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)    # timm's ImageNet mean/std: V2's transform
 SKIP = re.compile(r"<!-- readme-test: skip:(?P<reason>.*?)-->\s*$")
 FENCE = re.compile(r"^```(?P<lang>\w*)\s*$")
 
@@ -72,6 +75,8 @@ def workdir(tmp_path_factory):
     d = tmp_path_factory.mktemp("readme")
     shutil.copy(DEMO, d / "ckpt.pth")
     np.save(d / "x.npy", digits_split("test", img_size=32, channels=3).x[:4])
+    shutil.copy(DEMO_V2_CHECKPOINT, d / "ckpt_v2.pth")
+    np.save(d / "x_v2.npy", digits_split("test", img_size=32, channels=3, mean=V2_MEAN, std=V2_STD).x[:4])
     return d
 
 

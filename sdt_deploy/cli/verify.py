@@ -30,8 +30,8 @@ from sdt_deploy.errors import MismatchError
               help="quantized: spike-exact check; float: agreement with the original float model; reparam (V2): "
                    "agreement of the quantized plain and re-parameterized graphs, and what re-parameterizing costs")
 @click.option("--jobs", type=click.IntRange(min=1), metavar="N",
-              help="processes that take whole batches, one intra-op thread each (default: one per CPU, as many "
-                   "as --max-memory holds; under torchrun: 1 per rank)")
+              help="processes that take whole batches, one intra-op thread each, as many as --max-memory holds "
+                   "(default 1: the runtimes already use every core; a second process was slower on 2 cores)")
 @quant_options(from_artifacts=True)
 @memory_option
 @json_option

@@ -376,19 +376,6 @@ def memory_per_process(q: QuantizedModel, active: list, reference: str, states: 
     return int(models), int(sample)
 
 
-PROCESS_MIN_WORK = 1 << 26    # neuron-steps of a whole run below which one process is quicker
-
-
-def worth_processes(graph, samples: int) -> bool:
-    """Whether a run is large enough for worker processes: a worker's start costs seconds (measured 2-4 s
-    on 2 cores: Python, torch and onnxruntime imported, the models built, the sessions opened), a small
-    model's batch a fraction of that."""
-    from sdt_deploy.run.memory import activations
-
-    a = activations(graph)
-    return a.all * a.T * samples >= PROCESS_MIN_WORK
-
-
 def _slim(q: QuantizedModel) -> QuantizedModel:
     """What a worker process needs of the quantized model: the graph and settings, no torch model or
     checkpoint tensors (it builds its own model from the graph)."""
@@ -407,8 +394,8 @@ def run_verify(q: QuantizedModel, dataset, executors: list, artifacts: Optional[
     `artifacts`: {executor: path} of the user's files (the others are exported for the run).
     `max_memory`: the budget (`run.memory.parse_memory`: bytes, '8G', a fraction; default a third of the
     available memory); the batch and the worker processes are cut to fit it, and `notes` is told so in
-    one sentence. `jobs`: processes (default: one per CPU this process may use), each taking whole
-    batches (`parallel`); one process runs the runtimes with their own thread counts."""
+    one sentence. `jobs`: processes (default 1), each taking whole batches (`parallel`) with one
+    intra-op thread; one process runs the runtimes with their own thread counts."""
     from sdt_deploy.run.memory import parse_memory, plan_batch
     from sdt_deploy.verification import parallel
 
@@ -427,14 +414,14 @@ def run_verify(q: QuantizedModel, dataset, executors: list, artifacts: Optional[
     given = dict(artifacts or {})
     idx = list(range(len(dataset))) if indices is None else list(indices)
     models, sample = memory_per_process(q, active, reference, states)
-    wanted_jobs = parallel.cpus() if jobs is None else max(1, int(jobs))
+    # one process unless asked: the runtimes already use every core (intra-op threads), and on the 2-core
+    # machine measured a second process made the whole command slower at 32 and 160 images (BENCHMARKS.md)
+    wanted_jobs = 1 if jobs is None else max(1, int(jobs))
     if "cupy" in active:
         wanted_jobs = 1                      # one process holds the GPU
     plan = plan_batch("verify", batch_size, budget, models, sample, jobs=wanted_jobs)
     chunks = [idx[i:i + plan.batch_size] for i in range(0, len(idx), plan.batch_size)]
     n_jobs = max(1, min(plan.jobs, len(chunks)))
-    if n_jobs > 1 and jobs is None and not worth_processes(q.graph, len(idx)):
-        n_jobs = 1          # a worker's start (its imports, models, sessions) would outweigh its share
     if plan.note and notes is not None:
         notes(plan.note)
     with contextlib.ExitStack() as stack:
