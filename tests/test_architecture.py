@@ -1,5 +1,6 @@
 """The house rules, enforced: the layers (import-linter contracts in pyproject.toml), the lint (ruff), and
 every back end's dispatch table covering every deploy-graph op, so that a new op cannot be half added."""
+import os
 import shutil
 import subprocess
 import sys
@@ -57,7 +58,8 @@ def test_every_back_end_handles_every_op(table):
 
 
 def _tool(name: str) -> str:
-    path = shutil.which(name, path=str(ROOT / ".venv" / "bin")) or shutil.which(name)
+    path = (shutil.which(name, path=str(ROOT / ".venv" / "bin")) or shutil.which(name)
+            or shutil.which(name, path=os.path.dirname(sys.executable)))      # this interpreter's environment
     if path is None:
         pytest.fail(f"{name} is not installed (it is in the test extra)")
     return path

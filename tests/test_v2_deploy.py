@@ -77,9 +77,21 @@ def test_oracle_variants_are_spike_exact_on_every_executor(name):
 @settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cfg=small_v2_configs())
 def test_random_v2_models_are_spike_exact_on_every_executor(cfg):
-    """Random small V2 configurations, calibrated so that the attention fires: every executor equal."""
-    q = api.quantize(api.loaded(random_v2_model(cfg, seed=cfg.img_size)))
+    """Random small V2 configurations, calibrated so that the attention fires: every executor equal. The
+    calibration makes firing likely, not certain (a 2-channel head over 3 x 3 tokens at T = 1 needs q kv
+    >= 8 at once): the first of a few seeds whose quantized model fires is the one verified."""
+    from sdt_deploy.run.torch_runner import run_model
+
     x = random_images(cfg, 3)
+
+    def attention_spikes(q) -> int:
+        _, spikes = run_model(q.model, x)
+        return int(sum(v.sum() for k, v in spikes.items() if k.endswith("attn.attn_lif")))
+
+    seeds = range(cfg.img_size, cfg.img_size + 8)
+    q = next((q for q in (api.quantize(api.loaded(random_v2_model(cfg, seed=s))) for s in seeds)
+              if attention_spikes(q) > 0), None)
+    assert q is not None, f"no seed of {list(seeds)} made the attention fire: the calibration needs a look"
     res = api.verify(q, x, executors=EXECUTORS)
     assert_exact(res)
     layers = res.to_json()["layers"]
