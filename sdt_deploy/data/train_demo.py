@@ -54,6 +54,28 @@ def evaluate(model, x: np.ndarray, y: np.ndarray, batch: int = 128) -> float:
     return 100.0 * correct / len(y)
 
 
+def train_epoch(model, xtr: torch.Tensor, ytr: torch.Tensor, batch: int, gen: torch.Generator, noise: float, opt,
+                sched) -> float:
+    """One epoch of the demos' recipe (V1 and V2): shuffled batches, +-2-pixel shifts, Gaussian input noise
+    of about the deployment input grid's step (2**-5: robustness to the rounding of the 8-bit input and,
+    like any small perturbation, to the rounding of int8 weights), label smoothing 0.1, the schedule
+    stepped per batch. The model is in the mode the caller set. Returns the mean loss."""
+    perm = torch.randperm(len(ytr), generator=gen)
+    total = 0.0
+    for i in range(0, len(ytr), batch):
+        idx = perm[i:i + batch]
+        xb = shift_augment(xtr[idx], 2, gen)
+        xb = xb + noise * torch.randn(xb.shape, generator=gen)
+        functional.reset_net(model)
+        loss = F.cross_entropy(model(xb), ytr[idx], label_smoothing=0.1)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        total += float(loss.detach()) * len(idx)
+    return total / len(ytr)
+
+
 def train(out: str, epochs: int = 15, batch: int = 32, lr: float = 2e-3, seed: int = 0, noise: float = 0.05) -> float:
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -67,24 +89,10 @@ def train(out: str, epochs: int = 15, batch: int = 32, lr: float = 2e-3, seed: i
     xtr, ytr = torch.from_numpy(tr.x), torch.from_numpy(tr.y)
     for epoch in range(epochs):
         model.train()
-        perm = torch.randperm(len(ytr), generator=gen)
-        t0, total = time.time(), 0.0
-        for i in range(0, len(ytr), batch):
-            idx = perm[i:i + batch]
-            xb = shift_augment(xtr[idx], 2, gen)
-            # input noise of about the deployment input grid's step (2**-5): robustness to the rounding
-            # of the 8-bit input and, like any small perturbation, to the rounding of int8 weights
-            xb = xb + noise * torch.randn(xb.shape, generator=gen)
-            functional.reset_net(model)
-            loss = F.cross_entropy(model(xb), ytr[idx], label_smoothing=0.1)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += float(loss.detach()) * len(idx)
+        t0 = time.time()
+        loss = train_epoch(model, xtr, ytr, batch, gen, noise, opt, sched)
         acc = evaluate(model, te.x, te.y)
-        print(f"epoch {epoch + 1}/{epochs} loss {total / len(ytr):.4f} test top-1 {acc:.2f}% ({time.time() - t0:.0f}s)",
-              flush=True)
+        print(f"epoch {epoch + 1}/{epochs} loss {loss:.4f} test top-1 {acc:.2f}% ({time.time() - t0:.0f}s)", flush=True)
     # The final weights are saved (no choice of epoch by test accuracy: the test split stays unseen).
     save_original_format(out, model, demo_args(cfg), epoch=epochs - 1, metric=acc, optimizer=opt.state_dict())
     print(f"saved {out}: test top-1 {acc:.2f}% on {len(te.y)} held-out digits")

@@ -24,12 +24,11 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from spikingjelly.clock_driven import functional
 
 from models import V2Config, build_v2_model
 from sdt_deploy.data.digits import digits_split
-from sdt_deploy.data.train_demo import shift_augment
+from sdt_deploy.data.train_demo import train_epoch
 from sdt_deploy.files.checkpoint import save_v2_original_format
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -81,20 +80,10 @@ def train(out: str, epochs: int = 12, batch: int = 32, lr: float = 2e-3, seed: i
     for epoch in range(epochs):
         model.train()
         _freeze_proj_bn(model)
-        perm = torch.randperm(len(ytr), generator=gen)
-        t0, total = time.time(), 0.0
-        for i in range(0, len(ytr), batch):
-            idx = perm[i:i + batch]
-            xb = shift_augment(xtr[idx], 2, gen) + noise * torch.randn((len(idx),) + xtr.shape[1:], generator=gen)
-            functional.reset_net(model)
-            loss = F.cross_entropy(model(xb), ytr[idx], label_smoothing=0.1)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += float(loss.detach()) * len(idx)
+        t0 = time.time()
+        loss = train_epoch(model, xtr, ytr, batch, gen, noise, opt, sched)
         acc = evaluate(model, te.x, te.y)
-        print(f"epoch {epoch + 1}/{epochs} loss {total / len(ytr):.4f} test top-1 {acc:.2f}% ({time.time() - t0:.0f}s)",
+        print(f"epoch {epoch + 1}/{epochs} loss {loss:.4f} test top-1 {acc:.2f}% ({time.time() - t0:.0f}s)",
               flush=True)
     # the final weights (no choice of epoch by test accuracy: the test split stays unseen); the optimizer's
     # parameter groups without its moment buffers, which would triple the file
