@@ -148,6 +148,7 @@ class Activations:
     currents: int        # current-kind nodes
     largest: int         # the largest node
     params: int          # weights of the synaptic layers
+    family: str = "v1"   # the graph's model family ("v2": Meta-SpikeFormer, see WORKING_SET)
 
     @property
     def all(self) -> int:
@@ -172,7 +173,7 @@ def activations(graph) -> Activations:
         if w is not None:
             params += int(np.asarray(w).size)
     T = int(graph.meta.get("time_steps", 1))
-    return Activations(T, spikes, lif, currents, largest, params)
+    return Activations(T, spikes, lif, currents, largest, params, str(graph.meta.get("family", "v1")))
 
 
 def choose_batch(wanted: int, budget: int, fixed: int, per_sample: int) -> int:
@@ -240,11 +241,17 @@ WORKING_SET = {
     "onnx-float": {"lif": 2.0, "largest": 12.0},
     # float64 state of every neuron, one step of every node's output, the host stem's run
     "nir": {"lif": 2.0, "currents": 2.0, "largest": 24.0},
+    # a V2 torch model (its reference runs in float64 throughout): every current of all T steps is alive
+    # at once in its forward pass -- measured on metaspikformer_8_768 at 224, T 4: 1.74 GiB a sample,
+    # currents x T x 8 bytes being 1.77 GiB (the V1 factors above gave 0.56)
+    "torch-v2": {"currents": 8.0, "lif": 1.0},
 }
 
 
 def executor_bytes(name: str, a: Activations) -> int:
     """The working set of one executor per sample (all T steps)."""
+    if name in ("torch", "cupy") and a.family == "v2":
+        name = "torch-v2"
     w = WORKING_SET.get(name, WORKING_SET["torch"])
     per_step = sum(getattr(a, k) * v for k, v in w.items())
     return int(per_step * a.T)
@@ -255,6 +262,8 @@ def model_bytes(name: str, a: Activations) -> int:
     weight for the torch model, int16 packed weights for the engine, onnxruntime's weights and their
     packed copies, NIR's float64 weights."""
     per_param = {"torch": 6, "cupy": 4, "engine": 6, "onnx-int": 4, "onnx-float": 10, "nir": 12}.get(name, 8)
+    if name == "torch" and a.family == "v2":
+        per_param = 12          # the float32 model and a whole float64 one (V2's reference)
     return int(a.params * per_param)
 
 
