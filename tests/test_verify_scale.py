@@ -447,9 +447,10 @@ def test_a_v2_graph_gets_the_v2_torch_estimate():
     reference (measured on metaspikformer_8_768: 1.74 GiB a sample, 3x what the V1 factors say): its
     graph is recognised and estimated as currents x T x 8 bytes (+ one byte a membrane-step), its models
     as a float32 and a float64 copy of every weight."""
+    from v2_helpers import random_v2_model
+
     from models import V2Config
     from sdt_deploy.api import deploy_graph, loaded
-    from v2_helpers import random_v2_model
 
     cfg = V2Config(img_size=32, in_channels=1, num_classes=3, embed_dim=(2, 4, 4, 4), num_heads=2, time_steps=2)
     a = M.activations(deploy_graph(loaded(random_v2_model(cfg))))
