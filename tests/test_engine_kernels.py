@@ -77,11 +77,14 @@ def test_engine_equals_the_previous_engine(name, monkeypatch):
 
 @pytest.mark.parametrize("name", ["lif_0011", "gesture_t16"])
 def test_membrane_traces_and_the_numpy_path_equal_the_previous_engine(name, monkeypatch):
-    """membranes=True (the numpy LIF, kept for traces) and an engine without its C kernels (a machine
-    where the extension did not build): the same as before in everything."""
+    """membranes=True (the C kernel writing each LIF's H trace as it steps, samples split over threads)
+    and an engine without its C kernels (a machine where the extension did not build): the same as before
+    in everything, the traces int64 as before."""
     q, x = quantized(case_path(name)), case_input(name)
     old = REF.run_engine(q.graph, x, membranes=True, threads=1)
-    assert_same_run(run_engine(q.graph, x, membranes=True, threads=2), old, "membranes")
+    new = run_engine(q.graph, x, membranes=True, threads=2)
+    assert_same_run(new, old, "membranes")
+    assert {h.dtype for h in new.membranes.values()} == {np.dtype(np.int64)}
     monkeypatch.setattr(engine_kernels, "_c", None)
     assert_same_run(run_engine(q.graph, x, membranes=True, threads=2), old, "numpy path, membranes")
     split_everything(monkeypatch)
@@ -94,10 +97,11 @@ def test_property_engine_equals_the_previous_engine(cfg, seed, bits, threads, ba
     model = random_model(cfg, seed=seed, calibration=8)
     x = random_inputs(cfg, batch, seed=seed + 1, events=cfg.dvs_mode)
     q = quantize(model, weight_bits=bits)
-    old = REF.run_engine(q.graph, x, threads=1)
+    old = REF.run_engine(q.graph, x, threads=1, membranes=bool(seed % 2))
     with pytest.MonkeyPatch.context() as mp:
         split_everything(mp)
-        assert_same_run(run_engine(q.graph, x, threads=threads), old, f"{cfg} threads {threads}")
+        assert_same_run(run_engine(q.graph, x, threads=threads, membranes=bool(seed % 2)), old,
+                        f"{cfg} threads {threads}")
 
 
 # --- the kernels one by one, on random integers (widths, layouts and sizes the models do not reach) ---

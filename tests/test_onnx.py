@@ -157,11 +157,45 @@ def test_int_variant_has_no_float_arithmetic_after_input_quantization(case, unro
     types = tensor_types(model)
     ops = {n.op_type for n in model.graph.node}
     assert "Conv" not in ops and "Gemm" not in ops and "MatMul" not in ops
-    for node in model.graph.node:   # synapses: int8 weights on 8-bit operands (int8 image, uint8 spikes)
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    for node in model.graph.node:   # synapses: 8-bit weights on 8-bit operands (int8 image, uint8 spikes)
         if node.op_type in ("ConvInteger", "MatMulInteger"):
-            assert types[node.input[1]] == TensorProto.INT8
+            if node.input[1] in inits:      # weights: uint8 with the zero point 128 (signed 8-bit values)
+                assert types[node.input[1]] == TensorProto.UINT8
+                assert node.input[2] == "" and inits[node.input[3]].dtype == np.uint8
+                assert int(inits[node.input[3]]) == 128
             assert types[node.input[0]] in (TensorProto.INT8, TensorProto.UINT8)
             assert types[node.output[0]] == TensorProto.INT32
+
+
+def test_offset_weights_are_the_signed_weights_and_refuse_more_than_8_bits():
+    """uint8 w + 128 with zero point 128 is, by ConvInteger's definition ((x - x_zp) * (w - w_zp)), the
+    signed convolution: onnx's own reference evaluator computes it on the extreme weights and inputs."""
+    from onnx import helper
+    from onnx.reference import ReferenceEvaluator
+
+    from exporters.onnx import Emitter, offset_weights
+
+    rng = np.random.default_rng(0)
+    w = rng.integers(-128, 128, (4, 3, 3, 3))
+    w[0, 0, 0, :2] = [-128, 127]
+    node = dataclasses.make_dataclass("N", ["name"])("conv")
+    em = Emitter()
+    name, zp = offset_weights(em, node, w, "w_int")
+    conv = helper.make_node("ConvInteger", ["x", name, "", zp], ["y"], kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    g = helper.make_graph([conv], "g", [helper.make_tensor_value_info("x", TensorProto.INT8, [2, 3, 5, 5])],
+                          [helper.make_tensor_value_info("y", TensorProto.INT32, None)], list(em.initializers.values()))
+    x = rng.integers(-128, 128, (2, 3, 5, 5)).astype(np.int8)
+    x[0, 0] = -128
+    y = ReferenceEvaluator(helper.make_model(g)).run(None, {"x": x})[0]
+    xp = np.pad(x.astype(np.int64), ((0, 0), (0, 0), (1, 1), (1, 1)))
+    expected = np.zeros((2, 4, 5, 5), np.int64)     # the convolution by hand: sum over channels and taps
+    for ky in range(3):
+        for kx in range(3):
+            expected += np.einsum("bchw,oc->bohw", xp[:, :, ky:ky + 5, kx:kx + 5], w[:, :, ky, kx])
+    np.testing.assert_array_equal(y, expected)
+    with pytest.raises(DeployError, match="beyond 8 bits"):
+        offset_weights(Emitter(), node, np.array([[128]]), "w_int")
 
 
 def test_the_float_check_can_fail():

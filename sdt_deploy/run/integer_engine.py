@@ -19,8 +19,8 @@ on its grid), event-driven, counting the operations it performs.
   are counted per valid (non-padding) tap;
 - a LIF is `H = (V + X) >> 1` (arithmetic shift: floor), `S = H >= theta`, `V = H * (1 - S)`, on its
   channel's grid; contributions on a coarser grid are shifted left first (exact); one pass over the T
-  steps in the C kernel (numpy where membrane traces are asked for), a large layer's samples on the
-  same threads.
+  steps in the C kernel (writing the membrane trace too where it is asked for; numpy without the C
+  kernels), a large layer's samples on the same threads.
 
 Because floor((floor(a) + n) / 2) = floor((a + n) / 2) for integer n, the integer state is the floor of
 the exact state and every threshold decision matches the float model's exactly (docs/numeric-contract.md).
@@ -407,7 +407,8 @@ def heads_or_pool_np(a: np.ndarray, heads: int) -> np.ndarray:
 def lif_int(X: np.ndarray, theta: np.ndarray, channel_axis: int = 2, membranes: Optional[list] = None,
             out: Optional[np.ndarray] = None):
     """`run.lif.integer_lif` (H = (V + X) >> 1, S = H >= theta, V = H * (1 - S) over T): the C kernel
-    (`engine_kernels.lif`) where it is built and no membrane trace is asked for, the numpy steps else.
+    (`engine_kernels.lif`) where it is built and no membrane trace is asked for, the numpy steps else
+    (the engine asks the kernel for traces through `engine_kernels.lif_trace`).
     Returns (spikes uint8, the largest |H|); the spikes go into `out` where given."""
     if membranes is None and K.compiled_kernels() and X.ndim >= 2 and X.dtype.kind in "iu":
         spikes, peak = K.lif(X, theta, channel_axis)
@@ -418,11 +419,16 @@ def lif_int(X: np.ndarray, theta: np.ndarray, channel_axis: int = 2, membranes: 
     return integer_lif(X, theta, channel_axis, membranes, out)
 
 
+def _lif_parts(X: np.ndarray, threads: int) -> int:
+    """How many threads step a LIF of [T, B, ...]: the samples split where the layer is large enough."""
+    return min(threads, X.shape[1]) if X.size >= PARALLEL_MIN_NEURONS else 1
+
+
 def lif_int_parallel(X: np.ndarray, theta: np.ndarray, threads: int):
     """`lif_int` of [T, B, ...] with the samples (axis 1) split over threads where the layer is large
     enough: every neuron's state is its own, so the spikes are the same; the peak is the parts' largest."""
     B = X.shape[1]
-    parts = min(threads, B) if X.size >= PARALLEL_MIN_NEURONS else 1
+    parts = _lif_parts(X, threads)
     if K.compiled_kernels() and X.dtype.kind in "iu":
         return K.lif(X, theta, 2, parts)
     out = np.empty_like(X, dtype=np.uint8)     # X's memory layout, as `lif_int` keeps it
@@ -492,7 +498,9 @@ def _lif(n: LIF, ins, grids, x, r: _Run):
         raise DeployError(f"{n.name}: the integer LIF needs decay 1/2 (tau = 2); got tau = {n.tau}")
     src_grid = grids[0] if grids[0] is not None else np.zeros(n.shape[0], dtype=INT)
     X = _shift_left(np.asarray(ins[0], dtype=r.width(n.name, 2)), n.grid - src_grid)
-    if r.membranes:
+    if r.membranes and K.compiled_kernels() and X.dtype.kind in "iu":
+        y, peak, r.traces[n.name] = K.lif_trace(X, n.theta_int, 2, _lif_parts(X, r.threads))
+    elif r.membranes:
         trace: list = []
         y, peak = lif_int(X, n.theta_int, membranes=trace)
         r.traces[n.name] = np.stack(trace)
