@@ -38,6 +38,16 @@ def assert_same_run(new, old, what=""):
         np.testing.assert_array_equal(new.membranes[k], old.membranes[k], err_msg=f"{what} {k}")
 
 
+def assert_after_reset_is_the_reset_trace(new, old):
+    """membranes="after_reset": V' = 0 where the neuron fired, else H (the previous engine's H trace), in
+    an integer type that holds it."""
+    assert new.membranes.keys() == old.membranes.keys()
+    for k, h in old.membranes.items():
+        v = new.membranes[k]
+        assert v.dtype in (np.int32, np.int64), k
+        np.testing.assert_array_equal(v, np.where(old.spikes[k] != 0, 0, h), err_msg=k)
+
+
 def split_everything(monkeypatch):
     """Every layer split over the threads, however small (the size limits at 0)."""
     monkeypatch.setattr(engine, "PARALLEL_MIN_WORK", 0)
@@ -85,8 +95,10 @@ def test_membrane_traces_and_the_numpy_path_equal_the_previous_engine(name, monk
     new = run_engine(q.graph, x, membranes=True, threads=2)
     assert_same_run(new, old, "membranes")
     assert {h.dtype for h in new.membranes.values()} == {np.dtype(np.int64)}
+    assert_after_reset_is_the_reset_trace(run_engine(q.graph, x, membranes="after_reset", threads=2), old)
     monkeypatch.setattr(engine_kernels, "_c", None)
     assert_same_run(run_engine(q.graph, x, membranes=True, threads=2), old, "numpy path, membranes")
+    assert_after_reset_is_the_reset_trace(run_engine(q.graph, x, membranes="after_reset", threads=2), old)
     split_everything(monkeypatch)
     assert_same_run(run_engine(q.graph, x, threads=3), REF.run_engine(q.graph, x, threads=1), "numpy path")
 

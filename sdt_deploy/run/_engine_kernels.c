@@ -214,13 +214,14 @@ done:
 /* ------------------------------------------------------------------------------------------------
  * Integer LIF over T steps for samples laid out [T, B, P] (P neurons per sample, contiguous), samples
  * b0..b1: H = (V + X) >> 1 (arithmetic shift: floor), S = H >= theta[j], V = S ? 0 : H, V starting at
- * 0. Writes S (0/1) into out [T, B, P] and, where H is not NULL, every step's H (before the reset) as
- * int64 into H [T, B, P] (the membrane trace a verifier compares); returns max |H|. The caller guarantees
- * |V + X| fits the type.
+ * 0. Writes S (0/1) into out [T, B, P]; where H is not NULL, every step's H (before the reset) as int64
+ * into H [T, B, P]; where VT is not NULL, every step's V after the reset into VT [T, B, P] (X's type):
+ * the membrane traces (the engine's and the one a verifier compares with a file's states). Returns
+ * max |H|. The caller guarantees |V + X| fits the type.
  */
 #define DEFINE_LIF(NAME, TYPE)                                                                           \
-static MULTIVERSION uint64_t NAME(const TYPE *X, const TYPE *theta, uint8_t *out, int64_t *H, TYPE *V,      \
-                                  int64_t T, int64_t B, int64_t P, int64_t b0, int64_t b1)               \
+static MULTIVERSION uint64_t NAME(const TYPE *X, const TYPE *theta, uint8_t *out, int64_t *H, TYPE *VT,     \
+                                  TYPE *V, int64_t T, int64_t B, int64_t P, int64_t b0, int64_t b1)      \
 {                                                                                                        \
     TYPE hi = 0, lo = 0;                                                                                 \
     for (int64_t b = b0; b < b1; b++) {                                                                  \
@@ -228,16 +229,18 @@ static MULTIVERSION uint64_t NAME(const TYPE *X, const TYPE *theta, uint8_t *out
         for (int64_t t = 0; t < T; t++) {                                                                \
             const TYPE *x = X + (t * B + b) * P;                                                         \
             uint8_t *s = out + (t * B + b) * P;                                                          \
-            if (H) {                                     /* the same step, keeping every H */           \
-                int64_t *ht = H + (t * B + b) * P;                                                       \
+            if (H || VT) {                               /* the same step, keeping a trace */           \
+                int64_t *ht = H ? H + (t * B + b) * P : NULL;                                            \
+                TYPE *vt = VT ? VT + (t * B + b) * P : NULL;                                             \
                 for (int64_t j = 0; j < P; j++) {                                                        \
                     TYPE h = (TYPE)(V[j] + x[j]) >> 1;                                                   \
                     hi = h > hi ? h : hi;                                                                \
                     lo = h < lo ? h : lo;                                                                \
                     uint8_t f = h >= theta[j];                                                           \
                     s[j] = f;                                                                            \
-                    ht[j] = (int64_t)h;                                                                  \
                     V[j] = f ? 0 : h;                                                                    \
+                    if (ht) ht[j] = (int64_t)h;                                                          \
+                    if (vt) vt[j] = V[j];                                                                \
                 }                                                                                        \
                 continue;                                                                                \
             }                                                                                            \
@@ -258,17 +261,18 @@ static MULTIVERSION uint64_t NAME(const TYPE *X, const TYPE *theta, uint8_t *out
 DEFINE_LIF(lif_i32, int32_t)
 DEFINE_LIF(lif_i64, int64_t)
 
-/* lif(X, theta, out, H, itemsize, T, B, P, b0, b1) -> max |H|; H: an int64 buffer of T * B * P, or an
- * empty one for no trace */
+/* lif(X, theta, out, H, VT, itemsize, T, B, P, b0, b1) -> max |H|; H: an int64 buffer of T * B * P, VT
+ * one of X's type, or empty ones for no trace */
 static PyObject *py_lif(PyObject *self, PyObject *args)
 {
-    Py_buffer xb, tb, ob, hb;
+    Py_buffer xb, tb, ob, hb, vb;
     long long isz, T, B, P, b0, b1;
-    if (!PyArg_ParseTuple(args, "y*y*w*w*LLLLLL", &xb, &tb, &ob, &hb, &isz, &T, &B, &P, &b0, &b1))
+    if (!PyArg_ParseTuple(args, "y*y*w*w*w*LLLLLL", &xb, &tb, &ob, &hb, &vb, &isz, &T, &B, &P, &b0, &b1))
         return NULL;
     PyObject *result = NULL;
     if ((isz != 4 && isz != 8) || xb.len < T * B * P * isz || tb.len < P * isz || ob.len < T * B * P ||
-        (hb.len != 0 && hb.len < T * B * P * 8) || b0 < 0 || b1 > B || b0 > b1) {
+        (hb.len != 0 && hb.len < T * B * P * 8) || (vb.len != 0 && vb.len < T * B * P * isz) ||
+        b0 < 0 || b1 > B || b0 > b1) {
         PyErr_SetString(PyExc_ValueError, "lif: inconsistent sizes");
         goto done;
     }
@@ -277,13 +281,15 @@ static PyObject *py_lif(PyObject *self, PyObject *args)
     uint64_t peak;
     Py_BEGIN_ALLOW_THREADS
     int64_t *H = hb.len ? (int64_t *)hb.buf : NULL;
-    if (isz == 4) peak = lif_i32(xb.buf, tb.buf, ob.buf, H, V, T, B, P, b0, b1);
-    else peak = lif_i64(xb.buf, tb.buf, ob.buf, H, V, T, B, P, b0, b1);
+    void *VT = vb.len ? vb.buf : NULL;
+    if (isz == 4) peak = lif_i32(xb.buf, tb.buf, ob.buf, H, VT, V, T, B, P, b0, b1);
+    else peak = lif_i64(xb.buf, tb.buf, ob.buf, H, VT, V, T, B, P, b0, b1);
     Py_END_ALLOW_THREADS
     free(V);
     result = PyLong_FromUnsignedLongLong(peak);
 done:
     PyBuffer_Release(&xb); PyBuffer_Release(&tb); PyBuffer_Release(&ob); PyBuffer_Release(&hb);
+    PyBuffer_Release(&vb);
     return result;
 }
 

@@ -303,29 +303,32 @@ def lif(X: np.ndarray, theta: np.ndarray, channel_axis: int, parts: int = 1) -> 
     largest |H|). The caller guarantees |V + X| fits X's type (`bits`: twice the node's bound). Counts
     nothing (the engine counts one neuron update per element of X). `parts` threads split the samples
     (every neuron's state is its own: the same spikes)."""
-    spikes, peak, _ = _lif(X, theta, channel_axis, parts, trace=False)
+    spikes, peak, _ = _lif(X, theta, channel_axis, parts, trace=None)
     return spikes, peak
 
 
-def lif_trace(X: np.ndarray, theta: np.ndarray, channel_axis: int, parts: int = 1):
-    """`lif`, also returning every step's H before the reset (int64, X's shape): the membrane trace,
-    written by the kernel as it steps (numpy's steps and a stacked copy took 2-3x the LIF's own time)."""
-    return _lif(X, theta, channel_axis, parts, trace=True)
+def lif_trace(X: np.ndarray, theta: np.ndarray, channel_axis: int, parts: int = 1, after_reset: bool = False):
+    """`lif`, also returning the membrane trace the kernel writes as it steps (numpy's steps and a stacked
+    copy took 2-3x the LIF's own time): every step's H before the reset (int64, X's shape), or with
+    `after_reset` every step's V after it (X's type: what a file's `v_out` states hold)."""
+    return _lif(X, theta, channel_axis, parts, trace="V" if after_reset else "H")
 
 
-def _lif(X: np.ndarray, theta: np.ndarray, channel_axis: int, parts: int, trace: bool):
+def _lif(X: np.ndarray, theta: np.ndarray, channel_axis: int, parts: int, trace: Optional[str]):
     Xp, perm, B = lif_layout(X, channel_axis)
     T = Xp.shape[0]
     pattern = _theta_pattern(theta, X.shape, perm, Xp.dtype, channel_axis, X.ndim >= 3 and perm[1] != channel_axis)
     P = pattern.size
     out = np.empty(Xp.shape, np.uint8)
-    H = np.empty(Xp.shape if trace else 0, np.int64)
-    peaks = over_parts(lambda a, b: _c.lif(Xp, pattern, out, H, Xp.itemsize, T, B, P, a, b), B, parts) \
+    H = np.empty(Xp.shape if trace == "H" else 0, np.int64)
+    VT = np.empty(Xp.shape if trace == "V" else 0, Xp.dtype)
+    peaks = over_parts(lambda a, b: _c.lif(Xp, pattern, out, H, VT, Xp.itemsize, T, B, P, a, b), B, parts) \
         if Xp.size else [0]
     inverse = [0] * len(perm)
     for i, p in enumerate(perm):
         inverse[p] = i
-    return out.transpose(inverse), int(max(peaks)), (H.transpose(inverse) if trace else None)
+    held = {"H": H, "V": VT}.get(trace)
+    return out.transpose(inverse), int(max(peaks)), (None if held is None else held.transpose(inverse))
 
 
 _PATTERNS: dict = {}

@@ -31,7 +31,7 @@ import os
 import weakref
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 import scipy.sparse as sp
@@ -63,6 +63,7 @@ from sdt_deploy.run import engine_kernels as K
 from sdt_deploy.run.lif import integer_lif
 
 INT = np.int64
+AFTER_RESET = "after_reset"      # run_engine(membranes=...): the trace of V after each step's reset
 I16_MAX = 2 ** 15 - 1            # int16 partial sums in the event kernels
 
 
@@ -74,7 +75,7 @@ class EngineResult:
     spikes: dict                       # node name -> uint8 [T, B, ...]
     ops: dict                          # node name -> {"acs", "macs", "bias_adds", ...}
     observed: dict                     # node name -> max |integer| seen (currents, LIF states)
-    membranes: dict = field(default_factory=dict)   # LIF name -> int64 H per step (if asked)
+    membranes: dict = field(default_factory=dict)   # LIF name -> int64 H per step (if asked; see run_engine)
 
     @property
     def total_acs(self) -> int:
@@ -444,7 +445,7 @@ class _Run:
     B: int
     bounds: dict
     threads: int
-    membranes: bool
+    membranes: Union[bool, str]      # False, True (H before the reset, int64), "after_reset" (V')
     ops: dict = field(default_factory=dict)
     observed: dict = field(default_factory=dict)
     traces: dict = field(default_factory=dict)
@@ -498,12 +499,14 @@ def _lif(n: LIF, ins, grids, x, r: _Run):
         raise DeployError(f"{n.name}: the integer LIF needs decay 1/2 (tau = 2); got tau = {n.tau}")
     src_grid = grids[0] if grids[0] is not None else np.zeros(n.shape[0], dtype=INT)
     X = _shift_left(np.asarray(ins[0], dtype=r.width(n.name, 2)), n.grid - src_grid)
+    after_reset = r.membranes == AFTER_RESET
     if r.membranes and K.compiled_kernels() and X.dtype.kind in "iu":
-        y, peak, r.traces[n.name] = K.lif_trace(X, n.theta_int, 2, _lif_parts(X, r.threads))
+        y, peak, r.traces[n.name] = K.lif_trace(X, n.theta_int, 2, _lif_parts(X, r.threads), after_reset)
     elif r.membranes:
         trace: list = []
         y, peak = lif_int(X, n.theta_int, membranes=trace)
-        r.traces[n.name] = np.stack(trace)
+        h = np.stack(trace)
+        r.traces[n.name] = np.where(y != 0, 0, h).astype(X.dtype) if after_reset else h
     else:
         y, peak = lif_int_parallel(X, n.theta_int, r.threads)
     r.observed[n.name] = max(peak, K.abs_max(X))
@@ -589,13 +592,17 @@ INTEGER_EVAL = {
 }
 
 
-def run_engine(qg: Graph, x: np.ndarray, record: bool = True, membranes: bool = False,
+def run_engine(qg: Graph, x: np.ndarray, record: bool = True, membranes: Union[bool, str] = False,
                threads: Optional[int] = None, sink=None) -> EngineResult:
     """Run the quantized graph on x ([B, C, H, W] repeated over T, or [B, T, C, H, W] frames). `threads`:
     how many threads add the synaptic events (default: every CPU available; the result is the same).
+    `membranes`: each LIF's trace [T, B, ...]: True, H before each step's reset (int64); "after_reset",
+    V after it, in the LIF's integer type (what an ONNX file's `v_out` states hold).
     `sink(name, spikes, h)`: with `record`, every spike node's uint8 spikes [T, B, ...] are handed to it as
-    the node is computed (with a LIF's int64 H trace when `membranes`, else None) instead of kept in the
-    result: a verifier compares them and lets them go."""
+    the node is computed (with a LIF's trace when `membranes`, else None) instead of kept in the result:
+    a verifier compares them and lets them go."""
+    if membranes not in (False, True, AFTER_RESET):
+        raise ValueError(f"membranes: False, True or {AFTER_RESET!r}, not {membranes!r}")
     threads = default_threads() if threads is None else max(1, int(threads))
     if not qg.meta.get("quantized"):
         raise DeployError("the integer engine runs quantized graphs only")
