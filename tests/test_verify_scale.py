@@ -250,6 +250,49 @@ def test_the_mixed_reference_of_a_wide_model_runs_float64_only_where_needed():
     assert len(plan.synaptic | plan.neurons) < n_nodes
 
 
+class _Keep(E.Sink):
+    """A sink that keeps every membrane and the per-step output (the float32 state reference)."""
+
+    def __init__(self):
+        self.kept, self.out = {}, None
+
+    def membranes(self, layer, v):
+        self.kept[layer] = np.array(v, copy=True)
+
+    def per_step(self, y):
+        self.out = np.asarray(y)
+
+    def wants(self, arithmetic):
+        return arithmetic == "float32"
+
+
+@pytest.mark.parametrize("name", ["fixture", "plif_dvs_0000"])
+def test_the_float32_state_reference_resumed_after_the_shared_stages_is_the_whole_run(name):
+    """The mixed reference shares its leading float32 stages with the float32 model; the float32 state
+    reference resumed after them equals the float32 model run from the start, every membrane and the
+    per-step output, bit for bit; a wrong resume point is caught by the same comparison."""
+    q, x = quantized(case_path(name)), case_input(name)[:2]
+    ctx = E.Context(q, "", float64_reference=True, states={"float32"})
+    assert E.shared_float32_stages(ctx) == ("patch_embed", "block.0")
+    whole = _Keep()
+    E.torch_in(ctx, x, whole, "float32")               # no prefix yet: the whole float32 run
+    E._torch(ctx, x, E.Sink())                         # the reference, leaving its float32 prefix
+    assert E.shares_float32_prefix(ctx)
+    resumed = _Keep()
+    E.torch_in(ctx, x, resumed, "float32")
+    assert not E.shares_float32_prefix(ctx)            # used once, then let go
+    assert resumed.kept.keys() == whole.kept.keys() and len(whole.kept) > 2
+    for k in whole.kept:
+        np.testing.assert_array_equal(resumed.kept[k], whole.kept[k], err_msg=k)
+        assert resumed.kept[k].dtype == whole.kept[k].dtype == np.float32
+    np.testing.assert_array_equal(resumed.out, whole.out)
+    E._torch(ctx, x, E.Sink())
+    ctx.cache[E.FLOAT32_PREFIX].value = ctx.cache[E.FLOAT32_PREFIX].value * 2   # a wrong stage output
+    wrong = _Keep()
+    E.torch_in(ctx, x, wrong, "float32")
+    assert any(not np.array_equal(wrong.kept[k], whole.kept[k]) for k in whole.kept)
+
+
 def _nir_runs(q, x, tmp_path):
     path = str(tmp_path / "m.nir")
     export_graph(q.graph, "nir", path)

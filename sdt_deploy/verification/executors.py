@@ -130,26 +130,122 @@ def reference_model(ctx: Context) -> tuple[torch.nn.Module, str]:
     return ctx.cache["torch_model_mixed"], "mixed"
 
 
-def _stream_torch(model, x: np.ndarray, sink: Sink, arithmetic: str, device: Optional[str] = None) -> Output:
+def _stream_torch(model, x: np.ndarray, sink: Sink, arithmetic: str, device: Optional[str] = None,
+                  also_membranes: Optional[Callable] = None) -> Output:
+    """One batch through a torch model into the sink; `also_membranes(layer, v)` is shown every membrane
+    too (whether or not the sink wants them)."""
     states = sink.wants(arithmetic)
-    logits, per_step = run_model_stream(model, x, sink.spikes, sink.membranes if states else None,
-                                        per_step=states, device=device)
+    on_membranes = sink.membranes if states else None
+    if also_membranes is not None:
+        def on_membranes(layer, v, to_sink=on_membranes):
+            also_membranes(layer, v)
+            if to_sink is not None:
+                to_sink(layer, v)
+    logits, per_step = run_model_stream(model, x, sink.spikes, on_membranes, per_step=states, device=device)
     if states:
         sink.per_step(per_step)
     return Output(logits, arithmetic)
 
 
+# ---------------------------------------------------------------- the float32 state reference, shared
+
+FLOAT32_PREFIX = "float32-prefix"    # ctx.cache: the `SharedPrefix` of the batch the reference last ran
+
+
+@dataclass
+class SharedPrefix:
+    """What the mixed-precision reference computed for the float32 model on one batch: the leading stages
+    (`shared_float32_stages`) run in float32 in both models, operation for operation, so the float32 state
+    reference only runs the rest. `membranes`: the stages' LIF membranes; `value`: the last stage's
+    output (the next stage's input)."""
+
+    x: np.ndarray
+    stages: tuple
+    membranes: dict = field(default_factory=dict)
+    value: Optional[torch.Tensor] = None
+
+    def holds(self, layer: str) -> bool:
+        return any(layer == s or layer.startswith(s + ".") for s in self.stages)
+
+
+def shared_float32_stages(ctx: Context) -> tuple:
+    """The leading stages of an SDT-V1 model (`patch_embed`, `block.0`, ...) in which the mixed reference
+    has no float64 layer: there it is the float32 model itself (the same float32 weights; its input casts
+    are no-ops on float32 values). Empty where the reference is not mixed, the model is not V1, or no
+    float32 file needs the float32 state reference."""
+    model = ctx.q.model
+    plan = reference_plan(ctx)
+    if plan.whole or plan.float32_only or "float32" not in ctx.states or \
+            not hasattr(model, "patch_embed") or not hasattr(model, "block"):
+        return ()
+    wide = plan.synaptic | plan.neurons
+    shared = []
+    for stage in ["patch_embed"] + [f"block.{i}" for i in range(len(model.block))]:
+        if any(name == stage or name.startswith(stage + ".") for name in wide):
+            break
+        shared.append(stage)
+    return tuple(shared)
+
+
+@contextlib.contextmanager
+def resumed(model: torch.nn.Module, prefix: SharedPrefix):
+    """The model with its shared stages skipped: the first returns the prefix's value, the others pass it
+    on (the instance's forward shadows the class's while this lasts)."""
+    modules = dict(model.named_modules())
+    stages = [modules[s] for s in prefix.stages]
+    stages[0].forward = lambda *_args, **_kw: prefix.value
+    for m in stages[1:]:
+        m.forward = lambda x, *_args, **_kw: x
+    try:
+        yield model
+    finally:
+        for m in stages:
+            del m.forward
+
+
 def _torch(ctx: Context, x: np.ndarray, sink: Sink) -> Output:
     model, arithmetic = reference_model(ctx)
     xs = x.astype(np.float64) if arithmetic == "float64" else x   # the mixed model's input grid is float32's
-    return _stream_torch(model, xs, sink, arithmetic)
+    stages = shared_float32_stages(ctx) if arithmetic == "mixed" else ()
+    ctx.cache.pop(FLOAT32_PREFIX, None)
+    if not stages:
+        return _stream_torch(model, xs, sink, arithmetic)
+    prefix = SharedPrefix(x, stages)
+
+    def keep(layer: str, v: np.ndarray) -> None:
+        if prefix.holds(layer):
+            prefix.membranes[layer] = v
+
+    def last_stage_done(_module, _inputs, out) -> None:
+        prefix.value = out.detach()
+
+    hook = dict(model.named_modules())[stages[-1]].register_forward_hook(last_stage_done)
+    try:
+        out = _stream_torch(model, xs, sink, arithmetic, also_membranes=keep)
+    finally:
+        hook.remove()
+    ctx.cache[FLOAT32_PREFIX] = prefix
+    return out
 
 
 def torch_in(ctx: Context, x: np.ndarray, sink: Sink, arithmetic: str) -> Output:
-    """The quantized torch model in one dtype throughout ("float32", "float64"): a state reference."""
+    """The quantized torch model in one dtype throughout ("float32", "float64"): a state reference. The
+    float32 one resumes after the stages the reference shared with it on this very batch."""
     dtype = torch.float64 if arithmetic == "float64" else torch.float32
     xs = x.astype(np.float64) if dtype == torch.float64 else x
-    return _stream_torch(torch_model(ctx, dtype), xs, sink, arithmetic)
+    model = torch_model(ctx, dtype)
+    prefix = ctx.cache.pop(FLOAT32_PREFIX, None)
+    if dtype != torch.float32 or prefix is None or prefix.x is not x or prefix.value is None:
+        return _stream_torch(model, xs, sink, arithmetic)
+    for layer, v in prefix.membranes.items():
+        sink.membranes(layer, v)
+    with resumed(model, prefix):
+        return _stream_torch(model, xs, sink, arithmetic)
+
+
+def shares_float32_prefix(ctx: Context) -> bool:
+    """Whether the reference's last run left a float32 prefix for the float32 state reference to resume."""
+    return FLOAT32_PREFIX in ctx.cache
 
 
 def cuda_skip_reason() -> Optional[str]:
