@@ -162,19 +162,21 @@ BASE_COMMIT = "19dcc53"          # main before issue 19's verify work: the "prev
 
 def previous_code(commit: str = BASE_COMMIT) -> dict:
     """The toolchain as it was at `commit`, to run beside the current one in the same benchmark: its files
-    (`git archive`) in bench/out/base-<commit>/ with this checkout's built C extension (the engine's
-    kernels are unchanged since). Returns {"env": ..., "cwd": ...} for `run_child`: its packages come
-    first on the path (PYTHONPATH; the working directory is that folder, not this checkout)."""
+    (`git archive`) in bench/out/base-<commit>/, its C extension built there from its own source where it
+    has one (the kernels' signatures change between versions). Returns {"env": ..., "cwd": ...} for
+    `run_child`: its packages come first on the path (PYTHONPATH; the working directory is that folder,
+    not this checkout)."""
     import glob
-    import shutil
 
     dest = os.path.join(OUT, f"base-{commit}")
     if not os.path.isdir(os.path.join(dest, "sdt_deploy")):
         os.makedirs(dest, exist_ok=True)
         archive = subprocess.run(["git", "-C", ROOT, "archive", commit], check=True, capture_output=True).stdout
         subprocess.run(["tar", "-x", "-C", dest], input=archive, check=True)
-        for so in glob.glob(os.path.join(ROOT, "sdt_deploy", "run", "_engine_kernels*.so")):
-            shutil.copy(so, os.path.join(dest, "sdt_deploy", "run"))
+    if glob.glob(os.path.join(dest, "sdt_deploy", "run", "_engine_kernels.c")) and \
+            not glob.glob(os.path.join(dest, "sdt_deploy", "run", "_engine_kernels*.so")):
+        subprocess.run([PYTHON, "setup.py", "-q", "build_ext", "--inplace"], cwd=dest, check=True,
+                       capture_output=True)
     return {"env": {"PYTHONPATH": dest}, "cwd": dest}
 
 

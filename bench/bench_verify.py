@@ -5,6 +5,7 @@ previous verify (the code of commit 19dcc53, `_common.previous_code`), all in th
 
     python bench/bench_verify.py [--model cifar10/2_256_300E_t4] [--small 32] [--large 160] [--runs 2]
     python bench/bench_verify.py --model imagenet/8_512_300E_t4 --small 2 --large 6 --runs 1 --previous small
+    python bench/bench_verify.py --also fd21ac3     # also beside the code before a change
 
 Random weights calibrated with `sdt_deploy.data.synth.random_model` (seed 0; calibration on 4 images for
 224x224 models). Each figure is a whole child process (Python start, imports, loading, quantization, the
@@ -57,14 +58,16 @@ def torch_alone(ckpt: str, n: int) -> None:
 
 def comparable(doc: dict) -> str:
     """The report without what may differ between two correct verifiers: the times, the reference's
-    precision (mixed since issue 19), and the sha256 of the NIR file exported for the run (its HDF5
-    container's bytes changed with the file-object driver of commit 6f8c2fd; every dataset is identical,
-    tests/test_artifact_hashes.py). Every count, divergence and prediction stays."""
+    precision (mixed since issue 19), and the sha256 of the files exported for the run, which each version
+    exports its own way (the NIR file's HDF5 container since the file-object driver of commit 6f8c2fd,
+    every dataset identical; the int ONNX file's weights as uint8 with a zero point since issue 19, the
+    same integers: tests/test_artifact_hashes.py). Every count, divergence and prediction stays."""
     doc = json.loads(json.dumps(doc, default=float))
     doc.pop("seconds", None)
     doc["bits"] = {k: v for k, v in doc["bits"].items() if not k.startswith("reference_")}
-    for where in (doc.get("artifacts", {}).get("nir"), doc.get("executors", {}).get("nir", {}).get("file")):
-        if isinstance(where, dict):
+    files = list(doc.get("artifacts", {}).values()) + [e.get("file") for e in doc.get("executors", {}).values()]
+    for where in files:
+        if isinstance(where, dict) and where.get("origin") == "exported for this run":
             where.pop("sha256", None)
     return json.dumps(doc, sort_keys=True)
 
@@ -84,6 +87,8 @@ def main() -> None:
     p.add_argument("--previous", choices=["both", "small", "none"], default="both",
                    help="run the previous verify at both sizes, the small one only (its memory grows with the "
                         "batch: 7 GB for 2 images of SDT-8-768), or not at all")
+    p.add_argument("--also", metavar="COMMIT", action="append", default=[],
+                   help="another version's verify to run beside (e.g. the code before a change), both sizes")
     p.add_argument("--torch-alone", metavar="CKPT", help=argparse.SUPPRESS)
     p.add_argument("--n", type=int, help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -91,6 +96,7 @@ def main() -> None:
         return torch_alone(a.torch_alone, a.n)
     ckpt = checkpoint(a.model)
     prev = C.previous_code()
+    also = {f"verify ({c})": C.previous_code(c) for c in a.also}
     sizes = (a.small, a.large)
     result = {"machine": C.machine(), "versions": C.versions(), "model": a.model, "sizes": sizes, "runs": [],
               "commands": {}}
@@ -102,6 +108,9 @@ def main() -> None:
         if a.previous == "both" or (a.previous == "small" and n == a.small):
             cmds["verify (previous, 19dcc53)"] = ([C.PYTHON, "-m", "sdt_deploy", "verify", ckpt, "--random", str(n),
                                                    "--executors", EXECUTORS, "--json"], prev)
+        for who, code in also.items():
+            cmds[who] = ([C.PYTHON, "-m", "sdt_deploy", "verify", ckpt, "--random", str(n), "--executors", EXECUTORS,
+                          "--json"], code)
         return cmds
 
     for n in sizes:
@@ -126,10 +135,12 @@ def main() -> None:
                 result["runs"].append(row)
                 print(f"round {i} n {n} {who}: {r['seconds']:.1f} s, peak {r['peak_tree_mib']:.0f} MiB, "
                       f"load {r['load_before'][0]}", flush=True)
-            if len(docs) == 2:
-                same = comparable(docs["verify (this code)"]) == comparable(docs["verify (previous, 19dcc53)"])
-                result["runs"][-1]["identical_to_this_code"] = same
-                print(f"  reports identical: {same}", flush=True)
+            for who in docs:
+                if who != "verify (this code)":
+                    same = comparable(docs["verify (this code)"]) == comparable(docs[who])
+                    row = next(r for r in reversed(result["runs"]) if r["who"] == who)
+                    row["identical_to_this_code"] = same
+                    print(f"  reports of {who} and this code identical: {same}", flush=True)
 
     def walls(who, n):
         return [r["wall"] for r in result["runs"] if r["who"] == who and r["n"] == n]
@@ -138,7 +149,7 @@ def main() -> None:
     summary = {}
     torch_small, torch_large = C.median(walls("torch alone", a.small)), C.median(walls("torch alone", a.large))
     torch_marginal = (a.large - a.small) / max(torch_large - torch_small, 1e-9)
-    for who in ("verify (this code)", "verify (previous, 19dcc53)"):
+    for who in ("verify (this code)", "verify (previous, 19dcc53)", *also):
         entry = {}
         for n, t_torch in ((a.small, torch_small), (a.large, torch_large)):
             w = walls(who, n)
@@ -163,10 +174,12 @@ def main() -> None:
     result["summary"] = summary
     result["identical"] = identical
     md = C.md_table(["verify", "figure", "img/s", "torch model alone img/s", "ratio", "notes"], rows)
-    ours, old = summary.get("verify (this code)", {}), summary.get("verify (previous, 19dcc53)", {})
-    speed = [f"{n} images: {old[n] / ours[n]:.2f}x" for n in sizes if n in ours and n in old]
+    ours = summary.get("verify (this code)", {})
+    speed = [f"{who[len('verify '):]}, {n} images: {summary[who][n] / ours[n]:.2f}x" for who in summary
+             if who != "verify (this code)" for n in sizes if n in ours and n in summary[who]]
     md += (f"\n\n{a.model}, random calibrated weights; every CPU executor ({EXECUTORS}); median of {a.runs} rounds "
-           f"after a warm-up, the commands taking turns. This code against the previous verify (wall-time ratio): "
+           f"after a warm-up, the commands taking turns. This code against the other versions (their wall time over "
+           f"this code's): "
            f"{', '.join(speed) or '-'}; reports identical in every round where both ran: {all(identical)} "
            f"({len(identical)} compared). The machine is shared: the load average (1 min) at each run is given.")
     C.save("verify_" + a.model.replace("/", "_"), result, md)
