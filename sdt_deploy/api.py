@@ -260,7 +260,8 @@ def verify(source: Source, x=None, *, input: Optional[str] = None, data: Optiona
     of the inputs under torchrun (the caller gathers the tallies). `max_memory`: the most memory the run
     may hold (bytes, '8G', '500M', or a fraction of the available memory; default a third of it): the
     batch is cut to fit, and `notes(sentence)` (if given) is told. `jobs`: processes taking whole batches
-    (default 1; as many as the budget holds). `reparam` (V2): the re-parameterized graph."""
+    (default `verification.verifier.auto_jobs`: 2 on a 2-CPU machine for 320 inputs or more, else 1; as
+    many as the budget holds). `reparam` (V2): the re-parameterized graph."""
     from sdt_deploy.data.datasets import shard
     from sdt_deploy.run.memory import parse_memory
     from sdt_deploy.verification.executors import ALL_EXECUTORS

@@ -416,6 +416,29 @@ def test_verify_picks_its_batch_from_the_budget_and_says_so():
     assert len(said) == 1 and said[0].startswith("verify: batch 4 -> 2 to stay within --max-memory")
 
 
+def test_auto_jobs_takes_a_second_process_only_where_it_was_measured_to_pay():
+    from sdt_deploy.verification.verifier import AUTO_JOBS_MIN_SAMPLES, auto_jobs
+
+    assert auto_jobs(AUTO_JOBS_MIN_SAMPLES, cpus=2) == 2 and auto_jobs(10_000, cpus=2) == 2
+    assert auto_jobs(AUTO_JOBS_MIN_SAMPLES - 1, cpus=2) == 1
+    assert auto_jobs(10_000, cpus=1) == 1 and auto_jobs(10_000, cpus=16) == 1
+
+
+def test_an_automatic_second_process_that_does_not_fit_is_dropped_without_a_word(monkeypatch):
+    """Without --jobs, a second process the budget cannot hold is not mentioned (the user asked for none);
+    the batch cut still is."""
+    from sdt_deploy.verification import verifier as V
+
+    monkeypatch.setattr(V, "auto_jobs", lambda samples, cpus=None: 2)
+    q = quantized(case_path(CASE))
+    models, sample = V.memory_per_process(q, EVERY, "torch", {"int", "float32"})
+    said = []
+    res = run_verify(q, ArrayDataset(case_input(CASE)), EVERY, batch_size=4,
+                     max_memory=models + 2 * sample + sample // 2, notes=said.append)
+    assert res.jobs == 1 and res.plan.batch_size == 2 and res.ok
+    assert len(said) == 1 and "processes" not in said[0] and said[0].startswith("verify: batch 4 -> 2")
+
+
 def test_the_cli_says_when_the_batch_shrinks(capsys, tmp_path):
     args = ["verify", case_path(CASE), "--random", "3", "--executors", "torch,engine", "--max-memory", "605M", "--json"]
     assert main(args) == 0

@@ -31,7 +31,8 @@ from sdt_deploy.errors import MismatchError
                    "agreement of the quantized plain and re-parameterized graphs, and what re-parameterizing costs")
 @click.option("--jobs", type=click.IntRange(min=1), metavar="N",
               help="processes that take whole batches, one intra-op thread each, as many as --max-memory holds "
-                   "(default 1: the runtimes already use every core; a second process was slower on 2 cores)")
+                   "(default: 2 on a 2-CPU machine for 320 inputs or more, where the second one's start pays; "
+                   "else 1, the runtimes using every core themselves)")
 @quant_options(from_artifacts=True)
 @memory_option
 @json_option

@@ -384,6 +384,24 @@ def memory_per_process(q: QuantizedModel, active: list, reference: str, states: 
     return int(models), int(sample)
 
 
+AUTO_JOBS_MIN_SAMPLES = 320     # where a second process starts to pay on a 2-CPU machine (measured: ~230)
+
+
+def auto_jobs(samples: int, cpus: Optional[int] = None) -> int:
+    """The processes `verify` runs without --jobs: two on a machine with exactly two CPUs for runs of at
+    least AUTO_JOBS_MIN_SAMPLES samples, else one. Measured on CIFAR 2-256, 2 cores (BENCHMARKS.md): two
+    single-threaded processes verify 7.8 img/s once started against 6.3 for one process whose runtimes use
+    both cores (less CPU time in all: 90 s against 105 s for 480 images), but the second one's start costs
+    about 7 s (28.6 s against 26.5 s for 160 images; 69.8 s against 77.1 s for 480). With more CPUs the
+    runtimes' own threads use them, and processes were not measured there: one process."""
+    if cpus is None:
+        try:
+            cpus = len(os.sched_getaffinity(0))
+        except AttributeError:   # pragma: no cover - not Linux
+            cpus = os.cpu_count() or 1
+    return 2 if cpus == 2 and samples >= AUTO_JOBS_MIN_SAMPLES else 1
+
+
 def _slim(q: QuantizedModel) -> QuantizedModel:
     """What a worker process needs of the quantized model: the graph and settings, no torch model or
     checkpoint tensors (it builds its own model from the graph)."""
@@ -402,8 +420,8 @@ def run_verify(q: QuantizedModel, dataset, executors: list, artifacts: Optional[
     `artifacts`: {executor: path} of the user's files (the others are exported for the run).
     `max_memory`: the budget (`run.memory.parse_memory`: bytes, '8G', a fraction; default a third of the
     available memory); the batch and the worker processes are cut to fit it, and `notes` is told so in
-    one sentence. `jobs`: processes (default 1), each taking whole batches (`parallel`) with one
-    intra-op thread; one process runs the runtimes with their own thread counts."""
+    one sentence. `jobs`: processes (default `auto_jobs`), each taking whole batches (`parallel`) with
+    one intra-op thread; one process runs the runtimes with their own thread counts."""
     from sdt_deploy.run.memory import parse_memory, plan_batch
     from sdt_deploy.verification import parallel
 
@@ -422,12 +440,12 @@ def run_verify(q: QuantizedModel, dataset, executors: list, artifacts: Optional[
     given = dict(artifacts or {})
     idx = list(range(len(dataset))) if indices is None else list(indices)
     models, sample = memory_per_process(q, active, reference, states)
-    # one process unless asked: the runtimes already use every core (intra-op threads), and on the 2-core
-    # machine measured a second process made the whole command slower at 32 and 160 images (BENCHMARKS.md)
-    wanted_jobs = 1 if jobs is None else max(1, int(jobs))
+    wanted_jobs = auto_jobs(len(idx)) if jobs is None else max(1, int(jobs))
     if "cupy" in active:
         wanted_jobs = 1                      # one process holds the GPU
     plan = plan_batch("verify", batch_size, budget, models, sample, jobs=wanted_jobs)
+    if jobs is None and plan.jobs < wanted_jobs:      # a second process the user did not ask for: no word on it
+        plan = plan_batch("verify", batch_size, budget, models, sample, jobs=1)
     chunks = [idx[i:i + plan.batch_size] for i in range(0, len(idx), plan.batch_size)]
     n_jobs = max(1, min(plan.jobs, len(chunks)))
     if plan.note and notes is not None:
