@@ -357,8 +357,13 @@ def test_run_onnx_input_layouts_and_errors():
     opened = open_onnx(model)                                                # one session, many calls
     np.testing.assert_array_equal(run_onnx(opened, x[1:]).logits_int, a.logits_int[:, 1:])
     plain = run_onnx(exported(case, "int", debug=False), x)
-    assert plain.spikes == {}
+    assert plain.spikes == {} and plain.membranes == {}                    # states kept on request only
     np.testing.assert_array_equal(plain.logits_int, a.logits_int)
+    kept = run_onnx(exported(case, "int", debug=False), x, batch_size=2, membranes=True)
+    engine = run_engine(quantized(case_path(case)).graph, x, membranes="after_reset")
+    assert kept.membranes.keys() == engine.membranes.keys() and kept.membranes
+    for k, v in engine.membranes.items():                                  # v_out after every step
+        np.testing.assert_array_equal(kept.membranes[k], v, err_msg=k)
     with pytest.raises(DeployError, match="shape"):
         run_onnx(model, x[:, :, :8])
     with pytest.raises(DeployError, match="time steps"):

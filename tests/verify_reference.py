@@ -150,7 +150,7 @@ def _onnx(variant: str) -> Callable[[Context, np.ndarray], Output]:
         key = f"onnx-{variant}-session"
         if key not in ctx.cache:   # one onnxruntime session for all batches
             ctx.cache[key] = open_onnx(ensure_artifact(ctx, f"onnx-{variant}"))
-        res = run_onnx(ctx.cache[key], x)
+        res = run_onnx(ctx.cache[key], x, membranes=True)   # (an argument since the membranes are kept on request)
         per_step = res.logits_int if variant == "int" else res.per_step
         return Output(res.spikes, res.logits, res.membranes, per_step, "int" if variant == "int" else "float32")
     return run

@@ -43,7 +43,7 @@ class OnnxRun:
     logits_grid: Optional[np.ndarray] = None    # int variant: per-channel exponent of logits_int
     variant: str = "float"
     per_step: Optional[np.ndarray] = None       # the output at every step [T, B, ...], before the read-out
-    membranes: dict = field(default_factory=dict)   # step model: LIF -> its v_out after every step [T, B, ...]
+    membranes: dict = field(default_factory=dict)   # step model, membranes=True: LIF -> its v_out after every step
     arithmetic: str = "float32"                 # of membranes and per_step: "int", "float32", "float64" (V2)
 
 
@@ -147,9 +147,11 @@ def swap_batch_time(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.swapaxes(x, 0, 1))
 
 
-def run_steps(session, info: ModelInfo, frames: np.ndarray, on_step=None) -> tuple[np.ndarray, dict, dict]:
+def run_steps(session, info: ModelInfo, frames: np.ndarray, on_step=None,
+              keep_membranes: bool = False) -> tuple[np.ndarray, dict, dict]:
     """The step model driven over T with its state; returns (per-step output [T, B, ...], spikes,
-    membranes: every LIF's `v_out` after every step [T, B, ...]). With `on_step(t, membranes, spikes)`
+    membranes: with `keep_membranes`, every LIF's `v_out` after every step [T, B, ...], else empty --
+    stacking them cost 40 % of a plain run's time on CIFAR 2-256). With `on_step(t, membranes, spikes)`
     each step's `v_out` and spikes ({layer: [B, ...]}) are handed to it instead of kept (the returned
     dicts are empty): a verifier compares a step and lets it go."""
     B = frames.shape[1]
@@ -157,7 +159,7 @@ def run_steps(session, info: ModelInfo, frames: np.ndarray, on_step=None) -> tup
               for i in session.get_inputs() if i.name.startswith(STATE_IN)}
     wanted = [info.output] + [STATE_OUT + s[len(STATE_IN):] for s in states] + list(info.spikes)
     outs, spikes = [], {name: [] for name in info.spikes}
-    membranes: dict = {s[len(STATE_IN):]: [] for s in states}
+    membranes: dict = {s[len(STATE_IN):]: [] for s in states} if keep_membranes or on_step is not None else {}
     for t in range(frames.shape[0]):
         feed = {info.input: np.ascontiguousarray(frames[t]), **states}
         got = dict(zip(wanted, session.run(wanted, feed)))
@@ -177,7 +179,8 @@ def run_steps(session, info: ModelInfo, frames: np.ndarray, on_step=None) -> tup
             {k: np.stack(v) for k, v in membranes.items()})
 
 
-def run_unrolled(session, info: ModelInfo, frames: np.ndarray, on_step=None) -> tuple[np.ndarray, dict, dict]:
+def run_unrolled(session, info: ModelInfo, frames: np.ndarray, on_step=None,
+                 keep_membranes: bool = False) -> tuple[np.ndarray, dict, dict]:
     """The unrolled model (no state tensors: no membranes to return); `on_step` as for `run_steps`."""
     wanted = [info.output] + list(info.spikes)
     got = dict(zip(wanted, session.run(wanted, {info.input: swap_batch_time(frames)})))
@@ -210,26 +213,28 @@ class OnnxSession:
     session: object
     info: ModelInfo
 
-    def run(self, x: np.ndarray, batch_size: Optional[int] = None, on_step=None) -> OnnxRun:
+    def run(self, x: np.ndarray, batch_size: Optional[int] = None, on_step=None,
+            membranes: bool = False) -> OnnxRun:
         """The model on x, in batches of `batch_size` (all at once by default). `on_step(t, membranes,
-        spikes)`: every step's states and spikes handed on instead of kept (`run_steps`; one batch)."""
+        spikes)`: every step's states and spikes handed on instead of kept (`run_steps`; one batch).
+        `membranes`: keep every LIF's `v_out` after every step in the result (a step model's)."""
         frames, _ = check_frames(x, self.session, self.info)
         run = run_unrolled if self.info.unrolled else run_steps
         step = frames.shape[1] if on_step is not None else (batch_size or frames.shape[1])
-        outs, spikes, membranes = [], {}, {}
+        outs, spikes, states = [], {}, {}
         for start in range(0, frames.shape[1], step):
-            out, sp, mem = run(self.session, self.info, frames[:, start:start + step], on_step)
+            out, sp, mem = run(self.session, self.info, frames[:, start:start + step], on_step, membranes)
             outs.append(out)
             for k, v in sp.items():
                 spikes.setdefault(k, []).append(v)
             for k, v in mem.items():
-                membranes.setdefault(k, []).append(v)
+                states.setdefault(k, []).append(v)
         per_step = np.concatenate(outs, axis=1)
         result = read_out(per_step, self.info)
         result.per_step = per_step
         result.arithmetic = self.info.arithmetic
         result.spikes = {k: np.concatenate(v, axis=1) for k, v in spikes.items()}
-        result.membranes = {k: np.concatenate(v, axis=1) for k, v in membranes.items()}
+        result.membranes = {k: np.concatenate(v, axis=1) for k, v in states.items()}
         return result
 
 
@@ -245,9 +250,10 @@ def open_onnx(source, providers: Optional[Sequence[str]] = None, session_options
 
 def run_onnx(source: Union[str, bytes, OnnxSession, "object"], x: np.ndarray, batch_size: Optional[int] = None,
              providers: Optional[Sequence[str]] = None, session_options=None, optimization: str = "basic",
-             threads: Optional[int] = None) -> OnnxRun:
+             threads: Optional[int] = None, membranes: bool = False) -> OnnxRun:
     """Run an sdt-deploy ONNX export (path, bytes, ModelProto, or an `open_onnx` session) on x,
-    [B,C,H,W] repeated over T or [B,T,C,H,W], in batches of `batch_size` (all at once by default)."""
+    [B,C,H,W] repeated over T or [B,T,C,H,W], in batches of `batch_size` (all at once by default).
+    `membranes`: also return every LIF's state after every step (`OnnxRun.membranes`)."""
     opened = source if isinstance(source, OnnxSession) else open_onnx(source, providers, session_options,
                                                                         optimization, threads)
-    return opened.run(x, batch_size)
+    return opened.run(x, batch_size, membranes=membranes)
