@@ -279,6 +279,20 @@ def test_property_pool_max(N, H, W, k, stride, pad, kind, channel_last, seed):
     np.testing.assert_array_equal(engine._pool_max(a, k, stride, pad, 5), REF._pool_max(a, k, stride, pad, 5))
 
 
+@settings(max_examples=40, deadline=None)
+@given(st.sampled_from([np.int32, np.int64]), st.integers(1, 5000), st.integers(1, 4), st.booleans(),
+       st.integers(0, 2 ** 16))
+def test_property_abs_max_in_parts(dtype, n, parts, extreme, seed):
+    """max |a| split over threads is numpy's, at the type's minimum too (|min| is not representable)."""
+    info = np.iinfo(dtype)
+    a = np.random.default_rng(seed).integers(info.min // 2, info.max // 2, n, dtype=dtype)
+    if extreme:
+        a[seed % n] = info.min
+    expected = max(int(a.max()), -int(a.min()))
+    assert engine_kernels.abs_max(a, parts) == expected
+    assert engine_kernels.abs_max(a.reshape(1, -1).T, parts) == expected     # a transposed view
+
+
 def test_heads_or_pool_is_unchanged():
     rng = np.random.default_rng(3)
     a = (rng.random((2, 3, 16, 4, 4)) < 0.3).astype(np.uint8)

@@ -400,15 +400,17 @@ def memory_order(a: np.ndarray) -> Optional[np.ndarray]:
     return v if v.flags.c_contiguous else None
 
 
-def abs_max(a: np.ndarray) -> int:
+def abs_max(a: np.ndarray, parts: int = 1) -> int:
     """max |a| as a Python int, exact at the type's minimum too: one pass of the C kernel over int32 /
-    int64 arrays in their memory order, numpy's max and min otherwise."""
+    int64 arrays in their memory order (split in `parts` stretches on as many threads: the maximum of
+    their maxima is the same), numpy's max and min otherwise."""
     if a.size == 0:
         return 0
     if _c is not None and a.dtype in (np.int32, np.int64):
         v = a if a.flags.c_contiguous else memory_order(a)
         if v is not None:
-            return int(_c.abs_max(v, a.itemsize))
+            flat = v.reshape(-1)
+            return int(max(over_parts(lambda lo, hi: _c.abs_max(flat[lo:hi], a.itemsize), flat.size, parts)))
     return max(int(a.max()), -int(a.min()))
 
 
