@@ -35,7 +35,7 @@ from sdt_deploy.verification.verifier import run_verify
 
 import nir_interpreter_reference as NIR_REF
 import verify_reference as REF
-from conftest import ALL_CASES, case_input, case_path, quantized, small_configs
+from conftest import ALL_CASES, case_input, case_path, needs_shared, quantized, small_configs
 
 EVERY = ["torch", "engine", "onnx-int", "onnx-float", "nir"]
 
@@ -266,7 +266,7 @@ class _Keep(E.Sink):
         return arithmetic == "float32"
 
 
-@pytest.mark.parametrize("name", ["fixture", "plif_dvs_0000"])
+@pytest.mark.parametrize("name", [pytest.param("fixture", marks=needs_shared), "plif_dvs_0000"])
 def test_the_float32_state_reference_resumed_after_the_shared_stages_is_the_whole_run(name):
     """The mixed reference shares its leading float32 stages with the float32 model; the float32 state
     reference resumed after them equals the float32 model run from the start, every membrane and the
