@@ -146,7 +146,10 @@ def int16_plan(w_int: np.ndarray) -> Optional[list]:
     return plan
 
 
-PARALLEL_MIN_WORK = 1 << 22     # inputs x outputs of a layer below which it runs on one thread
+# inputs x outputs of a layer below which it runs on one thread. Measured on CIFAR 2-256 (2 cores, Dec 5):
+# at batch 1 (2**25 at most) a split never paid -- the 5 % model took 11.8 ms on two threads against 7.0 on
+# one at 2**22 -- while at batch 32 (2**29-2**30) the split gives 1.25-1.4x; 2**28 keeps the second only.
+PARALLEL_MIN_WORK = 1 << 28
 PARALLEL_MIN_NEURONS = 1 << 20  # neurons x steps of a LIF below which it runs on one thread
 
 
