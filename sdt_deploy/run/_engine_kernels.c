@@ -219,6 +219,16 @@ done:
  * the membrane traces (the engine's and the one a verifier compares with a file's states). Returns
  * max |H|. The caller guarantees |V + X| fits the type.
  */
+/* one neuron's step (j), written once for both loops below: h = H, f = S, V[j] = V' */
+#define LIF_STEP(TYPE, j)                                                                                \
+    TYPE h = (TYPE)(V[j] + x[j]) >> 1;                                                                   \
+    hi = h > hi ? h : hi;                                                                                \
+    lo = h < lo ? h : lo;                                                                                \
+    uint8_t f = h >= theta[j];                                                                           \
+    s[j] = f;                                                                                            \
+    V[j] = f ? 0 : h;
+
+/* the loop without traces kept free of the trace branches: it is the engine's hot path */
 #define DEFINE_LIF(NAME, TYPE)                                                                           \
 static MULTIVERSION uint64_t NAME(const TYPE *X, const TYPE *theta, uint8_t *out, int64_t *H, TYPE *VT,     \
                                   TYPE *V, int64_t T, int64_t B, int64_t P, int64_t b0, int64_t b1)      \
@@ -229,28 +239,18 @@ static MULTIVERSION uint64_t NAME(const TYPE *X, const TYPE *theta, uint8_t *out
         for (int64_t t = 0; t < T; t++) {                                                                \
             const TYPE *x = X + (t * B + b) * P;                                                         \
             uint8_t *s = out + (t * B + b) * P;                                                          \
-            if (H || VT) {                               /* the same step, keeping a trace */           \
+            if (H || VT) {                                                                               \
                 int64_t *ht = H ? H + (t * B + b) * P : NULL;                                            \
                 TYPE *vt = VT ? VT + (t * B + b) * P : NULL;                                             \
                 for (int64_t j = 0; j < P; j++) {                                                        \
-                    TYPE h = (TYPE)(V[j] + x[j]) >> 1;                                                   \
-                    hi = h > hi ? h : hi;                                                                \
-                    lo = h < lo ? h : lo;                                                                \
-                    uint8_t f = h >= theta[j];                                                           \
-                    s[j] = f;                                                                            \
-                    V[j] = f ? 0 : h;                                                                    \
+                    LIF_STEP(TYPE, j)                                                                    \
                     if (ht) ht[j] = (int64_t)h;                                                          \
                     if (vt) vt[j] = V[j];                                                                \
                 }                                                                                        \
-                continue;                                                                                \
-            }                                                                                            \
-            for (int64_t j = 0; j < P; j++) {                                                            \
-                TYPE h = (TYPE)(V[j] + x[j]) >> 1;                                                       \
-                hi = h > hi ? h : hi;                                                                    \
-                lo = h < lo ? h : lo;                                                                    \
-                uint8_t f = h >= theta[j];                                                               \
-                s[j] = f;                                                                                \
-                V[j] = f ? 0 : h;                                                                        \
+            } else {                                                                                     \
+                for (int64_t j = 0; j < P; j++) {                                                        \
+                    LIF_STEP(TYPE, j)                                                                    \
+                }                                                                                        \
             }                                                                                            \
         }                                                                                                \
     }                                                                                                    \
