@@ -259,6 +259,31 @@ def test_property_lif(case):
 
 
 @settings(max_examples=150, deadline=None)
+@given(lif_cases(), st.sampled_from([None, "H", "V"]), st.data())
+def test_property_the_fused_lif_is_the_shift_then_the_previous_lif(case, trace, data):
+    """`lif_steps` with a per-channel shift (the engine's LIF: the shift onto the neuron's grid, the steps,
+    max |x| and the spike count in one pass) against the previous engine's separate passes."""
+    X, theta, threads = case
+    room = max(0, 29 - int(np.abs(X).max(initial=0)).bit_length())
+    shift = np.array(data.draw(st.lists(st.integers(0, room), min_size=X.shape[2], max_size=X.shape[2])))
+    shifted = X << shift.astype(X.dtype).reshape((-1,) + (1,) * (X.ndim - 3))
+    steps: list = []
+    ref, ref_peak = REF.lif_int(shifted, theta, membranes=steps)
+    got = engine_kernels.lif_steps(X, theta, 2, threads, shift=shift, trace=trace)
+    np.testing.assert_array_equal(got.spikes, ref)
+    assert got.peak_h == ref_peak
+    assert got.peak_x == int(np.abs(shifted.astype(np.int64)).max(initial=0))
+    assert got.count == int(np.count_nonzero(ref))
+    if trace is None:
+        assert got.trace is None
+    else:
+        H = np.stack(steps)
+        want = H if trace == "H" else np.where(ref != 0, 0, H).astype(X.dtype)
+        assert got.trace.dtype == want.dtype
+        np.testing.assert_array_equal(got.trace, want)
+
+
+@settings(max_examples=150, deadline=None)
 @given(st.integers(1, 3), st.integers(1, 12), st.integers(1, 12), st.sampled_from([1, 2, 3, 4]), st.integers(1, 3),
        st.integers(0, 2), st.sampled_from(["spikes", "int32", "int64"]), st.booleans(), st.integers(0, 2 ** 31))
 def test_property_pool_max(N, H, W, k, stride, pad, kind, channel_last, seed):

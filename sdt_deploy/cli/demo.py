@@ -95,7 +95,8 @@ def run_demo(checkpoint: str, out_dir: str, force: bool = False, verify_samples:
                     {"source": "digits", "split": "test", "first": verify_samples})
     artifacts = {"nir": os.path.join(out_dir, "demo.nir"), "onnx-int": os.path.join(out_dir, "demo_int.onnx"),
                  "onnx-float": os.path.join(out_dir, "demo_float.onnx")}
-    res = run_verify(q, inputs.dataset, list(ALL_EXECUTORS), artifacts=artifacts, progress=progress)
+    res = run_verify(q, inputs.dataset, list(ALL_EXECUTORS), artifacts=artifacts, progress=progress,
+                     tune_heap=True)
     click.echo(f"[4/5] verify on {verify_samples} digits, every spike of every layer, against the quantized "
                "torch model:")
     print_result(res)

@@ -71,7 +71,7 @@ def verify(ckpt, input_path, data_dir, digits, random_n, seed, executors, artifa
         res = api.verify(ckpt or DEMO_CHECKPOINT, **common, progress=(rank == 0 and not (as_json or quiet or
                                                                                        no_progress)),
                          rank=rank, world=world, max_memory=max_memory, jobs=1 if world > 1 else jobs,
-                         notes=lambda text: say(quiet or rank != 0, text))
+                         notes=lambda text: say(quiet or rank != 0, text), tune_heap=True)
         tallies = gather(res.tally, world)
     finally:
         leave_distributed(world)

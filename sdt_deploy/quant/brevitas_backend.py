@@ -17,7 +17,7 @@ about getting brevitas to answer that quickly and in bounded memory, and each ch
 - **A thread pool** over layers (`weights_ahead`), torch's ops on one intra-op thread each
   (`quiet_single_threaded`): torch releases the GIL in brevitas' tensor operations.
 - **One glibc heap for the pool's threads** (`_one_heap_for_new_threads`, `mallopt(M_ARENA_MAX, 1)` while
-  they start) and one `malloc_trim` at the end (`_return_freed_memory`): per-thread arenas kept each
+  they start) and one `malloc_trim` at the end (`heap.release_freed_memory`): per-thread arenas kept each
   thread's freed temporaries (peak 772 MiB, 3.0x the checkpoint); a trim after every weight brought that
   to 668 MiB but cost 0.4 s of page faults; one shared heap gives ~700 MiB at the faster time.
 No effect on the values: the same integers with one thread or four, with or without the heap tuning,
@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import ctypes
-import functools
 import os
 import warnings
 from concurrent.futures import Future
@@ -38,6 +36,7 @@ import numpy as np
 import torch
 
 from sdt_deploy.errors import DeployError
+from sdt_deploy.heap import libc, release_freed_memory
 from sdt_deploy.quant.brevitas_import import import_brevitas
 
 T = TypeVar("T")
@@ -290,15 +289,6 @@ def scales_and_integers(weight: np.ndarray, bits: int, search: str) -> tuple[np.
     return scales, ints
 
 
-@functools.lru_cache(maxsize=None)
-def _libc(name: str):
-    """A function of glibc (`mallopt`, `malloc_trim`), or None where the C library has none."""
-    try:
-        return getattr(ctypes.CDLL(None), name)
-    except (AttributeError, OSError):
-        return None
-
-
 M_ARENA_MAX = -8        # glibc's malloc.h
 
 
@@ -315,7 +305,7 @@ def _one_heap_for_new_threads():
     lets each thread reuse what the other freed: ~700 MiB at the faster time (measured, 4 runs each).
     The limit applies only to arenas made while it is set (a thread keeps its heap), so it is lifted
     again afterwards (`arena_max_after`). No effect off glibc."""
-    mallopt = _libc("mallopt")
+    mallopt = libc("mallopt")
     if mallopt is None or mallopt(M_ARENA_MAX, 1) != 1:
         yield
         return
@@ -333,15 +323,6 @@ def arena_max_after(environ) -> int:
         if value and value.strip().isdigit() and int(value) > 0:
             return int(value)
     return 8 * (os.cpu_count() or 1)
-
-
-def _return_freed_memory() -> None:
-    """Hand the heap memory freed so far back to the OS (glibc's malloc_trim), once the quantizer's
-    temporaries are gone: what comes next (the export's serialized model, 64 MiB for SDT-8-768) would
-    otherwise be allocated beside ~80 MiB of free heap that no longer serves anything."""
-    trim = _libc("malloc_trim")
-    if trim is not None:
-        trim(0)
 
 
 def quantization_workers() -> int:
@@ -362,7 +343,9 @@ def quantizer_session():
     import_brevitas()
     with quiet_single_threaded():
         yield
-    _return_freed_memory()
+    # what comes next (the export's serialized model, 64 MiB for SDT-8-768) would otherwise be
+    # allocated beside ~80 MiB of free heap that no longer serves anything
+    release_freed_memory()
 
 
 def weights_ahead(items: Iterable[tuple[T, Optional[np.ndarray]]], bits: int, search: str,

@@ -1,8 +1,9 @@
-/* The integer engine's compiled kernels (sdt_deploy.run._engine_kernels), called by sdt_deploy/run/engine_kernels.py.
+/* The integer engine's compiled kernels (sdt_deploy.run._engine_kernels), called by sdt_deploy/run/engine_kernels.py,
+ * and the NIR interpreter's neuron step (float64, at the end of the integer part).
  *
  * Plain C over Python buffers (no numpy headers: the extension builds with setuptools and a C compiler
  * alone). Each function releases the GIL while it computes, so the engine's threads run them in parallel
- * on separate sample ranges. The arithmetic is exact integer arithmetic; the callers check beforehand
+ * on separate sample ranges. The engine's arithmetic is exact integer arithmetic; the callers check beforehand
  * that nothing can overflow (see engine_kernels.py for the bounds each function relies on).
  *
  * Vector code is written with GCC/clang vector extensions and compiled, where the compiler supports
@@ -213,64 +214,86 @@ done:
 
 /* ------------------------------------------------------------------------------------------------
  * Integer LIF over T steps for samples laid out [T, B, P] (P neurons per sample, contiguous), samples
- * b0..b1: H = (V + X) >> 1 (arithmetic shift: floor), S = H >= theta[j], V = S ? 0 : H, V starting at
- * 0. Writes S (0/1) into out [T, B, P]; where H is not NULL, every step's H (before the reset) as int64
+ * b0..b1: x = X * M[j] (the input brought onto the neuron's grid: M[j] = 2**shift, M NULL for none),
+ * H = (V + x) >> 1 (arithmetic shift: floor), S = H >= theta[j], V = S ? 0 : H, V starting at 0.
+ * Writes S (0/1) into out [T, B, P]; where H is not NULL, every step's H (before the reset) as int64
  * into H [T, B, P]; where VT is not NULL, every step's V after the reset into VT [T, B, P] (X's type):
  * the membrane traces (the engine's and the one a verifier compares with a file's states). Returns
- * max |H|. The caller guarantees |V + X| fits the type.
+ * max |H|, max |x| and the number of spikes over everything it stepped, so that the caller needs no
+ * further pass over X or S. The caller guarantees |V + x| fits the type.
  */
-/* one neuron's step (j), written once for both loops below: h = H, f = S, V[j] = V' */
-#define LIF_STEP(TYPE, j)                                                                                \
-    TYPE h = (TYPE)(V[j] + x[j]) >> 1;                                                                   \
+typedef struct { uint64_t peak_h, peak_x; int64_t spikes; } lif_result;
+
+/* one neuron's step (j), written once for every loop below: h = H, f = S, V[j] = V' */
+#define LIF_STEP(TYPE, j, XV)                                                                            \
+    const TYPE xv = (XV);                                                                                \
+    TYPE h = (TYPE)(V[j] + xv) >> 1;                                                                     \
+    xhi = xv > xhi ? xv : xhi;                                                                           \
+    xlo = xv < xlo ? xv : xlo;                                                                           \
     hi = h > hi ? h : hi;                                                                                \
     lo = h < lo ? h : lo;                                                                                \
     uint8_t f = h >= theta[j];                                                                           \
     s[j] = f;                                                                                            \
+    n += f;                                                                                              \
     V[j] = f ? 0 : h;
 
-/* the loop without traces kept free of the trace branches: it is the engine's hot path */
+/* the steps of one sample at one time step, with the input as XV; the loop without traces is kept free
+ * of the trace branches: it is the engine's hot path */
+#define LIF_LOOP(TYPE, XV)                                                                               \
+    if (ht || vt) {                                                                                      \
+        for (int64_t j = 0; j < P; j++) {                                                                \
+            LIF_STEP(TYPE, j, XV)                                                                        \
+            if (ht) ht[j] = (int64_t)h;                                                                  \
+            if (vt) vt[j] = V[j];                                                                        \
+        }                                                                                                \
+    } else {                                                                                             \
+        for (int64_t j = 0; j < P; j++) {                                                                \
+            LIF_STEP(TYPE, j, XV)                                                                        \
+        }                                                                                                \
+    }
+
 #define DEFINE_LIF(NAME, TYPE)                                                                           \
-static MULTIVERSION uint64_t NAME(const TYPE *X, const TYPE *theta, uint8_t *out, int64_t *H, TYPE *VT,     \
-                                  TYPE *V, int64_t T, int64_t B, int64_t P, int64_t b0, int64_t b1)      \
+static MULTIVERSION lif_result NAME(const TYPE *X, const TYPE *theta, const TYPE *M, uint8_t *out,        \
+                                    int64_t *H, TYPE *VT, TYPE *V, int64_t T, int64_t B, int64_t P,      \
+                                    int64_t b0, int64_t b1)                                              \
 {                                                                                                        \
-    TYPE hi = 0, lo = 0;                                                                                 \
+    TYPE hi = 0, lo = 0, xhi = 0, xlo = 0;                                                               \
+    int64_t n = 0;                                                                                       \
     for (int64_t b = b0; b < b1; b++) {                                                                  \
         memset(V, 0, P * sizeof(TYPE));                                                                  \
         for (int64_t t = 0; t < T; t++) {                                                                \
             const TYPE *x = X + (t * B + b) * P;                                                         \
             uint8_t *s = out + (t * B + b) * P;                                                          \
-            if (H || VT) {                                                                               \
-                int64_t *ht = H ? H + (t * B + b) * P : NULL;                                            \
-                TYPE *vt = VT ? VT + (t * B + b) * P : NULL;                                             \
-                for (int64_t j = 0; j < P; j++) {                                                        \
-                    LIF_STEP(TYPE, j)                                                                    \
-                    if (ht) ht[j] = (int64_t)h;                                                          \
-                    if (vt) vt[j] = V[j];                                                                \
-                }                                                                                        \
-            } else {                                                                                     \
-                for (int64_t j = 0; j < P; j++) {                                                        \
-                    LIF_STEP(TYPE, j)                                                                    \
-                }                                                                                        \
-            }                                                                                            \
+            int64_t *ht = H ? H + (t * B + b) * P : NULL;                                                \
+            TYPE *vt = VT ? VT + (t * B + b) * P : NULL;                                                 \
+            if (M) { LIF_LOOP(TYPE, x[j] * M[j]) }                                                       \
+            else { LIF_LOOP(TYPE, x[j]) }                                                                \
         }                                                                                                \
     }                                                                                                    \
+    lif_result r;                                                                                        \
     uint64_t a = (uint64_t)hi, m = (uint64_t)0 - (uint64_t)lo;                                            \
-    return a > m ? a : m;                                                                                \
+    r.peak_h = a > m ? a : m;                                                                            \
+    a = (uint64_t)xhi; m = (uint64_t)0 - (uint64_t)xlo;                                                   \
+    r.peak_x = a > m ? a : m;                                                                            \
+    r.spikes = n;                                                                                        \
+    return r;                                                                                            \
 }
 
 DEFINE_LIF(lif_i32, int32_t)
 DEFINE_LIF(lif_i64, int64_t)
 
-/* lif(X, theta, out, H, VT, itemsize, T, B, P, b0, b1) -> max |H|; H: an int64 buffer of T * B * P, VT
- * one of X's type, or empty ones for no trace */
+/* lif(X, theta, M, out, H, VT, itemsize, T, B, P, b0, b1) -> (max |H|, max |x|, spikes); M: the multipliers
+ * (P of X's type) or an empty buffer for none; H: an int64 buffer of T * B * P, VT one of X's type, or
+ * empty ones for no trace */
 static PyObject *py_lif(PyObject *self, PyObject *args)
 {
-    Py_buffer xb, tb, ob, hb, vb;
+    Py_buffer xb, tb, mb, ob, hb, vb;
     long long isz, T, B, P, b0, b1;
-    if (!PyArg_ParseTuple(args, "y*y*w*w*w*LLLLLL", &xb, &tb, &ob, &hb, &vb, &isz, &T, &B, &P, &b0, &b1))
+    if (!PyArg_ParseTuple(args, "y*y*y*w*w*w*LLLLLL", &xb, &tb, &mb, &ob, &hb, &vb, &isz, &T, &B, &P, &b0, &b1))
         return NULL;
     PyObject *result = NULL;
-    if ((isz != 4 && isz != 8) || xb.len < T * B * P * isz || tb.len < P * isz || ob.len < T * B * P ||
+    if ((isz != 4 && isz != 8) || xb.len < T * B * P * isz || tb.len < P * isz ||
+        (mb.len != 0 && mb.len < P * isz) || ob.len < T * B * P ||
         (hb.len != 0 && hb.len < T * B * P * 8) || (vb.len != 0 && vb.len < T * B * P * isz) ||
         b0 < 0 || b1 > B || b0 > b1) {
         PyErr_SetString(PyExc_ValueError, "lif: inconsistent sizes");
@@ -278,18 +301,81 @@ static PyObject *py_lif(PyObject *self, PyObject *args)
     }
     void *V = malloc((P > 0 ? P : 1) * isz);
     if (!V) { PyErr_NoMemory(); goto done; }
-    uint64_t peak;
+    lif_result r;
     Py_BEGIN_ALLOW_THREADS
     int64_t *H = hb.len ? (int64_t *)hb.buf : NULL;
     void *VT = vb.len ? vb.buf : NULL;
-    if (isz == 4) peak = lif_i32(xb.buf, tb.buf, ob.buf, H, VT, V, T, B, P, b0, b1);
-    else peak = lif_i64(xb.buf, tb.buf, ob.buf, H, VT, V, T, B, P, b0, b1);
+    void *M = mb.len ? mb.buf : NULL;
+    if (isz == 4) r = lif_i32(xb.buf, tb.buf, M, ob.buf, H, VT, V, T, B, P, b0, b1);
+    else r = lif_i64(xb.buf, tb.buf, M, ob.buf, H, VT, V, T, B, P, b0, b1);
     Py_END_ALLOW_THREADS
     free(V);
-    result = PyLong_FromUnsignedLongLong(peak);
+    result = Py_BuildValue("KKL", (unsigned long long)r.peak_h, (unsigned long long)r.peak_x, (long long)r.spikes);
 done:
-    PyBuffer_Release(&xb); PyBuffer_Release(&tb); PyBuffer_Release(&ob); PyBuffer_Release(&hb);
-    PyBuffer_Release(&vb);
+    PyBuffer_Release(&xb); PyBuffer_Release(&tb); PyBuffer_Release(&mb); PyBuffer_Release(&ob);
+    PyBuffer_Release(&hb); PyBuffer_Release(&vb);
+    return result;
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * The NIR interpreter's neuron (sdt_deploy.run.lif.nir_lif_step, NIR's LIF / IF / LI / I stepped by forward
+ * Euler), one step, in float64 with the operations of that numpy definition in its order:
+ *     leaky:  h = v + gain * ((v_leak - v) + r * i)        otherwise:  h = v + gain * (r * i)
+ *     firing: s = h > v_threshold;  v' = s ? v_reset : h   otherwise:  v' = h
+ * Each IEEE operation rounds as numpy's does; the build keeps the compiler from fusing a multiply and an
+ * add (-ffp-contract=off in setup.py), which would round once instead of twice. I, H, Vn [B, G, P]; V the
+ * same or NULL (at rest: 0); the parameters per group g of P neurons.
+ */
+static MULTIVERSION void nir_lif_f64(const double *I, const double *V, double *H, double *Vn, uint8_t *S,
+        const double *gain, const double *r, const double *vleak, const double *vth, const double *vreset,
+        int64_t B, int64_t G, int64_t P, int leaky, int fires)
+{
+    for (int64_t b = 0; b < B; b++)
+    for (int64_t g = 0; g < G; g++) {
+        const int64_t o = (b * G + g) * P;
+        const double k = gain[g], rr = r[g], vl = vleak[g], th = vth[g], vr = vreset[g];
+        for (int64_t j = 0; j < P; j++) {
+            const double v = V ? V[o + j] : 0.0;
+            const double ri = rr * I[o + j];
+            const double h = leaky ? v + k * ((vl - v) + ri) : v + k * ri;
+            H[o + j] = h;
+            if (fires) {
+                const uint8_t f = h > th;
+                S[o + j] = f;
+                Vn[o + j] = f ? vr : h;
+            }
+        }
+    }
+}
+
+/* nir_lif(I, V, H, Vn, S, gain, r, v_leak, v_threshold, v_reset, B, G, P, leaky, fires); V empty: at rest,
+ * Vn and S empty for a neuron that does not fire */
+static PyObject *py_nir_lif(PyObject *self, PyObject *args)
+{
+    Py_buffer ib, vb, hb, nb, sb, kb, rb, lb, tb, zb;
+    long long B, G, P;
+    int leaky, fires;
+    if (!PyArg_ParseTuple(args, "y*y*w*w*w*y*y*y*y*y*LLLpp", &ib, &vb, &hb, &nb, &sb, &kb, &rb, &lb, &tb, &zb,
+                          &B, &G, &P, &leaky, &fires))
+        return NULL;
+    PyObject *result = NULL;
+    const Py_ssize_t n = B * G * P * 8, g = G * 8;
+    if (B < 0 || G < 0 || P < 0 || ib.len < n || (vb.len != 0 && vb.len < n) || hb.len < n ||
+        (fires && (nb.len < n || sb.len < B * G * P)) || kb.len < g || rb.len < g || lb.len < g ||
+        tb.len < g || zb.len < g) {
+        PyErr_SetString(PyExc_ValueError, "nir_lif: inconsistent sizes");
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    nir_lif_f64(ib.buf, vb.len ? vb.buf : NULL, hb.buf, nb.buf, sb.buf, kb.buf, rb.buf, lb.buf, tb.buf, zb.buf,
+                B, G, P, leaky, fires);
+    Py_END_ALLOW_THREADS
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    PyBuffer_Release(&ib); PyBuffer_Release(&vb); PyBuffer_Release(&hb); PyBuffer_Release(&nb);
+    PyBuffer_Release(&sb); PyBuffer_Release(&kb); PyBuffer_Release(&rb); PyBuffer_Release(&lb);
+    PyBuffer_Release(&tb); PyBuffer_Release(&zb);
     return result;
 }
 
@@ -552,6 +638,7 @@ static PyObject *py_isa(PyObject *self, PyObject *noargs)
 static PyMethodDef methods[] = {
     {"conv_events", py_conv_events, METH_VARARGS, "event-driven convolution (see engine_kernels.py)"},
     {"lif", py_lif, METH_VARARGS, "integer LIF over T (see engine_kernels.py)"},
+    {"nir_lif", py_nir_lif, METH_VARARGS, "one forward-Euler step of NIR's neurons in float64 (see lif.py)"},
     {"dense_conv", py_dense_conv, METH_VARARGS, "dense int32 convolution (see engine_kernels.py)"},
     {"pool_max", py_pool_max, METH_VARARGS, "channel-last max pool (see engine_kernels.py)"},
     {"abs_max", py_abs_max, METH_VARARGS, "max |a| of an int32 / int64 buffer"},

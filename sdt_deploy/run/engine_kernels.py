@@ -1,6 +1,7 @@
 """The integer engine's kernels: pure functions over numpy arrays, each stating what it computes and what
 it counts. `sdt_deploy.run.integer_engine` calls them from `synaptic_conv`, `synaptic_linear`, `dense_conv`,
-`lif_int`, `lif_int_parallel` and `_pool_max`.
+`lif_int`, `lif_int_parallel` and `_pool_max`; and, in the same extension, the NIR interpreter's float64
+neuron step (`nir_lif`, the one-pass twin of `run.lif.nir_lif_step`).
 
 The hot loops run in a small C extension, `sdt_deploy.run._engine_kernels` (sdt_deploy/run/_engine_kernels.c,
 built by setup.py at install time; plain C over Python buffers, vectorised for AVX-512 / AVX2 where the
@@ -303,51 +304,79 @@ def lif(X: np.ndarray, theta: np.ndarray, channel_axis: int, parts: int = 1) -> 
     largest |H|). The caller guarantees |V + X| fits X's type (`bits`: twice the node's bound). Counts
     nothing (the engine counts one neuron update per element of X). `parts` threads split the samples
     (every neuron's state is its own: the same spikes)."""
-    spikes, peak, _ = _lif(X, theta, channel_axis, parts, trace=None)
-    return spikes, peak
+    r = lif_steps(X, theta, channel_axis, parts)
+    return r.spikes, r.peak_h
 
 
 def lif_trace(X: np.ndarray, theta: np.ndarray, channel_axis: int, parts: int = 1, after_reset: bool = False):
     """`lif`, also returning the membrane trace the kernel writes as it steps (numpy's steps and a stacked
     copy took 2-3x the LIF's own time): every step's H before the reset (int64, X's shape), or with
     `after_reset` every step's V after it (X's type: what a file's `v_out` states hold)."""
-    return _lif(X, theta, channel_axis, parts, trace="V" if after_reset else "H")
+    r = lif_steps(X, theta, channel_axis, parts, trace="V" if after_reset else "H")
+    return r.spikes, r.peak_h, r.trace
 
 
-def _lif(X: np.ndarray, theta: np.ndarray, channel_axis: int, parts: int, trace: Optional[str]):
+@dataclass(frozen=True)
+class LIFSteps:
+    """What `lif_steps` gives: the spikes (uint8, X's shape, laid out in memory as X is), the largest |H|
+    and the largest |x| (the input on the neuron's grid), the number of spikes, and the trace asked for."""
+    spikes: np.ndarray
+    peak_h: int
+    peak_x: int
+    count: int
+    trace: Optional[np.ndarray]
+
+
+def lif_steps(X: np.ndarray, theta: np.ndarray, channel_axis: int, parts: int = 1, shift: Optional[np.ndarray] = None,
+              trace: Optional[str] = None) -> LIFSteps:
+    """`lif` on x = X * 2**shift (per channel, shift >= 0: the input brought onto the neuron's grid, as the
+    engine's `_shift_left`; None: x = X), in one pass that also gives the largest |x| and the number of
+    spikes (each a pass of its own before: 10-15 % of the engine's time at 5 % firing). `trace`: None, "H"
+    (every H before the reset, int64) or "V" (every V after it, X's type). The caller guarantees that
+    x and V + x fit X's type."""
     Xp, perm, B = lif_layout(X, channel_axis)
     T = Xp.shape[0]
-    pattern = _theta_pattern(theta, X.shape, perm, Xp.dtype, channel_axis, X.ndim >= 3 and perm[1] != channel_axis)
+    per_sample = X.ndim >= 3 and perm[1] != channel_axis
+    pattern = _theta_pattern(theta, X.shape, perm, Xp.dtype, channel_axis, per_sample)
     P = pattern.size
+    mult = np.empty(0, Xp.dtype) if shift is None or not np.any(shift) else \
+        _channel_pattern(np.left_shift(1, np.asarray(shift, dtype=np.int64)), X.shape, perm, Xp.dtype, channel_axis,
+                         per_sample)
     out = np.empty(Xp.shape, np.uint8)
     H = np.empty(Xp.shape if trace == "H" else 0, np.int64)
     VT = np.empty(Xp.shape if trace == "V" else 0, Xp.dtype)
-    peaks = over_parts(lambda a, b: _c.lif(Xp, pattern, out, H, VT, Xp.itemsize, T, B, P, a, b), B, parts) \
-        if Xp.size else [0]
+    results = over_parts(lambda a, b: _c.lif(Xp, pattern, mult, out, H, VT, Xp.itemsize, T, B, P, a, b), B, parts) \
+        if Xp.size else [(0, 0, 0)]
     inverse = [0] * len(perm)
     for i, p in enumerate(perm):
         inverse[p] = i
     held = {"H": H, "V": VT}.get(trace)
-    return out.transpose(inverse), int(max(peaks)), (None if held is None else held.transpose(inverse))
+    return LIFSteps(out.transpose(inverse), int(max(r[0] for r in results)), int(max(r[1] for r in results)),
+                    int(sum(r[2] for r in results)), None if held is None else held.transpose(inverse))
+
+
+def _channel_pattern(values: np.ndarray, shape: tuple, perm: list, dtype, channel_axis: int, per_sample: bool):
+    """Per-channel `values` for every neuron of one sample (per_sample) or of one whole step, in the memory
+    order `perm` of an X of `shape`, as a contiguous array of `dtype`."""
+    th_shape = [1] * (len(shape) - 1)
+    th_shape[channel_axis - 1] = -1
+    th = np.broadcast_to(values.astype(dtype).reshape(th_shape), shape[1:]).transpose([p - 1 for p in perm[1:]])
+    return np.ascontiguousarray(th[0] if per_sample else th)
 
 
 _PATTERNS: dict = {}
 
 
 def _theta_pattern(theta: np.ndarray, shape: tuple, perm: list, dtype, channel_axis: int, per_sample: bool):
-    """The threshold of every neuron of one sample (per_sample) or of one whole step, in the memory order
-    `perm` of an X of `shape`, as a contiguous array of X's dtype; remembered per theta array while it
-    lives and is unchanged (compared with a copy)."""
+    """`_channel_pattern` of the thresholds, remembered per theta array while it lives and is unchanged
+    (compared with a copy)."""
     key = (id(theta), shape, tuple(perm), np.dtype(dtype).char, channel_axis, per_sample)
     held = _PATTERNS.get(key)
     if held is not None and held[0]() is theta and same_array(held[1], theta):
         return held[2]
     if len(_PATTERNS) > 4096:
         _PATTERNS.clear()
-    th_shape = [1] * (len(shape) - 1)
-    th_shape[channel_axis - 1] = -1
-    th = np.broadcast_to(theta.astype(dtype).reshape(th_shape), shape[1:]).transpose([p - 1 for p in perm[1:]])
-    pattern = np.ascontiguousarray(th[0] if per_sample else th)
+    pattern = _channel_pattern(theta, shape, perm, dtype, channel_axis, per_sample)
     try:
         _PATTERNS[key] = (weakref.ref(theta), theta.copy(), pattern)
     except TypeError:   # pragma: no cover
@@ -477,3 +506,72 @@ def _max_along(src: np.ndarray, axis: int, n: int, n_out: int, k: int, stride: i
         idx[axis] = np.flatnonzero(edge & started)
         out[tuple(idx)] = np.maximum(out[tuple(idx)], np.asarray(fill, dtype=out.dtype))
     return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# the NIR interpreter's neuron (float64; not the engine's, but the same extension)
+
+
+@dataclass(frozen=True)
+class NIRLIFGroups:
+    """A NIR neuron's parameters (`run.lif.NIRLIFParameters`) for `nir_lif`: each as G float64 values, one
+    per run of P consecutive neurons of the layer (a per-channel threshold of [C, H, W] neurons: G = C,
+    P = H * W; the same value everywhere: G = 1)."""
+    gain: np.ndarray
+    r: np.ndarray
+    v_leak: np.ndarray
+    v_threshold: np.ndarray
+    v_reset: np.ndarray
+    P: int
+    leaky: bool
+    fires: bool
+
+
+def _constant_run(value, shape: tuple) -> int:
+    """The neurons (of a layer of `shape`) over which `value`, broadcast to it, is constant by its shape:
+    the product of the trailing dims it does not vary over."""
+    a = np.asarray(value)
+    dims = (1,) * (len(shape) - a.ndim) + a.shape
+    run = 1
+    for n, d in zip(reversed(shape), reversed(dims)):
+        if d != 1:
+            break
+        run *= n
+    return run
+
+
+def nir_lif_groups(p, shape: tuple) -> Optional[NIRLIFGroups]:
+    """`p` (NIRLIFParameters) for `nir_lif` on a layer of neurons `shape` (no batch), or None without the C
+    kernels or where a parameter does not broadcast to the layer."""
+    if _c is None:
+        return None
+    values = (p.gain, p.r, p.v_leak, 0.0 if p.v_threshold is None else p.v_threshold, p.v_reset)
+    try:
+        full = [np.broadcast_to(np.asarray(v, dtype=np.float64), shape) for v in values]
+    except ValueError:
+        return None
+    n = int(np.prod(shape))
+    P = min(_constant_run(v, shape) for v in values) if n else 1
+    G = n // P if P else 0
+    groups = [np.ascontiguousarray(f.reshape(-1)[::P][:G]) for f in full]
+    return NIRLIFGroups(*groups, P=P, leaky=bool(p.leaky), fires=p.v_threshold is not None)
+
+
+def nir_lif(i: np.ndarray, v: Optional[np.ndarray], g: NIRLIFGroups):
+    """`run.lif.nir_lif_step` in one pass (the C kernel, the same float64 operations in the same order):
+    (output, V', H) for the input current i [B, *shape] (float64) and the state v (None: at rest)."""
+    i = np.ascontiguousarray(i, dtype=np.float64)
+    B = i.shape[0]
+    G = (i.size // B // g.P) if B and g.P else 0
+    h = np.empty_like(i)
+    empty = np.empty(0, np.float64)
+    vin = empty if v is None else np.ascontiguousarray(v, dtype=np.float64)
+    if not g.fires:
+        _c.nir_lif(i, vin, h, empty, np.empty(0, np.uint8), g.gain, g.r, g.v_leak, g.v_threshold, g.v_reset,
+                   B, G, g.P, g.leaky, False)
+        return h, h, h
+    s = np.empty(i.shape, np.bool_)
+    v_next = np.empty_like(i)
+    _c.nir_lif(i, vin, h, v_next, s.view(np.uint8), g.gain, g.r, g.v_leak, g.v_threshold, g.v_reset,
+               B, G, g.P, g.leaky, True)
+    return s, v_next, h

@@ -151,6 +151,10 @@ def int16_plan(w_int: np.ndarray) -> Optional[list]:
 # one at 2**22 -- while at batch 32 (2**29-2**30) the split gives 1.25-1.4x; 2**28 keeps the second only.
 PARALLEL_MIN_WORK = 1 << 28
 PARALLEL_MIN_NEURONS = 1 << 20  # neurons x steps of a LIF below which it runs on one thread
+# multiply-accumulates of the encoder's dense convolution below which it runs on one thread: CIFAR 2-256's
+# first convolution (27 x 32 per output) took 12 ms on one thread and 6.7 on two at batch 32 (113 M MACs),
+# 0.38 and 0.33 ms at batch 1 (3.5 M) (Dec 5)
+DENSE_PARALLEL_MIN_MACS = 1 << 25
 
 
 def default_threads() -> int:
@@ -329,10 +333,11 @@ def dense_conv(x: np.ndarray, w_int: np.ndarray, stride: int, padding: int, thre
     int64. `bias` [O], where given, is added to every output (the caller counts those additions)."""
     N, C, H, W = x.shape
     O, _, k, _ = w_int.shape
+    macs = int(_valid_taps(H, W, k, stride, padding)) * C * O * N
     if K.dense_conv_fits_int32(x, w_int, bias):
-        parts = min(threads, N) if x.size * O >= PARALLEL_MIN_WORK else 1
+        parts = min(threads, N) if macs >= DENSE_PARALLEL_MIN_MACS else 1
         out = K.dense_conv_i32(x, w_int, stride, padding, parts, bias).astype(out_dtype, copy=False)
-        return out, int(_valid_taps(H, W, k, stride, padding)) * C * O * N
+        return out, macs
     xp = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
     Ho = (H + 2 * padding - k) // stride + 1
     Wo = (W + 2 * padding - k) // stride + 1
@@ -344,8 +349,7 @@ def dense_conv(x: np.ndarray, w_int: np.ndarray, stride: int, padding: int, thre
             out += np.einsum("nchw,oc->nohw", patch, w[:, :, ky, kx], dtype=INT, optimize=False)
     if bias is not None:
         out += bias.astype(INT)[None, :, None, None]
-    valid = _valid_taps(H, W, k, stride, padding)
-    return out.astype(out_dtype, copy=False), int(valid) * C * O * N
+    return out.astype(out_dtype, copy=False), macs
 
 
 def grouped_conv(x: np.ndarray, w_int: np.ndarray, stride: int, padding: int, groups: int,
@@ -501,19 +505,30 @@ def _lif(n: LIF, ins, grids, x, r: _Run):
     if n.tau != 2.0 or n.plif_w not in (None, 0.0):
         raise DeployError(f"{n.name}: the integer LIF needs decay 1/2 (tau = 2); got tau = {n.tau}")
     src_grid = grids[0] if grids[0] is not None else np.zeros(n.shape[0], dtype=INT)
-    X = _shift_left(np.asarray(ins[0], dtype=r.width(n.name, 2)), n.grid - src_grid)
+    X = np.asarray(ins[0], dtype=r.width(n.name, 2))
+    shift = n.grid - src_grid
     after_reset = r.membranes == AFTER_RESET
-    if r.membranes and K.compiled_kernels() and X.dtype.kind in "iu":
-        y, peak, r.traces[n.name] = K.lif_trace(X, n.theta_int, 2, _lif_parts(X, r.threads), after_reset)
-    elif r.membranes:
-        trace: list = []
-        y, peak = lif_int(X, n.theta_int, membranes=trace)
-        h = np.stack(trace)
-        r.traces[n.name] = np.where(y != 0, 0, h).astype(X.dtype) if after_reset else h
+    if K.compiled_kernels() and X.dtype.kind in "iu":
+        # the shift onto the neuron's grid, the steps, max |x| and the spike count in one pass
+        if np.any(shift < 0):
+            raise DeployError("internal: a current would be shifted to a coarser grid")
+        trace = None if not r.membranes else "V" if after_reset else "H"
+        res = K.lif_steps(X, n.theta_int, 2, _lif_parts(X, r.threads), shift=shift, trace=trace)
+        y, peak, count = res.spikes, max(res.peak_h, res.peak_x), res.count
+        if trace is not None:
+            r.traces[n.name] = res.trace
     else:
-        y, peak = lif_int_parallel(X, n.theta_int, r.threads)
-    r.observed[n.name] = max(peak, K.abs_max(X, _lif_parts(X, r.threads)))
-    r.ops[n.name] = {"neuron_updates": int(X.size), "spikes": int(np.count_nonzero(y))}
+        X = _shift_left(X, shift)
+        if r.membranes:
+            steps: list = []
+            y, peak = lif_int(X, n.theta_int, membranes=steps)
+            h = np.stack(steps)
+            r.traces[n.name] = np.where(y != 0, 0, h).astype(X.dtype) if after_reset else h
+        else:
+            y, peak = lif_int_parallel(X, n.theta_int, r.threads)
+        peak, count = max(peak, K.abs_max(X)), int(np.count_nonzero(y))
+    r.observed[n.name] = peak
+    r.ops[n.name] = {"neuron_updates": int(X.size), "spikes": count}
     return y
 
 

@@ -268,16 +268,3 @@ def model_bytes(name: str, a: Activations) -> int:
 
 
 RUNTIME_BYTES = 600 * 2 ** 20     # Python with torch, onnxruntime, numpy and the toolchain imported
-
-
-def release_freed_memory() -> None:
-    """Hand the heap memory freed so far back to the OS (glibc's malloc_trim; nothing elsewhere). glibc
-    keeps large freed blocks in its heap once its mmap threshold has risen, so a run of executors one
-    after the other would otherwise peak at the sum of their working sets, not at the largest."""
-    import ctypes
-
-    try:
-        trim = ctypes.CDLL(None).malloc_trim
-    except (AttributeError, OSError):   # pragma: no cover - not glibc
-        return
-    trim(0)

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from sdt_deploy.errors import DeployError
+from sdt_deploy.run.engine_kernels import nir_lif, nir_lif_groups
 from sdt_deploy.run.lif import NIRLIFParameters, nir_lif_step
 
 F64 = np.float64
@@ -164,7 +165,8 @@ def compact_neurons(graph: nir.NIRGraph) -> nir.NIRGraph:
 
 def _neuron(node, dt: float) -> Step:
     """Forward-Euler neurons (`run.lif.nir_lif_step`): the gain is dt/tau for the leaky ones (LIF, LI), dt
-    for the integrators."""
+    for the integrators. The step runs as the C kernel `engine_kernels.nir_lif` where it is built (one
+    pass instead of numpy's eight, the same float64 operations: tests/test_nir_lif_kernel.py)."""
     leaky = isinstance(node, (nir.LIF, nir.LI))
     fires = isinstance(node, (nir.LIF, nir.IF))
     p = NIRLIFParameters(gain=_compact((dt / _arr(node.tau)) if leaky else dt), r=_compact(_arr(node.r)),
@@ -172,8 +174,14 @@ def _neuron(node, dt: float) -> Step:
                          v_threshold=_compact(_arr(node.v_threshold)) if fires else None,
                          v_reset=_compact(_arr(node.v_reset)) if fires else 0.0, leaky=leaky)
 
+    compiled: dict = {}            # layer shape -> engine_kernels.NIRLIFGroups (None: numpy's step)
+
     def fn(v, I):
-        out, v_next, h = nir_lif_step(I, v, p)
+        shape = I.shape[1:]
+        if shape not in compiled:
+            compiled[shape] = nir_lif_groups(p, shape)
+        g = compiled[shape]
+        out, v_next, h = nir_lif_step(I, v, p) if g is None or I.dtype != F64 else nir_lif(I, v, g)
         return v_next, out, h
 
     return Step(fn)

@@ -78,6 +78,7 @@ class Context:
     cache: dict = field(default_factory=dict)          # models, sessions, opened files
     threads: Optional[int] = None                      # intra-op threads of every runtime (None: their own)
     plan: object = None                                # reference_model.PrecisionPlan of the torch reference
+    trim_above: int = 0                                # freed heap memory goes back to the OS above this RSS
 
     @property
     def graph(self):

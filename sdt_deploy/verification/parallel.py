@@ -65,8 +65,13 @@ def _worker_main(fd: int) -> None:
         from sdt_deploy.verification.verifier import Tally, compare_batch
 
         setup = recv(conn)
+        if setup["keep_heap"]:
+            from sdt_deploy.heap import keep_large_blocks_in_heap
+
+            keep_large_blocks_in_heap()
         ctx = Context(setup["q"], setup["workdir"], dict(setup["artifacts"]), set(setup["user_files"]),
-                      float64_reference=setup["float64_reference"], states=set(setup["states"]), threads=1)
+                      float64_reference=setup["float64_reference"], states=set(setup["states"]), threads=1,
+                      trim_above=setup["trim_above"])
         send(conn, ("ready", None, None))
     except EOFError:
         return
