@@ -344,19 +344,24 @@ def test_property_dyadic_rows_is_the_smallest_exponent(rows, cols, shift, seed):
     assert not np.any(np.all(coarser == np.round(coarser), axis=1) & nz)  # and not at e - 1
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(st.integers(1, 5), st.integers(1, 4), st.integers(1, 40), st.booleans(), st.integers(0, 2 ** 16),
-       st.integers(1, 3))
-def test_property_streamed_spike_comparison_equals_the_whole_array_one(T, B, n, binary, seed, chunk):
-    """Packed reference, candidates given whole or step by step: the counts and the first divergence of
-    `compare.mismatch_table` and `compare.first_divergence` on the whole arrays."""
+       st.integers(1, 3), st.sampled_from([0.0, 0.01, 0.05]), st.sampled_from(["uint8", "bool", "uint8 with 2s"]))
+def test_property_streamed_spike_comparison_equals_the_whole_array_one(T, B, n, binary, seed, chunk, flip, kind):
+    """Packed reference, candidates given whole or step by step (as uint8, as bool, or holding a value
+    that is no spike): the counts and the first divergence of `compare.mismatch_table` and
+    `compare.first_divergence` on the whole arrays."""
     rng = np.random.default_rng(seed)
     hi = 2 if binary else 4
     layers = {f"l{i}": rng.integers(0, hi, size=(T, B, n + i)).astype(np.uint8) for i in range(3)}
     cand = {k: v.copy() for k, v in layers.items()}
     for v in cand.values():
-        flips = rng.random(v.shape) < 0.05
+        flips = rng.random(v.shape) < flip
         v[flips] = (v[flips] + 1) % hi
+        if kind == "uint8 with 2s":
+            v[rng.random(v.shape) < 0.02] = 2
+    if kind == "bool" and binary:
+        cand = {k: v.astype(bool) for k, v in cand.items()}
     order = list(layers)
     ref = ReferenceSpikes()
     for k, v in layers.items():
