@@ -68,6 +68,16 @@ def test_worker_processes_report_what_one_process_does(name):
     assert res.jobs == 2
 
 
+def test_workers_keeping_their_heap_report_what_one_process_does():
+    """As the command line runs it (`tune_heap`: freed memory kept in the heap of the command's process and
+    its worker, the run being small against the budget): the report of one process with glibc's defaults."""
+    q, x = quantized(case_path("lif_0011")), case_input("lif_0011")[:5]
+    kept = run_verify(q, ArrayDataset(x), EVERY, batch_size=1, jobs=2, tune_heap=True)
+    plain = run_verify(q, ArrayDataset(x), EVERY, batch_size=1, jobs=1)
+    assert kept.jobs == 2 and kept.ok
+    assert comparable(kept) == comparable(plain)
+
+
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(small_configs(), st.integers(0, 2 ** 16), st.integers(1, 3))
 def test_property_the_verifier_reports_what_the_previous_one_did(cfg, seed, batch):
