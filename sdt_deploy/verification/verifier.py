@@ -438,7 +438,7 @@ def run_verify(q: QuantizedModel, dataset, executors: list, artifacts: Optional[
     available memory); the batch and the worker processes are cut to fit it, and `notes` is told so in
     one sentence. `jobs`: processes (default `auto_jobs`), each taking whole batches (`parallel`) with
     one intra-op thread; one process runs the runtimes with their own thread counts. `tune_heap`: keep
-    freed memory in the heap (`heap_kept`) where the run is small against the budget (process-wide)."""
+    freed memory in the heap (`heap.keep_large_blocks_in_heap`) where `small_against_budget` (process-wide)."""
     from sdt_deploy.run.memory import parse_memory, plan_batch
     from sdt_deploy.verification import parallel
 
