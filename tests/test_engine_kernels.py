@@ -151,15 +151,24 @@ def conv_cases(draw):
 def test_property_synaptic_conv(case):
     S, w, pad, channel_last, threads = case
     S = _layout(S, channel_last)
+    O = w.shape[0]
+    bias = np.random.default_rng(O).integers(-300, 300, size=O) if threads == 2 else None    # in the kernel
     with pytest.MonkeyPatch.context() as mp:
         split_everything(mp)
-        out, adds = engine.synaptic_conv(S, w, pad, threads=threads)
+        out, adds, peak = engine.synaptic_conv_peak(S, w, pad, threads=threads, bias=bias)
     ref, ref_adds = REF.synaptic_conv(S.astype(np.uint8), w, pad)
+    if bias is not None:
+        ref = ref + bias[None, :, None, None]
     assert adds == ref_adds
     np.testing.assert_array_equal(out, ref)
     assert out.dtype == np.int64
+    # the kernel's max |out| (taken as it writes; None where it did not write the whole output)
+    assert peak is None or peak == int(np.abs(ref).max(initial=0))
+    if engine_kernels.event_weights(w) is not None and (bias is None or engine_kernels.bias_fits(
+            engine_kernels.event_weights(w), bias)):
+        assert peak is not None
     exact = torch.nn.functional.conv2d(torch.from_numpy(S.astype(np.float64)), torch.from_numpy(w.astype(np.float64)),
-                                       padding=pad)
+                                       None if bias is None else torch.from_numpy(bias.astype(np.float64)), padding=pad)
     np.testing.assert_array_equal(out, exact.numpy().astype(np.int64))
 
 

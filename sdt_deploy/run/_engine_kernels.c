@@ -104,16 +104,18 @@ static void build_events(const uint8_t *s, int64_t npos, int64_t C, int64_t *ptr
  * 2**15 - 1 (its running budget, the sum of mag[tap][c] = max over the tile's lanes of |w|, would
  * exceed it), the int16 accumulators are emptied into an int32 row: exact. The row plus bias[o0 + j]
  * (int32) is written to out[r * O + o0 + j] for j < min(L, O - o0). Returns the (event, tap) pairs
- * visited.
+ * visited; *peak is raised to the largest |value| written (the engine's observed bound of the layer,
+ * without a pass of its own over the output).
  */
 #define DEFINE_CONV_TILE(NAME, NV, WT, LOAD)                                                                             \
 static MULTIVERSION int64_t NAME(const int64_t *ptr, const int32_t *chan, int64_t N,                    \
         int64_t H, int64_t W, int64_t C, int64_t k, int64_t pad, const WT *wt, const int32_t *mag,       \
-        const int32_t *bias, int32_t *out, int64_t O, int64_t o0)                                        \
+        const int32_t *bias, int32_t *out, int64_t O, int64_t o0, uint64_t *peak)                        \
 {                                                                                                        \
     const int64_t L = NV * LANES, Ho = H + 2 * pad - k + 1, Wo = W + 2 * pad - k + 1;                    \
     const int64_t valid = (O - o0) < L ? (O - o0) : L;                                                   \
     int64_t pairs = 0;                                                                                   \
+    int32_t hi = 0, lo = 0;                                                                              \
     int32_t row32[NV * LANES];                                                                           \
     int16_t row16[NV * LANES];                                                                           \
     for (int64_t n = 0; n < N; n++)                                                                      \
@@ -156,7 +158,14 @@ static MULTIVERSION int64_t NAME(const int64_t *ptr, const int32_t *chan, int64_
         const int32_t *b = bias + o0;                                                                    \
         if (flushed) for (int64_t j = 0; j < valid; j++) dst[j] = row32[j] + row16[j] + b[j];            \
         else for (int64_t j = 0; j < valid; j++) dst[j] = row16[j] + b[j];                               \
+        for (int64_t j = 0; j < valid; j++) {                                                            \
+            hi = dst[j] > hi ? dst[j] : hi;                                                              \
+            lo = dst[j] < lo ? dst[j] : lo;                                                              \
+        }                                                                                                \
     }                                                                                                    \
+    const uint64_t a = (uint64_t)(int64_t)hi, m = (uint64_t)(-(int64_t)lo);                              \
+    if (a > *peak) *peak = a;                                                                            \
+    if (m > *peak) *peak = m;                                                                            \
     return pairs;                                                                                        \
 }
 
@@ -166,7 +175,7 @@ DEFINE_CONV_TILE(conv16_4, 4, int16_t, load_v)
 DEFINE_CONV_TILE(conv16_8, 8, int16_t, load_v)
 
 
-/* conv_events(spikes, N, H, W, C, k, pad, wt, mag, L, O, bias, out) -> pairs
+/* conv_events(spikes, N, H, W, C, k, pad, wt, mag, L, O, bias, out) -> (pairs, max |out| written)
  *   spikes: uint8 [N, H, W, C] contiguous; wt: int16 [ceil(O / L), k*k, C, L];
  *   mag: int32 [tiles, k*k, C]; bias: int32 [tiles * L] (zero past O); out: int32 [N, Ho, Wo, O] (written,
  *   not added to). */
@@ -185,6 +194,7 @@ static PyObject *py_conv_events(PyObject *self, PyObject *args)
         goto done;
     }
     int64_t npos = N * H * W, pairs = 0;
+    uint64_t peak = 0;
     int64_t *ptr = malloc((npos + 1) * sizeof(int64_t));
     int32_t *chan = malloc((npos * C > 0 ? npos * C : 1) * sizeof(int32_t));
     if (!ptr || !chan) { free(ptr); free(chan); PyErr_NoMemory(); goto done; }
@@ -195,17 +205,17 @@ static PyObject *py_conv_events(PyObject *self, PyObject *args)
         int64_t p;
         const int16_t *wt = (const int16_t *)wb.buf + t * k * k * C * L;
         switch (L) {
-            case 32: p = conv16_1(ptr, chan, N, H, W, C, k, pad, wt, mag, bb.buf, ob.buf, O, t * L); break;
-            case 64: p = conv16_2(ptr, chan, N, H, W, C, k, pad, wt, mag, bb.buf, ob.buf, O, t * L); break;
-            case 128: p = conv16_4(ptr, chan, N, H, W, C, k, pad, wt, mag, bb.buf, ob.buf, O, t * L); break;
-            default: p = conv16_8(ptr, chan, N, H, W, C, k, pad, wt, mag, bb.buf, ob.buf, O, t * L); break;
+            case 32: p = conv16_1(ptr, chan, N, H, W, C, k, pad, wt, mag, bb.buf, ob.buf, O, t * L, &peak); break;
+            case 64: p = conv16_2(ptr, chan, N, H, W, C, k, pad, wt, mag, bb.buf, ob.buf, O, t * L, &peak); break;
+            case 128: p = conv16_4(ptr, chan, N, H, W, C, k, pad, wt, mag, bb.buf, ob.buf, O, t * L, &peak); break;
+            default: p = conv16_8(ptr, chan, N, H, W, C, k, pad, wt, mag, bb.buf, ob.buf, O, t * L, &peak); break;
         }
         if (t == 0) pairs = p;           /* every tile visits the same (event, tap) pairs */
     }
     Py_END_ALLOW_THREADS
     free(ptr);
     free(chan);
-    result = PyLong_FromLongLong(pairs);
+    result = Py_BuildValue("LK", (long long)pairs, (unsigned long long)peak);
 done:
     PyBuffer_Release(&sb); PyBuffer_Release(&wb); PyBuffer_Release(&mb); PyBuffer_Release(&bb);
     PyBuffer_Release(&ob);

@@ -250,8 +250,8 @@ def _kernel_bias(pw: EventWeights, bias: Optional[np.ndarray]) -> Optional[np.nd
 def conv_events(S: np.ndarray, pw: EventWeights, padding: int, parts: int = 1,
                 bias: Optional[np.ndarray] = None) -> tuple[np.ndarray, int]:
     """Event-driven stride-1 convolution of spikes S [N, C, H, W] (nonzero = spike) with the packed weight
-    `pw` ([O, C, k, k] integers): returns (Y int32 [N * H' * W', O], rows in (n, y', x') order, and the
-    number of (event, tap) pairs).
+    `pw` ([O, C, k, k] integers): returns (Y int32 [N * H' * W', O], rows in (n, y', x') order; the
+    number of (event, tap) pairs; max |Y|, taken as Y is written).
 
     Computes Y[(n, y', x'), o] = bias[o] + the sum over the taps (ky, kx) and the channels c that spiked
     at the input (n, y' + ky - p, x' + kx - p) inside the input of w[o, c, ky, kx]: exactly the weight
@@ -272,12 +272,12 @@ def conv_events(S: np.ndarray, pw: EventWeights, padding: int, parts: int = 1,
     if b32 is None:
         raise ValueError("conv_events: the bias could take an output past int32 (check bias_fits first)")
 
-    def part(a: int, b: int) -> int:
+    def part(a: int, b: int) -> tuple:
         return _c.conv_events(Sc[a:b], b - a, H, W, C, pw.k, padding, pw.wt, pw.mag, pw.L, pw.O, b32,
                               Y[a * Ho * Wo:b * Ho * Wo])
 
-    pairs = sum(over_parts(part, N, parts)) if N else 0
-    return Y, int(pairs)
+    done = over_parts(part, N, parts) if N else [(0, 0)]
+    return Y, int(sum(p for p, _ in done)), int(max(m for _, m in done))
 
 
 # ---------------------------------------------------------------------------------------------------

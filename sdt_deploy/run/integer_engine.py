@@ -219,6 +219,14 @@ def weight_plan(w_int: np.ndarray) -> tuple:
 
 def synaptic_conv(S: np.ndarray, w_int: np.ndarray, padding: int, threads: int = 1,
                   out_dtype=INT, bias: Optional[np.ndarray] = None) -> tuple[np.ndarray, int]:
+    """Event-driven conv of spikes [N, C, H, W] with integer weights [O, C, k, k], stride 1: `synaptic_conv_peak`
+    without the peak."""
+    out, adds, _ = synaptic_conv_peak(S, w_int, padding, threads, out_dtype, bias)
+    return out, adds
+
+
+def synaptic_conv_peak(S: np.ndarray, w_int: np.ndarray, padding: int, threads: int = 1, out_dtype=INT,
+                       bias: Optional[np.ndarray] = None) -> tuple[np.ndarray, int, Optional[int]]:
     """Event-driven conv of spikes [N, C, H, W] with integer weights [O, C, k, k], stride 1.
 
     Every input spike (n, c, y, x) adds, for each kernel tap (ky, kx) that lands on an output
@@ -226,7 +234,8 @@ def synaptic_conv(S: np.ndarray, w_int: np.ndarray, padding: int, threads: int =
     over the events, nothing for the silent inputs. Accumulates in int32 where `accumulator_dtype`
     proves it safe; `threads` split the samples. Returns (out [N, O, H', W'] as out_dtype (int64 by
     default; int32 only where the caller knows the values fit), additions performed = (event, tap)
-    pairs x O). `bias` [O], where given, is added to every output (the caller counts those additions)."""
+    pairs x O, max |out| where the C kernel wrote the whole output (else None: the caller measures it)).
+    `bias` [O], where given, is added to every output (the caller counts those additions)."""
     N, C, H, W = S.shape
     O, _, k, _ = w_int.shape
     Ho, Wo = H + 2 * padding - k + 1, W + 2 * padding - k + 1
@@ -234,11 +243,12 @@ def synaptic_conv(S: np.ndarray, w_int: np.ndarray, padding: int, threads: int =
     if packed is not None:     # the C kernel (engine_kernels.conv_events): int16 in registers, int32 rows
         parts = min(threads, N) if S.size * O >= PARALLEL_MIN_WORK else 1
         in_kernel = bias is not None and K.bias_fits(packed, bias)
-        Y, pairs = K.conv_events(S, packed, padding, parts, bias if in_kernel else None)
+        Y, pairs, peak = K.conv_events(S, packed, padding, parts, bias if in_kernel else None)
         out = Y.reshape(N, Ho, Wo, O).transpose(0, 3, 1, 2).astype(out_dtype, copy=False)
         if bias is not None and not in_kernel:
             out += bias.astype(out.dtype)[None, :, None, None]
-        return out, pairs * O
+            peak = None
+        return out, pairs * O, peak
     dtype, plan = weight_plan(w_int)
     Y = np.zeros((N * Ho * Wo, O), dtype=dtype)
     pairs = _in_blocks(lambda s, y: _conv_events(s, w_int, padding, y, plan), S, Y, Ho * Wo, threads)
@@ -247,7 +257,7 @@ def synaptic_conv(S: np.ndarray, w_int: np.ndarray, padding: int, threads: int =
     out = Y.reshape(N, Ho, Wo, O).transpose(0, 3, 1, 2).astype(out_dtype, copy=False)
     if bias is not None:
         out += bias.astype(out.dtype)[None, :, None, None]
-    return out, pairs * O
+    return out, pairs * O, None
 
 
 def _conv_events(S: np.ndarray, w_int: np.ndarray, padding: int, Y: np.ndarray, plan: Optional[list]) -> int:
@@ -310,7 +320,7 @@ def synaptic_linear(S: np.ndarray, w_int: np.ndarray, threads: int = 1) -> tuple
     if packed is not None:     # the event kernel, as a 1x1 convolution of [N, C, 1, 1]
         N, O = S.shape[0], w_int.shape[0]
         parts = min(threads, N) if S.size * O >= PARALLEL_MIN_WORK else 1
-        Y, events = K.conv_events(S.reshape(N, -1, 1, 1), packed, 0, parts)
+        Y, events, _ = K.conv_events(S.reshape(N, -1, 1, 1), packed, 0, parts)
         return Y.astype(INT), events * O
 
     def add(s: np.ndarray, y: np.ndarray) -> int:
@@ -455,6 +465,7 @@ class _Run:
     membranes: Union[bool, str]      # False, True (H before the reset, int64), "after_reset" (V')
     ops: dict = field(default_factory=dict)
     observed: dict = field(default_factory=dict)
+    measured: set = field(default_factory=set)      # nodes whose rule took max |output| itself
     traces: dict = field(default_factory=dict)
 
     def width(self, name: str, factor: int = 1):
@@ -473,8 +484,11 @@ def _conv(n: Conv, ins, grids, x, r: _Run):
         if n.stride != 1 or n.groups != 1:     # V2's strided and depthwise convolutions of spikes
             out, adds = grouped_conv(flat, n.w_int, n.stride, n.padding, n.groups, bias=n.b_int)
         else:
-            out, adds = synaptic_conv(flat, n.w_int, n.padding, r.threads, out_dtype=r.width(n.name),
-                                      bias=n.b_int)
+            out, adds, peak = synaptic_conv_peak(flat, n.w_int, n.padding, r.threads, out_dtype=r.width(n.name),
+                                                 bias=n.b_int)
+            if peak is not None:       # measured by the kernel as it wrote the output: no pass of its own
+                r.observed[n.name] = peak
+                r.measured.add(n.name)
         r.ops[n.name] = {"acs": adds, "macs": 0}
     else:
         shift = input_shift(n, grids[0])
@@ -638,7 +652,7 @@ def run_engine(qg: Graph, x: np.ndarray, record: bool = True, membranes: Union[b
         y = rule(n, [vals[i] for i in n.inputs], [grids[i] for i in n.inputs], x, r)
         vals[n.name] = y
         grids[n.name] = n.grid if n.out_kind == CURRENT else None
-        if n.out_kind == CURRENT and not isinstance(n, (Input, Readout)):
+        if n.out_kind == CURRENT and not isinstance(n, (Input, Readout)) and n.name not in r.measured:
             parts = r.threads if y.size >= PARALLEL_MIN_NEURONS else 1   # (one pass over memory: a
             r.observed[n.name] = max(r.observed.get(n.name, 0), K.abs_max(y, parts))   # fifth of a run)
         if record and n.out_kind == SPIKE:

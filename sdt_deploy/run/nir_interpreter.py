@@ -311,7 +311,7 @@ def _make_spike_conv(node, weight: np.ndarray, K) -> Optional[Callable]:
 
     def run(I: np.ndarray) -> np.ndarray:
         N, _, H, W = I.shape
-        Y, _pairs = K.conv_events(I, packed, p, 1, b_int)
+        Y, _pairs, _peak = K.conv_events(I, packed, p, 1, b_int)
         Ho, Wo = H + 2 * p - packed.k + 1, W + 2 * p - packed.k + 1
         return Y.reshape(N, Ho, Wo, O).transpose(0, 3, 1, 2) * unit   # float64, exact
     return run
