@@ -11,7 +11,7 @@ Two settings, both measured, because numpy, torch and onnxruntime allocate their
   faulted in and zeroed again; `release_freed_memory` decides when they go back.
 
 Measured (`verify` of CIFAR 2-256, 160 images, every CPU executor, one process, Dec 5; BENCHMARKS.md):
-27.5 s wall, 8.9 s of it in the kernel, with a trim after every executor and glibc's defaults; 20.6 s and
+27.5 s wall and 8.9 s of system time (page faults) with a trim after every executor and glibc's defaults; 20.6 s and
 0.7 s with both settings, at 1.05 GiB peak RSS against 0.89. `verify` keeps the heap only where the run is
 small against its memory budget (`verification.verifier.small_against_budget`); SDT-8-768 at 224 runs
 with glibc's defaults.

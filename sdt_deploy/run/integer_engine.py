@@ -105,12 +105,17 @@ def input_integers(n: Input, x: np.ndarray) -> np.ndarray:
     return ints.astype(INT)
 
 
+def _check_shift(shift: np.ndarray) -> None:
+    """A current is only ever brought onto a finer grid (shift >= 0: exact)."""
+    if np.any(shift < 0):
+        raise DeployError("internal: a current would be shifted to a coarser grid")
+
+
 def _shift_left(a: np.ndarray, shift: np.ndarray, channel_axis: int = 2) -> np.ndarray:
     """a * 2**shift per channel (shift >= 0), exact."""
     if not np.any(shift):
         return a
-    if np.any(shift < 0):
-        raise DeployError("internal: a current would be shifted to a coarser grid")
+    _check_shift(shift)
     shape = [1] * a.ndim
     shape[channel_axis] = -1
     return a << shift.astype(a.dtype).reshape(shape)
@@ -426,7 +431,7 @@ def lif_int(X: np.ndarray, theta: np.ndarray, channel_axis: int = 2, membranes: 
             out: Optional[np.ndarray] = None):
     """`run.lif.integer_lif` (H = (V + X) >> 1, S = H >= theta, V = H * (1 - S) over T): the C kernel
     (`engine_kernels.lif`) where it is built and no membrane trace is asked for, the numpy steps else
-    (the engine asks the kernel for traces through `engine_kernels.lif_trace`).
+    (the engine's own LIF layers go through `engine_kernels.lif_steps`, traces included).
     Returns (spikes uint8, the largest |H|); the spikes go into `out` where given."""
     if membranes is None and K.compiled_kernels() and X.ndim >= 2 and X.dtype.kind in "iu":
         spikes, peak = K.lif(X, theta, channel_axis)
@@ -524,8 +529,7 @@ def _lif(n: LIF, ins, grids, x, r: _Run):
     after_reset = r.membranes == AFTER_RESET
     if K.compiled_kernels() and X.dtype.kind in "iu":
         # the shift onto the neuron's grid, the steps, max |x| and the spike count in one pass
-        if np.any(shift < 0):
-            raise DeployError("internal: a current would be shifted to a coarser grid")
+        _check_shift(shift)
         trace = None if not r.membranes else "V" if after_reset else "H"
         res = K.lif_steps(X, n.theta_int, 2, _lif_parts(X, r.threads), shift=shift, trace=trace)
         y, peak, count = res.spikes, max(res.peak_h, res.peak_x), res.count

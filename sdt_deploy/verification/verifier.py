@@ -405,7 +405,7 @@ def auto_jobs(samples: int, cpus: Optional[int] = None) -> int:
 def trim_above(plan, jobs: int) -> int:
     """The resident memory above which a process hands its freed heap back to the OS between executors:
     half its share of the budget. Below it the freed blocks serve the next executor (a trim after every
-    executor made each fault its memory in again: 8.9 s of a 27.5 s run in the kernel, CIFAR 2-256, 160
+    executor made each fault its memory in again: 8.9 s of system time in a 27.5 s run, CIFAR 2-256, 160
     images); above it the budget is what matters."""
     return int(plan.budget.bytes // (2 * max(1, jobs)))
 
