@@ -12,5 +12,7 @@ setup(ext_modules=[Extension("sdt_deploy.run._engine_kernels", ["sdt_deploy/run/
                              # -ffp-contract=off: the NIR neuron's float64 step rounds every operation
                              # as numpy does (no fused multiply-add)
                              extra_compile_args=["-O3", "-std=c99", "-fno-strict-aliasing", "-ffp-contract=off",
-                                                 "-Wno-psabi"],
+                                                 "-Wno-psabi", "-pthread"],
+                             # the kernels' worker threads (pthreads; part of libc on glibc >= 2.34)
+                             extra_link_args=["-pthread"],
                              optional=True)])

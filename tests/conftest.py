@@ -75,6 +75,16 @@ def case_path(name: str) -> str:
 ALL_CASES = (["fixture"] if FIXTURE_CKPT.exists() else []) + ORACLE_CASES
 
 
+def split_everything(monkeypatch) -> None:
+    """Every layer of the integer engine split over its threads, however small (the size limits at 0:
+    the C kernels' team and the numpy path's thread pool alike)."""
+    from sdt_deploy.run import integer_engine as engine
+
+    for limit in ("KERNEL_PARALLEL_MIN_WORK", "KERNEL_PARALLEL_MIN_NEURONS", "DENSE_PARALLEL_MIN_MACS",
+                  "PARALLEL_MIN_WORK", "PARALLEL_MIN_NEURONS"):
+        monkeypatch.setattr(engine, limit, 0)
+
+
 def pytest_configure(config):
     # One intra-op thread per test process: the tensors are small, the CI machine has 2 cores and
     # runs two xdist workers; a spinning thread pool costs far more than it gives under load

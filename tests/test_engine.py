@@ -20,7 +20,7 @@ from sdt_deploy.run.integer_engine import run_engine, synaptic_conv
 from sdt_deploy.run.lif import integer_lif
 from sdt_deploy.run.torch_runner import run_model
 
-from conftest import ALL_CASES, ROOT, case_input, case_path, loaded, quantized, small_configs
+from conftest import ALL_CASES, ROOT, case_input, case_path, loaded, quantized, small_configs, split_everything
 
 
 def reference(q, x):
@@ -360,16 +360,13 @@ def test_brevitas_needing_more_of_torch_dynamo_is_imported_the_plain_way():
 
 @pytest.mark.parametrize("name", ["lif_0011", "plif_dvs_0000"])
 def test_engine_threads_split_every_layer_without_changing_anything(name, monkeypatch):
-    """The engine splits a large layer's samples over threads (the event additions and the LIF
-    updates). With the size limit at 0 every layer is split: the result equals one thread's in every
-    spike, integer, count and observed bound, and the torch model's spikes."""
-    from sdt_deploy.run import integer_engine as engine
-
+    """The engine splits a large layer over threads (the event additions and the LIF updates). With the
+    size limits at 0 every layer is split: the result equals one thread's in every spike, integer, count
+    and observed bound, and the torch model's spikes."""
     q = quantized(case_path(name))
     x = np.concatenate([case_input(name)] * 3)[:5]             # 5 samples over 3 threads: uneven parts
     one = run_engine(q.graph, x, threads=1)
-    monkeypatch.setattr(engine, "PARALLEL_MIN_WORK", 0)
-    monkeypatch.setattr(engine, "PARALLEL_MIN_NEURONS", 0)
+    split_everything(monkeypatch)
     split = run_engine(q.graph, x, threads=3)
     assert one.spikes.keys() == split.spikes.keys()
     assert all(np.array_equal(one.spikes[k], split.spikes[k]) for k in one.spikes)

@@ -19,7 +19,7 @@ from sdt_deploy.run import integer_engine as engine
 from sdt_deploy.run.integer_engine import run_engine
 
 import engine_reference as REF
-from conftest import ALL_CASES, ROOT, case_input, case_path, loaded, quantized, small_configs
+from conftest import ALL_CASES, ROOT, case_input, case_path, loaded, quantized, small_configs, split_everything
 
 VARIANTS = sorted((ROOT / "tests" / "data" / "variants").glob("*.pth"))
 
@@ -46,12 +46,6 @@ def assert_after_reset_is_the_reset_trace(new, old):
         v = new.membranes[k]
         assert v.dtype in (np.int32, np.int64), k
         np.testing.assert_array_equal(v, np.where(old.spikes[k] != 0, 0, h), err_msg=k)
-
-
-def split_everything(monkeypatch):
-    """Every layer split over the threads, however small (the size limits at 0)."""
-    monkeypatch.setattr(engine, "PARALLEL_MIN_WORK", 0)
-    monkeypatch.setattr(engine, "PARALLEL_MIN_NEURONS", 0)
 
 
 def test_the_c_kernels_are_built():
@@ -83,6 +77,9 @@ def test_engine_equals_the_previous_engine(name, monkeypatch):
     old3 = REF.run_engine(q.graph, x3, threads=1)
     for threads in (2, 3):
         assert_same_run(run_engine(q.graph, x3, threads=threads), old3, f"{name} threads {threads}")
+    old1 = REF.run_engine(q.graph, x[:1], threads=1)        # a batch of one: output rows and neurons split
+    for threads in (2, 8):
+        assert_same_run(run_engine(q.graph, x[:1], threads=threads), old1, f"{name} batch 1, threads {threads}")
 
 
 @pytest.mark.parametrize("name", ["lif_0011", "gesture_t16"])
@@ -143,7 +140,7 @@ def conv_cases(draw):
     rng = np.random.default_rng(seed)
     S = (rng.random((N, C, H, W)) < rate).astype(draw(st.sampled_from([np.uint8, np.bool_])))
     w = rng.integers(-wmax, wmax + 1, size=(O, C, k, k)).astype(np.int8 if wmax <= 127 else np.int32)
-    return S, w, pad, draw(st.booleans()), draw(st.integers(1, 3))
+    return S, w, pad, draw(st.booleans()), draw(st.sampled_from([1, 2, 3, 8]))
 
 
 @settings(max_examples=150, deadline=None)
@@ -245,7 +242,7 @@ def lif_cases(draw):
         X = np.moveaxis(X, -1, 2)
     if draw(st.booleans()):                      # a non-contiguous view
         X = X[:, :, ::-1] if C > 1 else X[::1]
-    return X, theta, draw(st.integers(1, 3))
+    return X, theta, draw(st.sampled_from([1, 2, 3, 8]))
 
 
 @settings(max_examples=150, deadline=None)

@@ -30,21 +30,175 @@ static inline __attribute__((always_inline)) v32i16 load_v(const int16_t *p) { v
 static inline __attribute__((always_inline)) void store_v(int16_t *p, v32i16 v) { memcpy(p, &v, sizeof v); }
 
 /* ------------------------------------------------------------------------------------------------
- * Event lists: for every input position (n, y, x) of a channel-last spike tensor [n, H, W, C] (uint8,
- * nonzero = spike), the channels that spiked, in increasing order. ptr[pos]..ptr[pos+1] index chan.
- * chan must hold up to npos * C entries (untouched pages cost nothing).
+ * The team: the threads that split a kernel's work (`parts` > 1). team_run(fn, ctx, parts) runs
+ * fn(ctx, i, parts) for every part i, part 0 on the calling thread, the others on workers that the
+ * team starts on first use and keeps. A worker that has finished its part spins (pause, checking the
+ * clock) for a while before it sleeps on a condition variable: a batch-1 layer takes 0.1-0.3 ms, and
+ * waking a sleeping thread (what a Python thread pool does: 85 us a round trip, measured on the
+ * project's VM) costs about as much as the layer saves. torch's OpenMP threads spin the same way.
+ * SDT_ENGINE_SPIN_US sets the spin (default 1000 us; 0: sleep at once).
+ *
+ * One caller at a time: a second thread that finds the team busy runs every part itself (the same
+ * results: each part writes only its own outputs). After fork() the child starts with no workers.
  */
-static void build_events_plain(const uint8_t *s, int64_t npos, int64_t C, int64_t *ptr, int32_t *chan)
+#include <pthread.h>
+#include <sched.h>
+#include <time.h>
+
+#define TEAM_MAX 8
+typedef void (*team_fn)(void *ctx, int part, int parts);
+
+static pthread_mutex_t team_busy = PTHREAD_MUTEX_INITIALIZER;   /* held by the caller of a round */
+static pthread_mutex_t team_lock = PTHREAD_MUTEX_INITIALIZER;   /* guards the sleep / wake hand-shake */
+static pthread_cond_t team_wake = PTHREAD_COND_INITIALIZER;
+static int team_workers = 0;                  /* workers started (parts 1..team_workers) */
+static uint64_t team_round = 0;               /* incremented for every round (the workers watch it) */
+static int team_sleeping = 0;                 /* workers waiting on team_wake */
+static int team_left = 0;                     /* parts of the round not yet finished by the workers */
+static team_fn team_task_fn;
+static void *team_task_ctx;
+static int team_task_parts;
+static int64_t team_spin_ns = 1000000;        /* set when the module loads */
+
+static inline void cpu_relax(void)
 {
-    int64_t e = 0;
-    ptr[0] = 0;
-    for (int64_t p = 0; p < npos; p++) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+static int64_t now_ns(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+
+/* a worker: its part, and the last round it has seen (the round before its first: the one its starter is
+ * about to post may already have been posted when the thread starts) */
+typedef struct { int part; uint64_t seen; } team_start;
+
+static void *team_worker(void *arg)
+{
+    const int part = ((team_start *)arg)->part;
+    uint64_t seen = ((team_start *)arg)->seen;
+    free(arg);
+    for (;;) {
+        uint64_t now = __atomic_load_n(&team_round, __ATOMIC_ACQUIRE);
+        if (now == seen) {
+            const int64_t until = now_ns() + team_spin_ns;
+            for (int i = 1; now == seen; i++) {
+                cpu_relax();
+                now = __atomic_load_n(&team_round, __ATOMIC_ACQUIRE);
+                if ((i & 63) == 0 && now == seen && now_ns() >= until) {
+                    pthread_mutex_lock(&team_lock);
+                    __atomic_add_fetch(&team_sleeping, 1, __ATOMIC_SEQ_CST);
+                    while ((now = __atomic_load_n(&team_round, __ATOMIC_SEQ_CST)) == seen)
+                        pthread_cond_wait(&team_wake, &team_lock);
+                    __atomic_sub_fetch(&team_sleeping, 1, __ATOMIC_SEQ_CST);
+                    pthread_mutex_unlock(&team_lock);
+                }
+            }
+        }
+        seen = now;
+        const int parts = team_task_parts;
+        if (part < parts) {
+            team_task_fn(team_task_ctx, part, parts);
+            __atomic_sub_fetch(&team_left, 1, __ATOMIC_ACQ_REL);
+        }
+    }
+    return NULL;
+}
+
+static void team_after_fork(void)
+{
+    pthread_mutex_init(&team_busy, NULL);
+    pthread_mutex_init(&team_lock, NULL);
+    pthread_cond_init(&team_wake, NULL);
+    team_workers = 0;
+    team_sleeping = 0;
+    team_left = 0;
+}
+
+/* Start workers up to parts - 1 (called with team_busy held); returns how many there are. */
+static int team_grow(int parts)
+{
+    static int registered = 0;
+    if (!registered) {
+        pthread_atfork(NULL, NULL, team_after_fork);
+        registered = 1;
+    }
+    while (team_workers < parts - 1 && team_workers < TEAM_MAX - 1) {
+        pthread_t t;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        team_start *start = malloc(sizeof *start);
+        if (!start) break;
+        start->part = team_workers + 1;
+        start->seen = __atomic_load_n(&team_round, __ATOMIC_ACQUIRE);
+        const int ok = pthread_create(&t, &attr, team_worker, start) == 0;
+        pthread_attr_destroy(&attr);
+        if (!ok) { free(start); break; }
+        team_workers++;
+    }
+    return team_workers;
+}
+
+static void team_run(team_fn fn, void *ctx, int parts)
+{
+    if (parts > TEAM_MAX) parts = TEAM_MAX;
+    if (parts <= 1 || pthread_mutex_trylock(&team_busy) != 0) {
+        for (int i = 0; i < (parts > 1 ? parts : 1); i++) fn(ctx, i, parts > 1 ? parts : 1);
+        return;
+    }
+    const int workers = team_grow(parts);
+    if (parts > workers + 1) parts = workers + 1;     /* fewer threads could start: fewer, larger parts */
+    if (parts > 1) {
+        team_task_fn = fn;
+        team_task_ctx = ctx;
+        team_task_parts = parts;
+        __atomic_store_n(&team_left, parts - 1, __ATOMIC_SEQ_CST);
+        __atomic_add_fetch(&team_round, 1, __ATOMIC_SEQ_CST);
+        if (__atomic_load_n(&team_sleeping, __ATOMIC_SEQ_CST) > 0) {
+            pthread_mutex_lock(&team_lock);
+            pthread_cond_broadcast(&team_wake);
+            pthread_mutex_unlock(&team_lock);
+        }
+    }
+    fn(ctx, 0, parts);
+    for (int i = 1; __atomic_load_n(&team_left, __ATOMIC_ACQUIRE) > 0; i++) {
+        cpu_relax();
+        if ((i & 1023) == 0) sched_yield();           /* a worker without a core: give it ours */
+    }
+    pthread_mutex_unlock(&team_busy);
+}
+
+/* part i of n items split into `parts` near-equal ranges: [*a, *b) */
+static inline void team_range(int64_t n, int part, int parts, int64_t *a, int64_t *b)
+{
+    *a = n * part / parts;
+    *b = n * (part + 1) / parts;
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * Event lists: for every input position pos in [p0, p1) of a channel-last spike tensor [n, H, W, C]
+ * (uint8, nonzero = spike), the channels that spiked, in increasing order: chan[first[pos]] ..
+ * chan[last[pos] - 1], written from chan[p0 * C] on (so that ranges of positions fill their lists in
+ * parallel). chan must hold up to npos * C entries (untouched pages cost nothing).
+ */
+static void build_events_plain(const uint8_t *s, int64_t p0, int64_t p1, int64_t C, int64_t *first,
+                               int64_t *last, int32_t *chan)
+{
+    int64_t e = p0 * C;
+    for (int64_t p = p0; p < p1; p++) {
         const uint8_t *row = s + p * C;
+        first[p] = e;
         for (int64_t c = 0; c < C; c++) {
             chan[e] = (int32_t)c;
             e += row[c] != 0;          /* branch-free compaction */
         }
-        ptr[p + 1] = e;
+        last[p] = e;
     }
 }
 
@@ -54,16 +208,17 @@ static void build_events_plain(const uint8_t *s, int64_t npos, int64_t C, int64_
 /* The same lists, 16 channels at a time: a mask of the nonzero bytes (vptestmb) selects the channel
  * numbers that vpcompressd writes out; branch-free, the same entries in the same order. */
 __attribute__((target("avx512f,avx512bw,avx512vl")))
-static void build_events_avx512(const uint8_t *s, int64_t npos, int64_t C, int64_t *ptr, int32_t *chan)
+static void build_events_avx512(const uint8_t *s, int64_t p0, int64_t p1, int64_t C, int64_t *first,
+                                int64_t *last, int32_t *chan)
 {
-    int64_t e = 0;
-    ptr[0] = 0;
+    int64_t e = p0 * C;
     const __m512i step = _mm512_set1_epi32(16);
-    const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    for (int64_t p = 0; p < npos; p++) {
+    const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    for (int64_t p = p0; p < p1; p++) {
         const uint8_t *row = s + p * C;
-        __m512i idx = first;
+        __m512i idx = lanes;
         int64_t c = 0;
+        first[p] = e;
         for (; c + 16 <= C; c += 16) {
             const __m128i bytes = _mm_loadu_si128((const __m128i *)(row + c));
             const __mmask16 m = _mm_test_epi8_mask(bytes, bytes);
@@ -75,30 +230,38 @@ static void build_events_avx512(const uint8_t *s, int64_t npos, int64_t C, int64
             chan[e] = (int32_t)c;
             e += row[c] != 0;
         }
-        ptr[p + 1] = e;
+        last[p] = e;
     }
 }
 #endif
 
-static void build_events(const uint8_t *s, int64_t npos, int64_t C, int64_t *ptr, int32_t *chan)
+static int events_avx512 = 0;          /* set when the module loads (threads read it) */
+
+static void events_choose(void)
 {
 #ifdef HAVE_AVX512_EVENTS
-    static int use = -1;               /* SDT_ENGINE_PLAIN_EVENTS set: the plain loop (the tests compare both) */
-    if (use < 0)
-        use = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-              __builtin_cpu_supports("avx512vl") && getenv("SDT_ENGINE_PLAIN_EVENTS") == NULL;
-    if (use) {
-        build_events_avx512(s, npos, C, ptr, chan);
+    /* SDT_ENGINE_PLAIN_EVENTS set: the plain loop (the tests compare both) */
+    events_avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                    __builtin_cpu_supports("avx512vl") && getenv("SDT_ENGINE_PLAIN_EVENTS") == NULL;
+#endif
+}
+
+static void build_events(const uint8_t *s, int64_t p0, int64_t p1, int64_t C, int64_t *first, int64_t *last,
+                         int32_t *chan)
+{
+#ifdef HAVE_AVX512_EVENTS
+    if (events_avx512) {
+        build_events_avx512(s, p0, p1, C, first, last, chan);
         return;
     }
 #endif
-    build_events_plain(s, npos, C, ptr, chan);
+    build_events_plain(s, p0, p1, C, first, last, chan);
 }
 
 /* ------------------------------------------------------------------------------------------------
  * Event-driven convolution, output-stationary, for one tile of L = NV * 32 output channels.
  *
- * For every output row r = (n, yo, xo) and every kernel tap (ky, kx) whose input (n, yo + ky - pad,
+ * For every output position (n, yo, xo) of the rows r0 <= n * Ho + yo < r1, and every kernel tap (ky, kx) whose input (n, yo + ky - pad,
  * xo + kx - pad) lies inside the input, the weight rows wt[tap][c][0:L] of the channels c that spiked
  * there are added into int16 accumulators held in registers. Before an event could take any lane past
  * 2**15 - 1 (its running budget, the sum of mag[tap][c] = max over the tile's lanes of |w|, would
@@ -108,9 +271,9 @@ static void build_events(const uint8_t *s, int64_t npos, int64_t C, int64_t *ptr
  * without a pass of its own over the output).
  */
 #define DEFINE_CONV_TILE(NAME, NV, WT, LOAD)                                                                             \
-static MULTIVERSION int64_t NAME(const int64_t *ptr, const int32_t *chan, int64_t N,                    \
-        int64_t H, int64_t W, int64_t C, int64_t k, int64_t pad, const WT *wt, const int32_t *mag,       \
-        const int32_t *bias, int32_t *out, int64_t O, int64_t o0, uint64_t *peak)                        \
+static MULTIVERSION int64_t NAME(const int64_t *first, const int64_t *last, const int32_t *chan,       \
+        int64_t r0, int64_t r1, int64_t H, int64_t W, int64_t C, int64_t k, int64_t pad, const WT *wt,   \
+        const int32_t *mag, const int32_t *bias, int32_t *out, int64_t O, int64_t o0, uint64_t *peak)    \
 {                                                                                                        \
     const int64_t L = NV * LANES, Ho = H + 2 * pad - k + 1, Wo = W + 2 * pad - k + 1;                    \
     const int64_t valid = (O - o0) < L ? (O - o0) : L;                                                   \
@@ -118,8 +281,8 @@ static MULTIVERSION int64_t NAME(const int64_t *ptr, const int32_t *chan, int64_
     int32_t hi = 0, lo = 0;                                                                              \
     int32_t row32[NV * LANES];                                                                           \
     int16_t row16[NV * LANES];                                                                           \
-    for (int64_t n = 0; n < N; n++)                                                                      \
-    for (int64_t yo = 0; yo < Ho; yo++)                                                                  \
+    for (int64_t r = r0; r < r1; r++) {                                                                  \
+    const int64_t n = r / Ho, yo = r % Ho;                                                               \
     for (int64_t xo = 0; xo < Wo; xo++) {                                                                \
         v32i16 acc[NV];                                                                                  \
         for (int v = 0; v < NV; v++) acc[v] = (v32i16){0};                                               \
@@ -134,9 +297,9 @@ static MULTIVERSION int64_t NAME(const int64_t *ptr, const int32_t *chan, int64_
                 const int64_t pos = (n * H + yi) * W + xi, tap = ky * k + kx;                            \
                 const WT *wtap = wt + tap * C * L;                                                       \
                 const int32_t *mtap = mag + tap * C;                                                     \
-                const int64_t e1 = ptr[pos + 1];                                                         \
-                pairs += e1 - ptr[pos];                                                                  \
-                for (int64_t e = ptr[pos]; e < e1; e++) {                                                \
+                const int64_t e1 = last[pos];                                                            \
+                pairs += e1 - first[pos];                                                                \
+                for (int64_t e = first[pos]; e < e1; e++) {                                              \
                     const int32_t c = chan[e];                                                           \
                     const int32_t m = mtap[c];                                                           \
                     if (__builtin_expect(budget + m > I16_MAX, 0)) {                                     \
@@ -162,7 +325,7 @@ static MULTIVERSION int64_t NAME(const int64_t *ptr, const int32_t *chan, int64_
             hi = dst[j] > hi ? dst[j] : hi;                                                              \
             lo = dst[j] < lo ? dst[j] : lo;                                                              \
         }                                                                                                \
-    }                                                                                                    \
+    }}                                                                                                   \
     const uint64_t a = (uint64_t)(int64_t)hi, m = (uint64_t)(-(int64_t)lo);                              \
     if (a > *peak) *peak = a;                                                                            \
     if (m > *peak) *peak = m;                                                                            \
@@ -175,46 +338,91 @@ DEFINE_CONV_TILE(conv16_4, 4, int16_t, load_v)
 DEFINE_CONV_TILE(conv16_8, 8, int16_t, load_v)
 
 
-/* conv_events(spikes, N, H, W, C, k, pad, wt, mag, L, O, bias, out) -> (pairs, max |out| written)
+typedef struct {
+    const uint8_t *s;
+    const int16_t *wt;
+    const int32_t *mag, *bias;
+    int32_t *out, *chan;
+    int64_t *first, *last;
+    int64_t N, H, W, C, k, pad, L, O, tiles, Ho;
+    int64_t pairs[TEAM_MAX];
+    uint64_t peak[TEAM_MAX];
+} conv_job;
+
+static void conv_events_lists(void *ctx, int part, int parts)      /* a range of input positions */
+{
+    conv_job *j = ctx;
+    int64_t a, b;
+    team_range(j->N * j->H * j->W, part, parts, &a, &b);
+    build_events(j->s, a, b, j->C, j->first, j->last, j->chan);
+}
+
+static void conv_events_rows(void *ctx, int part, int parts)       /* a range of output rows (n, yo) */
+{
+    conv_job *j = ctx;
+    int64_t r0, r1, pairs = 0;
+    uint64_t peak = 0;
+    team_range(j->N * j->Ho, part, parts, &r0, &r1);
+    for (int64_t t = 0; t < j->tiles && r0 < r1; t++) {
+        const int64_t C = j->C, k = j->k, L = j->L;
+        const int32_t *mag = j->mag + t * k * k * C;
+        const int16_t *wt = j->wt + t * k * k * C * L;
+        int64_t p;
+#define CONV_ARGS j->first, j->last, j->chan, r0, r1, j->H, j->W, C, k, j->pad, wt, mag, j->bias, j->out, j->O, t * L, &peak
+        switch (L) {
+            case 32: p = conv16_1(CONV_ARGS); break;
+            case 64: p = conv16_2(CONV_ARGS); break;
+            case 128: p = conv16_4(CONV_ARGS); break;
+            default: p = conv16_8(CONV_ARGS); break;
+        }
+#undef CONV_ARGS
+        if (t == 0) pairs = p;           /* every tile visits the same (event, tap) pairs */
+    }
+    j->pairs[part] = pairs;
+    j->peak[part] = peak;
+}
+
+/* conv_events(spikes, N, H, W, C, k, pad, wt, mag, L, O, bias, out, parts) -> (pairs, max |out| written)
  *   spikes: uint8 [N, H, W, C] contiguous; wt: int16 [ceil(O / L), k*k, C, L];
  *   mag: int32 [tiles, k*k, C]; bias: int32 [tiles * L] (zero past O); out: int32 [N, Ho, Wo, O] (written,
- *   not added to). */
+ *   not added to); parts: the team's threads (the input positions' event lists, then the output rows,
+ *   split among them: every output row is summed by one thread, as on one). */
 static PyObject *py_conv_events(PyObject *self, PyObject *args)
 {
     Py_buffer sb, wb, mb, bb, ob;
-    long long N, H, W, C, k, pad, L, O;
-    if (!PyArg_ParseTuple(args, "y*LLLLLLy*y*LLy*w*", &sb, &N, &H, &W, &C, &k, &pad, &wb, &mb, &L, &O, &bb, &ob))
+    long long N, H, W, C, k, pad, L, O, parts;
+    if (!PyArg_ParseTuple(args, "y*LLLLLLy*y*LLy*w*L", &sb, &N, &H, &W, &C, &k, &pad, &wb, &mb, &L, &O, &bb, &ob,
+                          &parts))
         return NULL;
     const int64_t Ho = H + 2 * pad - k + 1, Wo = W + 2 * pad - k + 1, tiles = (O + L - 1) / L;
     PyObject *result = NULL;
     if ((L != 32 && L != 64 && L != 128 && L != 256) || Ho <= 0 || Wo <= 0 || wb.len < (Py_ssize_t)(tiles * k * k * C * L * 2) ||
         sb.len < N * H * W * C || mb.len < (Py_ssize_t)(tiles * k * k * C * 4) || bb.len < (Py_ssize_t)(tiles * L * 4) ||
-        ob.len < (Py_ssize_t)(N * Ho * Wo * O * 4)) {
+        ob.len < (Py_ssize_t)(N * Ho * Wo * O * 4) || N < 0 || parts < 1) {
         PyErr_SetString(PyExc_ValueError, "conv_events: inconsistent sizes");
         goto done;
     }
-    int64_t npos = N * H * W, pairs = 0;
-    uint64_t peak = 0;
-    int64_t *ptr = malloc((npos + 1) * sizeof(int64_t));
-    int32_t *chan = malloc((npos * C > 0 ? npos * C : 1) * sizeof(int32_t));
-    if (!ptr || !chan) { free(ptr); free(chan); PyErr_NoMemory(); goto done; }
+    const int64_t npos = N * H * W;
+    conv_job j = {sb.buf, wb.buf, mb.buf, bb.buf, ob.buf, NULL, NULL, NULL, N, H, W, C, k, pad, L, O, tiles, Ho,
+                  {0}, {0}};
+    j.first = malloc((npos > 0 ? npos : 1) * sizeof(int64_t));
+    j.last = malloc((npos > 0 ? npos : 1) * sizeof(int64_t));
+    j.chan = malloc((npos * C > 0 ? npos * C : 1) * sizeof(int32_t));
+    if (!j.first || !j.last || !j.chan) { free(j.first); free(j.last); free(j.chan); PyErr_NoMemory(); goto done; }
+    const int n = parts < TEAM_MAX ? (int)parts : TEAM_MAX;
     Py_BEGIN_ALLOW_THREADS
-    build_events(sb.buf, npos, C, ptr, chan);
-    for (int64_t t = 0; t < tiles; t++) {
-        const int32_t *mag = (const int32_t *)mb.buf + t * k * k * C;
-        int64_t p;
-        const int16_t *wt = (const int16_t *)wb.buf + t * k * k * C * L;
-        switch (L) {
-            case 32: p = conv16_1(ptr, chan, N, H, W, C, k, pad, wt, mag, bb.buf, ob.buf, O, t * L, &peak); break;
-            case 64: p = conv16_2(ptr, chan, N, H, W, C, k, pad, wt, mag, bb.buf, ob.buf, O, t * L, &peak); break;
-            case 128: p = conv16_4(ptr, chan, N, H, W, C, k, pad, wt, mag, bb.buf, ob.buf, O, t * L, &peak); break;
-            default: p = conv16_8(ptr, chan, N, H, W, C, k, pad, wt, mag, bb.buf, ob.buf, O, t * L, &peak); break;
-        }
-        if (t == 0) pairs = p;           /* every tile visits the same (event, tap) pairs */
-    }
+    team_run(conv_events_lists, &j, n);
+    team_run(conv_events_rows, &j, n);
     Py_END_ALLOW_THREADS
-    free(ptr);
-    free(chan);
+    free(j.first);
+    free(j.last);
+    free(j.chan);
+    int64_t pairs = 0;
+    uint64_t peak = 0;
+    for (int i = 0; i < TEAM_MAX; i++) {
+        pairs += j.pairs[i];
+        peak = j.peak[i] > peak ? j.peak[i] : peak;
+    }
     result = Py_BuildValue("LK", (long long)pairs, (unsigned long long)peak);
 done:
     PyBuffer_Release(&sb); PyBuffer_Release(&wb); PyBuffer_Release(&mb); PyBuffer_Release(&bb);
@@ -224,7 +432,7 @@ done:
 
 /* ------------------------------------------------------------------------------------------------
  * Integer LIF over T steps for samples laid out [T, B, P] (P neurons per sample, contiguous), samples
- * b0..b1: x = X * M[j] (the input brought onto the neuron's grid: M[j] = 2**shift, M NULL for none),
+ * b0..b1, neurons j0..j1 of each: x = X * M[j] (the input brought onto the neuron's grid: M[j] = 2**shift, M NULL for none),
  * H = (V + x) >> 1 (arithmetic shift: floor), S = H >= theta[j], V = S ? 0 : H, V starting at 0.
  * Writes S (0/1) into out [T, B, P]; where H is not NULL, every step's H (before the reset) as int64
  * into H [T, B, P]; where VT is not NULL, every step's V after the reset into VT [T, B, P] (X's type):
@@ -251,13 +459,13 @@ typedef struct { uint64_t peak_h, peak_x; int64_t spikes; } lif_result;
  * of the trace branches: it is the engine's hot path */
 #define LIF_LOOP(TYPE, XV)                                                                               \
     if (ht || vt) {                                                                                      \
-        for (int64_t j = 0; j < P; j++) {                                                                \
+        for (int64_t j = j0; j < j1; j++) {                                                              \
             LIF_STEP(TYPE, j, XV)                                                                        \
             if (ht) ht[j] = (int64_t)h;                                                                  \
             if (vt) vt[j] = V[j];                                                                        \
         }                                                                                                \
     } else {                                                                                             \
-        for (int64_t j = 0; j < P; j++) {                                                                \
+        for (int64_t j = j0; j < j1; j++) {                                                              \
             LIF_STEP(TYPE, j, XV)                                                                        \
         }                                                                                                \
     }
@@ -265,12 +473,12 @@ typedef struct { uint64_t peak_h, peak_x; int64_t spikes; } lif_result;
 #define DEFINE_LIF(NAME, TYPE)                                                                           \
 static MULTIVERSION lif_result NAME(const TYPE *X, const TYPE *theta, const TYPE *M, uint8_t *out,        \
                                     int64_t *H, TYPE *VT, TYPE *V, int64_t T, int64_t B, int64_t P,      \
-                                    int64_t b0, int64_t b1)                                              \
+                                    int64_t b0, int64_t b1, int64_t j0, int64_t j1)                      \
 {                                                                                                        \
     TYPE hi = 0, lo = 0, xhi = 0, xlo = 0;                                                               \
     int64_t n = 0;                                                                                       \
     for (int64_t b = b0; b < b1; b++) {                                                                  \
-        memset(V, 0, P * sizeof(TYPE));                                                                  \
+        memset(V + j0, 0, (j1 - j0) * sizeof(TYPE));                                                     \
         for (int64_t t = 0; t < T; t++) {                                                                \
             const TYPE *x = X + (t * B + b) * P;                                                         \
             uint8_t *s = out + (t * B + b) * P;                                                          \
@@ -292,34 +500,60 @@ static MULTIVERSION lif_result NAME(const TYPE *X, const TYPE *theta, const TYPE
 DEFINE_LIF(lif_i32, int32_t)
 DEFINE_LIF(lif_i64, int64_t)
 
-/* lif(X, theta, M, out, H, VT, itemsize, T, B, P, b0, b1) -> (max |H|, max |x|, spikes); M: the multipliers
+typedef struct {
+    const void *X, *theta, *M;
+    uint8_t *out;
+    int64_t *H;
+    void *VT;
+    char *V;                            /* P neurons' state per part */
+    int64_t isz, T, B, P;
+    lif_result r[TEAM_MAX];
+} lif_job;
+
+/* part i: a range of samples where there are at least as many as parts, else a range of every sample's
+ * neurons (a batch of one still splits; each neuron's state is its own either way) */
+static void lif_part(void *ctx, int part, int parts)
+{
+    lif_job *j = ctx;
+    int64_t b0 = 0, b1 = j->B, j0 = 0, j1 = j->P;
+    if (j->B >= parts) team_range(j->B, part, parts, &b0, &b1);
+    else team_range(j->P, part, parts, &j0, &j1);
+    void *V = j->V + (int64_t)part * j->P * j->isz;
+    if (j->isz == 4) j->r[part] = lif_i32(j->X, j->theta, j->M, j->out, j->H, j->VT, V, j->T, j->B, j->P, b0, b1, j0, j1);
+    else j->r[part] = lif_i64(j->X, j->theta, j->M, j->out, j->H, j->VT, V, j->T, j->B, j->P, b0, b1, j0, j1);
+}
+
+/* lif(X, theta, M, out, H, VT, itemsize, T, B, P, parts) -> (max |H|, max |x|, spikes); M: the multipliers
  * (P of X's type) or an empty buffer for none; H: an int64 buffer of T * B * P, VT one of X's type, or
- * empty ones for no trace */
+ * empty ones for no trace; parts: the team's threads */
 static PyObject *py_lif(PyObject *self, PyObject *args)
 {
     Py_buffer xb, tb, mb, ob, hb, vb;
-    long long isz, T, B, P, b0, b1;
-    if (!PyArg_ParseTuple(args, "y*y*y*w*w*w*LLLLLL", &xb, &tb, &mb, &ob, &hb, &vb, &isz, &T, &B, &P, &b0, &b1))
+    long long isz, T, B, P, parts;
+    if (!PyArg_ParseTuple(args, "y*y*y*w*w*w*LLLLL", &xb, &tb, &mb, &ob, &hb, &vb, &isz, &T, &B, &P, &parts))
         return NULL;
     PyObject *result = NULL;
-    if ((isz != 4 && isz != 8) || xb.len < T * B * P * isz || tb.len < P * isz ||
-        (mb.len != 0 && mb.len < P * isz) || ob.len < T * B * P ||
-        (hb.len != 0 && hb.len < T * B * P * 8) || (vb.len != 0 && vb.len < T * B * P * isz) ||
-        b0 < 0 || b1 > B || b0 > b1) {
+    if ((isz != 4 && isz != 8) || T < 0 || B < 0 || P < 0 || parts < 1 || xb.len < T * B * P * isz ||
+        tb.len < P * isz || (mb.len != 0 && mb.len < P * isz) || ob.len < T * B * P ||
+        (hb.len != 0 && hb.len < T * B * P * 8) || (vb.len != 0 && vb.len < T * B * P * isz)) {
         PyErr_SetString(PyExc_ValueError, "lif: inconsistent sizes");
         goto done;
     }
-    void *V = malloc((P > 0 ? P : 1) * isz);
-    if (!V) { PyErr_NoMemory(); goto done; }
-    lif_result r;
+    const int n = parts < TEAM_MAX ? (int)parts : TEAM_MAX;
+    lif_job j = {xb.buf, tb.buf, mb.len ? mb.buf : NULL, ob.buf, hb.len ? (int64_t *)hb.buf : NULL,
+                 vb.len ? vb.buf : NULL, NULL, isz, T, B, P, {{0, 0, 0}}};
+    j.V = malloc((P > 0 ? P : 1) * isz * n);
+    if (!j.V) { PyErr_NoMemory(); goto done; }
     Py_BEGIN_ALLOW_THREADS
-    int64_t *H = hb.len ? (int64_t *)hb.buf : NULL;
-    void *VT = vb.len ? vb.buf : NULL;
-    void *M = mb.len ? mb.buf : NULL;
-    if (isz == 4) r = lif_i32(xb.buf, tb.buf, M, ob.buf, H, VT, V, T, B, P, b0, b1);
-    else r = lif_i64(xb.buf, tb.buf, M, ob.buf, H, VT, V, T, B, P, b0, b1);
+    team_run(lif_part, &j, n);
     Py_END_ALLOW_THREADS
-    free(V);
+    free(j.V);
+    lif_result r = {0, 0, 0};
+    for (int i = 0; i < TEAM_MAX; i++) {
+        r.peak_h = j.r[i].peak_h > r.peak_h ? j.r[i].peak_h : r.peak_h;
+        r.peak_x = j.r[i].peak_x > r.peak_x ? j.r[i].peak_x : r.peak_x;
+        r.spikes += j.r[i].spikes;
+    }
     result = Py_BuildValue("KKL", (unsigned long long)r.peak_h, (unsigned long long)r.peak_x, (long long)r.spikes);
 done:
     PyBuffer_Release(&xb); PyBuffer_Release(&tb); PyBuffer_Release(&mb); PyBuffer_Release(&ob);
@@ -393,17 +627,17 @@ done:
  * Dense integer convolution (the encoder) in int32, written channel-last: out[n, yo, xo, o] = sum over
  * c, ky, kx of w[ky, kx, c, o] * x[n, c, yo*stride + ky - pad, xo*stride + kx - pad] over the taps inside
  * the input, plus bias[o]. x int32 [N, C, H, W], w int32 [k, k, C, O], bias int32 [O], out int32
- * [N, Ho, Wo, O]; the caller guarantees sum |w| * max |x| + |bias| < 2**31 per output channel. acc: O
- * int32 of scratch.
+ * [N, Ho, Wo, O]; the caller guarantees sum |w| * max |x| + |bias| < 2**31 per output channel. Output rows
+ * r0 <= n * Ho + yo < r1. acc: O int32 of scratch.
  */
 static MULTIVERSION void dense_conv_i32(const int32_t *x, const int32_t *w, const int32_t *bias, int32_t *out,
-        int32_t *acc,
+        int32_t *acc, int64_t r0, int64_t r1,
         int64_t N, int64_t C, int64_t H, int64_t W, int64_t O, int64_t k, int64_t stride, int64_t pad)
 {
     const int64_t Ho = (H + 2 * pad - k) / stride + 1, Wo = (W + 2 * pad - k) / stride + 1;
-    for (int64_t n = 0; n < N; n++)
-    for (int64_t yo = 0; yo < Ho; yo++)
+    for (int64_t r = r0; r < r1; r++)
     for (int64_t xo = 0; xo < Wo; xo++) {
+        const int64_t n = r / Ho, yo = r % Ho;
         for (int64_t o = 0; o < O; o++) acc[o] = bias[o];
         for (int64_t ky = 0; ky < k; ky++) {
             const int64_t yi = yo * stride + ky - pad;
@@ -422,27 +656,45 @@ static MULTIVERSION void dense_conv_i32(const int32_t *x, const int32_t *w, cons
     }
 }
 
-/* dense_conv(x, w, bias, out, N, C, H, W, O, k, stride, pad) */
+typedef struct {
+    const int32_t *x, *w, *bias;
+    int32_t *out, *acc;
+    int64_t N, C, H, W, O, k, stride, pad, Ho;
+} dense_job;
+
+static void dense_part(void *ctx, int part, int parts)
+{
+    dense_job *j = ctx;
+    int64_t r0, r1;
+    team_range(j->N * j->Ho, part, parts, &r0, &r1);
+    dense_conv_i32(j->x, j->w, j->bias, j->out, j->acc + part * j->O, r0, r1, j->N, j->C, j->H, j->W, j->O, j->k,
+                   j->stride, j->pad);
+}
+
+/* dense_conv(x, w, bias, out, N, C, H, W, O, k, stride, pad, parts): parts split the output rows */
 static PyObject *py_dense_conv(PyObject *self, PyObject *args)
 {
     Py_buffer xb, wb, bb, ob;
-    long long N, C, H, W, O, k, stride, pad;
-    if (!PyArg_ParseTuple(args, "y*y*y*w*LLLLLLLL", &xb, &wb, &bb, &ob, &N, &C, &H, &W, &O, &k, &stride, &pad))
+    long long N, C, H, W, O, k, stride, pad, parts;
+    if (!PyArg_ParseTuple(args, "y*y*y*w*LLLLLLLLL", &xb, &wb, &bb, &ob, &N, &C, &H, &W, &O, &k, &stride, &pad,
+                          &parts))
         return NULL;
     PyObject *result = NULL;
     const int64_t Ho = stride > 0 ? (H + 2 * pad - k) / stride + 1 : 0;
     const int64_t Wo = stride > 0 ? (W + 2 * pad - k) / stride + 1 : 0;
-    if (stride <= 0 || Ho <= 0 || Wo <= 0 || xb.len < N * C * H * W * 4 || wb.len < O * C * k * k * 4 || bb.len < O * 4 ||
-        ob.len < N * O * Ho * Wo * 4) {
+    if (stride <= 0 || Ho <= 0 || Wo <= 0 || N < 0 || parts < 1 || xb.len < N * C * H * W * 4 ||
+        wb.len < O * C * k * k * 4 || bb.len < O * 4 || ob.len < N * O * Ho * Wo * 4) {
         PyErr_SetString(PyExc_ValueError, "dense_conv: inconsistent sizes");
         goto done;
     }
-    int32_t *acc = malloc((O > 0 ? O : 1) * sizeof(int32_t));
-    if (!acc) { PyErr_NoMemory(); goto done; }
+    const int n = parts < TEAM_MAX ? (int)parts : TEAM_MAX;
+    dense_job j = {xb.buf, wb.buf, bb.buf, ob.buf, NULL, N, C, H, W, O, k, stride, pad, Ho};
+    j.acc = malloc((O > 0 ? O : 1) * n * sizeof(int32_t));
+    if (!j.acc) { PyErr_NoMemory(); goto done; }
     Py_BEGIN_ALLOW_THREADS
-    dense_conv_i32(xb.buf, wb.buf, bb.buf, ob.buf, acc, N, C, H, W, O, k, stride, pad);
+    team_run(dense_part, &j, n);
     Py_END_ALLOW_THREADS
-    free(acc);
+    free(j.acc);
     Py_INCREF(Py_None);
     result = Py_None;
 done:
@@ -532,23 +784,35 @@ static MULTIVERSION uint64_t NAME(const TYPE *a, int64_t n)                     
 DEFINE_ABSMAX(absmax_i32, int32_t)
 DEFINE_ABSMAX(absmax_i64, int64_t)
 
-/* abs_max(buf, itemsize) */
+typedef struct { const char *a; int64_t n, isz; uint64_t m[TEAM_MAX]; } absmax_job;
+
+static void absmax_part(void *ctx, int part, int parts)
+{
+    absmax_job *j = ctx;
+    int64_t lo, hi;
+    team_range(j->n, part, parts, &lo, &hi);
+    j->m[part] = j->isz == 4 ? absmax_i32((const int32_t *)j->a + lo, hi - lo) : absmax_i64((const int64_t *)j->a + lo, hi - lo);
+}
+
+/* abs_max(buf, itemsize, parts) */
 static PyObject *py_abs_max(PyObject *self, PyObject *args)
 {
     Py_buffer b;
-    long long isz;
-    if (!PyArg_ParseTuple(args, "y*L", &b, &isz))
+    long long isz, parts;
+    if (!PyArg_ParseTuple(args, "y*LL", &b, &isz, &parts))
         return NULL;
-    if (isz != 4 && isz != 8) {
+    if ((isz != 4 && isz != 8) || parts < 1) {
         PyBuffer_Release(&b);
-        PyErr_SetString(PyExc_ValueError, "abs_max: int32 or int64");
+        PyErr_SetString(PyExc_ValueError, "abs_max: int32 or int64, parts >= 1");
         return NULL;
     }
-    uint64_t m;
+    absmax_job j = {b.buf, b.len / isz, isz, {0}};
     Py_BEGIN_ALLOW_THREADS
-    m = isz == 4 ? absmax_i32(b.buf, b.len / 4) : absmax_i64(b.buf, b.len / 8);
+    team_run(absmax_part, &j, parts < TEAM_MAX ? (int)parts : TEAM_MAX);
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&b);
+    uint64_t m = 0;
+    for (int i = 0; i < TEAM_MAX; i++) m = j.m[i] > m ? j.m[i] : m;
     return PyLong_FromUnsignedLongLong(m);
 }
 
@@ -660,4 +924,10 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_engine_kernels", NULL, -1, methods};
 
-PyMODINIT_FUNC PyInit__engine_kernels(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__engine_kernels(void)
+{
+    const char *spin = getenv("SDT_ENGINE_SPIN_US");
+    if (spin) team_spin_ns = (int64_t)atoll(spin) * 1000;
+    events_choose();
+    return PyModule_Create(&module);
+}

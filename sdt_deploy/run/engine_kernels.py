@@ -51,7 +51,9 @@ _POOLS: dict = {}
 
 def over_parts(fn: Callable[[int, int], object], n: int, parts: int) -> list:
     """[fn(a, b)] for the ranges [a, b) that split n items into `parts` near-equal ranges, run on a pool
-    of `parts` threads when parts > 1 (the C kernels release the GIL)."""
+    of `parts` threads when parts > 1: the engine's numpy path. (The C kernels split their own work, on the
+    extension's team of threads, which spin between rounds: a round trip costs about 0.4 us there against
+    85 us through this pool.)"""
     parts = max(1, min(int(parts), n))
     if parts <= 1:
         return [fn(0, n)]
@@ -260,8 +262,9 @@ def conv_events(S: np.ndarray, pw: EventWeights, padding: int, parts: int = 1,
     the output (padding excluded) -- each one's O additions are the layer's ACs (pairs x O). Executed: the
     same additions, O rounded up to the tile width L (32, 64, 128 or 256 channels; padded lanes add 0),
     in int16 held in registers, emptied into an int32 row before an event could take a lane past
-    2**15 - 1 (budget: the sum of the events' max |w| over the tile): exact. `parts` threads split the
-    samples (each output row belongs to one sample: the same integers)."""
+    2**15 - 1 (budget: the sum of the events' max |w| over the tile): exact. `parts` threads (the C
+    kernels' team) split the input positions' event lists, then the output rows (n, y'): each output is
+    summed by one thread, as on one, so the integers are the same."""
     N, C, H, W = S.shape
     if C != pw.C:
         raise ValueError(f"conv_events: {C} input channels, the weight has {pw.C}")
@@ -272,12 +275,8 @@ def conv_events(S: np.ndarray, pw: EventWeights, padding: int, parts: int = 1,
     if b32 is None:
         raise ValueError("conv_events: the bias could take an output past int32 (check bias_fits first)")
 
-    def part(a: int, b: int) -> tuple:
-        return _c.conv_events(Sc[a:b], b - a, H, W, C, pw.k, padding, pw.wt, pw.mag, pw.L, pw.O, b32,
-                              Y[a * Ho * Wo:b * Ho * Wo])
-
-    done = over_parts(part, N, parts) if N else [(0, 0)]
-    return Y, int(sum(p for p, _ in done)), int(max(m for _, m in done))
+    pairs, peak = _c.conv_events(Sc, N, H, W, C, pw.k, padding, pw.wt, pw.mag, pw.L, pw.O, b32, Y, max(1, parts))
+    return Y, int(pairs), int(peak)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -302,8 +301,9 @@ def lif(X: np.ndarray, theta: np.ndarray, channel_axis: int, parts: int = 1) -> 
     per channel along `channel_axis`: H = (V + X[t]) >> 1 (arithmetic shift: floor), S = H >= theta,
     V = H * (1 - S), V starting at 0. Returns (spikes uint8, X's shape, laid out in memory as X is; the
     largest |H|). The caller guarantees |V + X| fits X's type (`bits`: twice the node's bound). Counts
-    nothing (the engine counts one neuron update per element of X). `parts` threads split the samples
-    (every neuron's state is its own: the same spikes)."""
+    nothing (the engine counts one neuron update per element of X). `parts` threads split the samples,
+    or every sample's neurons where there are fewer samples than parts (every neuron's state is its own:
+    the same spikes)."""
     r = lif_steps(X, theta, channel_axis, parts)
     return r.spikes, r.peak_h
 
@@ -338,14 +338,14 @@ def lif_steps(X: np.ndarray, theta: np.ndarray, channel_axis: int, parts: int = 
     out = np.empty(Xp.shape, np.uint8)
     H = np.empty(Xp.shape if trace == "H" else 0, np.int64)
     VT = np.empty(Xp.shape if trace == "V" else 0, Xp.dtype)
-    results = over_parts(lambda a, b: _c.lif(Xp, pattern, mult, out, H, VT, Xp.itemsize, T, B, P, a, b), B, parts) \
-        if Xp.size else [(0, 0, 0)]
+    peak_h, peak_x, count = _c.lif(Xp, pattern, mult, out, H, VT, Xp.itemsize, T, B, P, max(1, parts)) \
+        if Xp.size else (0, 0, 0)
     inverse = [0] * len(perm)
     for i, p in enumerate(perm):
         inverse[p] = i
     held = {"H": H, "V": VT}.get(trace)
-    return LIFSteps(out.transpose(inverse), int(max(r[0] for r in results)), int(max(r[1] for r in results)),
-                    int(sum(r[2] for r in results)), None if held is None else held.transpose(inverse))
+    return LIFSteps(out.transpose(inverse), int(peak_h), int(peak_x), int(count),
+                    None if held is None else held.transpose(inverse))
 
 
 def _channel_pattern(values: np.ndarray, shape: tuple, perm: list, dtype, channel_axis: int, per_sample: bool):
@@ -401,7 +401,7 @@ def dense_conv_i32(x: np.ndarray, w_int: np.ndarray, stride: int, padding: int, 
     not given; one addition per output) + the sum over c and the taps inside the input of
     w[o, c, ky, kx] * x[n, c, y*s + ky - p, x*s + kx - p]. The caller checks `dense_conv_fits_int32`
     (with the same bias) first. Counts nothing (the engine counts a multiply-accumulate per valid tap,
-    C x O per output position); executes exactly those. `parts` threads split the samples."""
+    C x O per output position); executes exactly those. `parts` threads split the output rows."""
     N, C, H, W = x.shape
     O, _, k, _ = w_int.shape
     Ho, Wo = (H + 2 * padding - k) // stride + 1, (W + 2 * padding - k) // stride + 1
@@ -410,8 +410,7 @@ def dense_conv_i32(x: np.ndarray, w_int: np.ndarray, stride: int, padding: int, 
     out = np.empty((N, Ho, Wo, O), np.int32)
     b32 = np.zeros(O, np.int32) if bias is None else np.ascontiguousarray(bias, dtype=np.int32)
     if N:
-        over_parts(lambda a, b: _c.dense_conv(xc[a:b], wc, b32, out[a:b], b - a, C, H, W, O, k, stride, padding),
-                   N, parts)
+        _c.dense_conv(xc, wc, b32, out, N, C, H, W, O, k, stride, padding, max(1, parts))
     return out.transpose(0, 3, 1, 2)
 
 
@@ -431,8 +430,7 @@ def abs_max(a: np.ndarray, parts: int = 1) -> int:
     if _c is not None and a.dtype in (np.int32, np.int64):
         v = a if a.flags.c_contiguous else memory_order(a)
         if v is not None:
-            flat = v.reshape(-1)
-            return int(max(over_parts(lambda lo, hi: _c.abs_max(flat[lo:hi], a.itemsize), flat.size, parts)))
+            return int(_c.abs_max(v.reshape(-1), a.itemsize, max(1, parts)))
     return max(int(a.max()), -int(a.min()))
 
 

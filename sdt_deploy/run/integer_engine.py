@@ -12,15 +12,16 @@ on its grid), event-driven, counting the operations it performs.
   the row. Where the C kernels are absent (no compiler at install) or a weight does not fit their
   integers (beyond int16, or a worst-case sum beyond int32), the numpy path: per kernel tap, the
   spikes as a sparse 0/1 matrix of input events times that tap's weights (scipy's public sparse
-  product), in int16 where the weights bound a group of events below 2**15. Either way the samples
-  are split over threads (`threads`);
+  product), in int16 where the weights bound a group of events below 2**15. The C kernels split a
+  layer's output rows over `threads` (their own team of threads, a batch of one too); the numpy path
+  splits the samples;
 - the encoder (the only layer reading a real value) is a dense integer convolution (int32 in the C
   kernel where max |x| times the weights' sum bounds it, else int64 numpy): its multiply-accumulates
   are counted per valid (non-padding) tap;
 - a LIF is `H = (V + X) >> 1` (arithmetic shift: floor), `S = H >= theta`, `V = H * (1 - S)`, on its
   channel's grid; contributions on a coarser grid are shifted left first (exact); one pass over the T
   steps in the C kernel (writing the membrane trace too where it is asked for; numpy without the C
-  kernels), a large layer's samples on the same threads.
+  kernels), a large layer's samples (or, at batch 1, its neurons) on the same threads.
 
 Because floor((floor(a) + n) / 2) = floor((a + n) / 2) for integer n, the integer state is the floor of
 the exact state and every threshold decision matches the float model's exactly (docs/numeric-contract.md).
@@ -151,15 +152,20 @@ def int16_plan(w_int: np.ndarray) -> Optional[list]:
     return plan
 
 
-# inputs x outputs of a layer below which it runs on one thread. Measured on CIFAR 2-256 (2 cores, Dec 5):
-# at batch 1 (2**25 at most) a split never paid -- the 5 % model took 11.8 ms on two threads against 7.0 on
-# one at 2**22 -- while at batch 32 (2**29-2**30) the split gives 1.25-1.4x; 2**28 keeps the second only.
+# Where the C kernels split a layer over the engine's threads (their own team of spinning threads,
+# engine_kernels): inputs x outputs of an event layer, neurons x steps of a LIF, and multiply-accumulates of
+# the encoder's dense convolution, below which the layer runs on the calling thread. A round trip to the
+# team costs about 0.4 us (a Python thread pool's, 85 us, kept batch-1 layers on one thread before); measured
+# on CIFAR 2-256, 2 cores (Dec 5, 17:00): the 5 % model at batch 1 took 6.5 ms on one thread, 5.5 on two
+# with these thresholds, 5.6 with every layer split, 6.4 with the previous thresholds (2**28 / 2**20).
+KERNEL_PARALLEL_MIN_WORK = 1 << 20
+KERNEL_PARALLEL_MIN_NEURONS = 1 << 14
+DENSE_PARALLEL_MIN_MACS = 1 << 20
+# The same for the numpy kernels (no compiler at install time), which split the samples on a Python thread
+# pool: at batch 1 a split never paid there -- the 5 % model took 11.8 ms on two threads against 7.0 on one
+# at 2**22 -- while at batch 32 (2**29-2**30) it gives 1.25-1.4x; 2**28 keeps the second only.
 PARALLEL_MIN_WORK = 1 << 28
-PARALLEL_MIN_NEURONS = 1 << 20  # neurons x steps of a LIF below which it runs on one thread
-# multiply-accumulates of the encoder's dense convolution below which it runs on one thread: CIFAR 2-256's
-# first convolution (27 x 32 per output) took 12 ms on one thread and 6.7 on two at batch 32 (113 M MACs),
-# 0.38 and 0.33 ms at batch 1 (3.5 M) (Dec 5)
-DENSE_PARALLEL_MIN_MACS = 1 << 25
+PARALLEL_MIN_NEURONS = 1 << 20
 
 
 def default_threads() -> int:
@@ -231,7 +237,8 @@ def synaptic_conv(S: np.ndarray, w_int: np.ndarray, padding: int, threads: int =
 
 
 def synaptic_conv_peak(S: np.ndarray, w_int: np.ndarray, padding: int, threads: int = 1, out_dtype=INT,
-                       bias: Optional[np.ndarray] = None) -> tuple[np.ndarray, int, Optional[int]]:
+                       bias: Optional[np.ndarray] = None,
+                       packed: Optional[K.EventWeights] = None) -> tuple[np.ndarray, int, Optional[int]]:
     """Event-driven conv of spikes [N, C, H, W] with integer weights [O, C, k, k], stride 1.
 
     Every input spike (n, c, y, x) adds, for each kernel tap (ky, kx) that lands on an output
@@ -240,13 +247,14 @@ def synaptic_conv_peak(S: np.ndarray, w_int: np.ndarray, padding: int, threads: 
     proves it safe; `threads` split the samples. Returns (out [N, O, H', W'] as out_dtype (int64 by
     default; int32 only where the caller knows the values fit), additions performed = (event, tap)
     pairs x O, max |out| where the C kernel wrote the whole output (else None: the caller measures it)).
-    `bias` [O], where given, is added to every output (the caller counts those additions)."""
+    `bias` [O], where given, is added to every output (the caller counts those additions). `packed`: w_int
+    packed for the C kernel where the caller holds it (else looked up: `engine_kernels.event_weights`)."""
     N, C, H, W = S.shape
     O, _, k, _ = w_int.shape
     Ho, Wo = H + 2 * padding - k + 1, W + 2 * padding - k + 1
-    packed = K.event_weights(w_int)
+    packed = K.event_weights(w_int) if packed is None else packed
     if packed is not None:     # the C kernel (engine_kernels.conv_events): int16 in registers, int32 rows
-        parts = min(threads, N) if S.size * O >= PARALLEL_MIN_WORK else 1
+        parts = threads if S.size * O >= KERNEL_PARALLEL_MIN_WORK else 1
         in_kernel = bias is not None and K.bias_fits(packed, bias)
         Y, pairs, peak = K.conv_events(S, packed, padding, parts, bias if in_kernel else None)
         out = Y.reshape(N, Ho, Wo, O).transpose(0, 3, 1, 2).astype(out_dtype, copy=False)
@@ -319,12 +327,14 @@ def _conv_events(S: np.ndarray, w_int: np.ndarray, padding: int, Y: np.ndarray, 
     return pairs
 
 
-def synaptic_linear(S: np.ndarray, w_int: np.ndarray, threads: int = 1) -> tuple[np.ndarray, int]:
-    """Event-driven linear layer on spikes [N, C]; returns (out int64 [N, O], additions)."""
-    packed = K.event_weights(w_int)
+def synaptic_linear(S: np.ndarray, w_int: np.ndarray, threads: int = 1,
+                    packed: Optional[K.EventWeights] = None) -> tuple[np.ndarray, int]:
+    """Event-driven linear layer on spikes [N, C]; returns (out int64 [N, O], additions). `packed`: as
+    `synaptic_conv_peak`'s."""
+    packed = K.event_weights(w_int) if packed is None else packed
     if packed is not None:     # the event kernel, as a 1x1 convolution of [N, C, 1, 1]
         N, O = S.shape[0], w_int.shape[0]
-        parts = min(threads, N) if S.size * O >= PARALLEL_MIN_WORK else 1
+        parts = threads if S.size * O >= KERNEL_PARALLEL_MIN_WORK else 1
         Y, events, _ = K.conv_events(S.reshape(N, -1, 1, 1), packed, 0, parts)
         return Y.astype(INT), events * O
 
@@ -350,7 +360,7 @@ def dense_conv(x: np.ndarray, w_int: np.ndarray, stride: int, padding: int, thre
     O, _, k, _ = w_int.shape
     macs = int(_valid_taps(H, W, k, stride, padding)) * C * O * N
     if K.dense_conv_fits_int32(x, w_int, bias):
-        parts = min(threads, N) if macs >= DENSE_PARALLEL_MIN_MACS else 1
+        parts = threads if macs >= DENSE_PARALLEL_MIN_MACS else 1
         out = K.dense_conv_i32(x, w_int, stride, padding, parts, bias).astype(out_dtype, copy=False)
         return out, macs
     xp = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
@@ -459,13 +469,37 @@ def lif_int_parallel(X: np.ndarray, theta: np.ndarray, threads: int):
     return out, max(peaks)
 
 
+@dataclass(frozen=True)
+class EnginePlan:
+    """What the engine derives from a graph once (remembered with `engine_kernels.graph_memo` while the
+    graph's integers are unchanged): every node's worst-case bound (`check_engine_bounds`, which refuses a
+    graph that could wrap) and the synaptic layers' weights packed for the C kernel (by node name; absent
+    where the kernel cannot take them). One comparison of the graph per run checks both (the packed
+    weights were a second comparison of every weight before)."""
+    bounds: dict
+    packed: dict
+
+
+def engine_plan(qg: Graph) -> EnginePlan:
+    bounds = check_engine_bounds(qg)
+    kinds = {n.name: n.out_kind for n in qg.nodes}
+    packed = {}
+    for n in qg.nodes:
+        event_layer = isinstance(n, Linear) or (isinstance(n, Conv) and n.stride == 1 and n.groups == 1)
+        if event_layer and all(kinds.get(i) == SPIKE for i in n.inputs):      # (what _conv, _linear run)
+            p = K.pack_event_weights(np.asarray(n.w_int))
+            if p is not None:
+                packed[n.name] = p
+    return EnginePlan(bounds, packed)
+
+
 @dataclass
 class _Run:
     """One engine run: the step and batch sizes, the node bounds, threads, and what it records."""
 
     T: int
     B: int
-    bounds: dict
+    plan: EnginePlan
     threads: int
     membranes: Union[bool, str]      # False, True (H before the reset, int64), "after_reset" (V')
     ops: dict = field(default_factory=dict)
@@ -475,7 +509,12 @@ class _Run:
 
     def width(self, name: str, factor: int = 1):
         """int32 where the node's worst case (times factor) stays below 2**31, else int64."""
-        return np.int32 if self.bounds.get(name, np.inf) * factor < 2 ** 31 else INT
+        return np.int32 if self.plan.bounds.get(name, np.inf) * factor < 2 ** 31 else INT
+
+    def packed(self, name: str) -> Optional[K.EventWeights]:
+        """The node's weights packed for the C kernel (None: look them up; and where the kernels are
+        absent, as a test makes them, the numpy path)."""
+        return self.plan.packed.get(name) if K.compiled_kernels() else None
 
 
 def _input(n: Input, ins, grids, x, r: _Run):
@@ -490,7 +529,7 @@ def _conv(n: Conv, ins, grids, x, r: _Run):
             out, adds = grouped_conv(flat, n.w_int, n.stride, n.padding, n.groups, bias=n.b_int)
         else:
             out, adds, peak = synaptic_conv_peak(flat, n.w_int, n.padding, r.threads, out_dtype=r.width(n.name),
-                                                 bias=n.b_int)
+                                                 bias=n.b_int, packed=r.packed(n.name))
             if peak is not None:       # measured by the kernel as it wrote the output: no pass of its own
                 r.observed[n.name] = peak
                 r.measured.add(n.name)
@@ -514,7 +553,7 @@ def _conv(n: Conv, ins, grids, x, r: _Run):
 def _linear(n: Linear, ins, grids, x, r: _Run):
     if grids[0] is not None:
         raise DeployError(f"{n.name}: a linear layer reading a current is not supported")
-    out, adds = synaptic_linear(ins[0].reshape(r.T * r.B, -1), n.w_int, r.threads)
+    out, adds = synaptic_linear(ins[0].reshape(r.T * r.B, -1), n.w_int, r.threads, packed=r.packed(n.name))
     out += n.b_int.astype(INT)[None, :]
     r.ops[n.name] = {"acs": adds, "macs": 0, "bias_adds": int(out.size)}
     return out.reshape(r.T, r.B, -1)
@@ -531,7 +570,8 @@ def _lif(n: LIF, ins, grids, x, r: _Run):
         # the shift onto the neuron's grid, the steps, max |x| and the spike count in one pass
         _check_shift(shift)
         trace = None if not r.membranes else "V" if after_reset else "H"
-        res = K.lif_steps(X, n.theta_int, 2, _lif_parts(X, r.threads), shift=shift, trace=trace)
+        parts = r.threads if X.size >= KERNEL_PARALLEL_MIN_NEURONS else 1
+        res = K.lif_steps(X, n.theta_int, 2, parts, shift=shift, trace=trace)
         y, peak, count = res.spikes, max(res.peak_h, res.peak_x), res.count
         if trace is not None:
             r.traces[n.name] = res.trace
@@ -643,7 +683,7 @@ def run_engine(qg: Graph, x: np.ndarray, record: bool = True, membranes: Union[b
     if not qg.meta.get("quantized"):
         raise DeployError("the integer engine runs quantized graphs only")
     T = x.shape[1] if x.ndim == 5 else int(qg.meta["time_steps"])
-    r = _Run(T, x.shape[0], K.graph_memo(qg, check_engine_bounds), threads, membranes)
+    r = _Run(T, x.shape[0], K.graph_memo(qg, engine_plan), threads, membranes)
     vals: dict[str, np.ndarray] = {}
     grids: dict[str, Optional[np.ndarray]] = {}
     spikes = {}
@@ -657,7 +697,7 @@ def run_engine(qg: Graph, x: np.ndarray, record: bool = True, membranes: Union[b
         vals[n.name] = y
         grids[n.name] = n.grid if n.out_kind == CURRENT else None
         if n.out_kind == CURRENT and not isinstance(n, (Input, Readout)) and n.name not in r.measured:
-            parts = r.threads if y.size >= PARALLEL_MIN_NEURONS else 1   # (one pass over memory: a
+            parts = r.threads if y.size >= KERNEL_PARALLEL_MIN_NEURONS else 1   # (one pass over memory: a
             r.observed[n.name] = max(r.observed.get(n.name, 0), K.abs_max(y, parts))   # fifth of a run)
         if record and n.out_kind == SPIKE:
             if sink is None:
