@@ -197,17 +197,24 @@ def timed(fn: Callable[[], object], runs: int, warmup: int = 1) -> dict:
     return {"median": median(times), "runs": times, "load1": loads}
 
 
+SETTLE_S = 0.05
+
+
 def interleaved(fns: dict, runs: int, warmup: int = 1) -> dict:
     """Like `timed` for several functions taking turns (wall seconds, and the process's CPU seconds, all
     threads, per run: less sensitive to other processes' load on one thread): round r runs each in order,
-    each time first once untimed (a runtime's worker threads keep spinning for a while after a call -- onnxruntime's and
-    OpenMP's do -- and would otherwise slow whichever runs next), then once timed."""
+    each time after SETTLE_S of idling, first once untimed, then once timed. A runtime's worker threads keep
+    spinning for a while after a call -- onnxruntime's, OpenMP's (libgomp: up to ~300,000 pauses, several
+    ms) and the engine's C kernels' (1 ms) do -- and would otherwise slow whichever contender runs next:
+    the idling lets the previous contender's threads go to sleep, the untimed call puts the contender's own
+    threads in the state repeated calls keep them in."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     out = {k: {"runs": [], "load1": [], "cpu_runs": []} for k in fns}
     for _ in range(runs):
         for k, fn in fns.items():
+            time.sleep(SETTLE_S)
             fn()
             out[k]["load1"].append(load_average()[0])
             c0, t0 = time.process_time(), time.perf_counter()

@@ -120,3 +120,17 @@ def test_more_parts_than_work():
     # neuron 0: H = 3 >> 1 = 1, no spike, V 1; H = (1 + 4) >> 1 = 2, spike. Neuron 1: H = -5, then -3
     assert r.spikes[:, 0].tolist() == [[0, 0], [1, 0]] and r.peak_h == 5 and r.peak_x == 9 and r.count == 1
     assert engine_kernels.abs_max(np.array([1, -7, 3], np.int32), 8) == 7
+
+
+@pytest.mark.parametrize("parts", [1, 2, 3, 8])
+def test_a_split_comparison_finds_one_differing_byte_anywhere(parts):
+    """`same_array` of a large array splits its bytes over the team (the engine's check of the graph's
+    weights for changes in place): a single changed byte in any part's range is found."""
+    a = np.random.default_rng(parts).integers(-128, 128, size=(3, 100_003), dtype=np.int8)
+    assert a.nbytes >= engine_kernels.SPLIT_COMPARE_BYTES
+    assert engine_kernels.same_array(a, a.copy(), parts)
+    for at in (0, 1, a.size // 3, a.size // 2, a.size - 2, a.size - 1):
+        b = a.copy()
+        b.reshape(-1)[at] ^= 1
+        assert not engine_kernels.same_array(a, b, parts), at
+    assert not engine_kernels.same_array(a, a[:, :-1].copy(), parts)      # another shape

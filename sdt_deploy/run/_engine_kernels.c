@@ -562,6 +562,78 @@ done:
 }
 
 /* ------------------------------------------------------------------------------------------------
+ * The residual addition on a common grid: out[o * P + j] = A[o * P + j] * MA[j] + B[o * P + j] * MB[j]
+ * (MA / MB: per-neuron multipliers 2**shift, NULL for 1), for the rows o of `rows` rows of P neurons laid
+ * out alike in A, B and out; computed in int64 and written in the arrays' type (the caller guarantees the
+ * sum fits it). Returns max |out|: the engine's observed bound of the node, without a pass of its own.
+ */
+#define DEFINE_ADD(NAME, TYPE)                                                                           \
+static MULTIVERSION uint64_t NAME(const TYPE *A, const TYPE *B, const TYPE *MA, const TYPE *MB,          \
+                                  TYPE *out, int64_t r0, int64_t r1, int64_t P)                          \
+{                                                                                                        \
+    int64_t hi = 0, lo = 0;                                                                              \
+    for (int64_t o = r0; o < r1; o++) {                                                                  \
+        const TYPE *a = A + o * P, *b = B + o * P;                                                       \
+        TYPE *y = out + o * P;                                                                           \
+        for (int64_t j = 0; j < P; j++) {                                                                \
+            const int64_t v = (int64_t)a[j] * (MA ? MA[j] : 1) + (int64_t)b[j] * (MB ? MB[j] : 1);      \
+            y[j] = (TYPE)v;                                                                              \
+            hi = v > hi ? v : hi;                                                                        \
+            lo = v < lo ? v : lo;                                                                        \
+        }                                                                                                \
+    }                                                                                                    \
+    const uint64_t x = (uint64_t)hi, m = (uint64_t)0 - (uint64_t)lo;                                      \
+    return x > m ? x : m;                                                                                \
+}
+
+DEFINE_ADD(add_i32, int32_t)
+DEFINE_ADD(add_i64, int64_t)
+
+typedef struct {
+    const void *A, *B, *MA, *MB;
+    void *out;
+    int64_t isz, rows, P;
+    uint64_t peak[TEAM_MAX];
+} add_job;
+
+static void add_part(void *ctx, int part, int parts)
+{
+    add_job *j = ctx;
+    int64_t r0, r1;
+    team_range(j->rows, part, parts, &r0, &r1);
+    j->peak[part] = j->isz == 4 ? add_i32(j->A, j->B, j->MA, j->MB, j->out, r0, r1, j->P)
+                                : add_i64(j->A, j->B, j->MA, j->MB, j->out, r0, r1, j->P);
+}
+
+/* add_scaled(A, B, MA, MB, out, itemsize, rows, P, parts) -> max |out|; MA / MB: P multipliers of the
+ * arrays' type, or empty buffers for none */
+static PyObject *py_add_scaled(PyObject *self, PyObject *args)
+{
+    Py_buffer ab, bb, mab, mbb, ob;
+    long long isz, rows, P, parts;
+    if (!PyArg_ParseTuple(args, "y*y*y*y*w*LLLL", &ab, &bb, &mab, &mbb, &ob, &isz, &rows, &P, &parts))
+        return NULL;
+    PyObject *result = NULL;
+    const int64_t n = rows * P * isz;
+    if ((isz != 4 && isz != 8) || rows < 0 || P < 0 || parts < 1 || ab.len < n || bb.len < n || ob.len < n ||
+        (mab.len != 0 && mab.len < P * isz) || (mbb.len != 0 && mbb.len < P * isz)) {
+        PyErr_SetString(PyExc_ValueError, "add_scaled: inconsistent sizes");
+        goto done;
+    }
+    add_job j = {ab.buf, bb.buf, mab.len ? mab.buf : NULL, mbb.len ? mbb.buf : NULL, ob.buf, isz, rows, P, {0}};
+    Py_BEGIN_ALLOW_THREADS
+    team_run(add_part, &j, parts < TEAM_MAX ? (int)parts : TEAM_MAX);
+    Py_END_ALLOW_THREADS
+    uint64_t peak = 0;
+    for (int i = 0; i < TEAM_MAX; i++) peak = j.peak[i] > peak ? j.peak[i] : peak;
+    result = PyLong_FromUnsignedLongLong(peak);
+done:
+    PyBuffer_Release(&ab); PyBuffer_Release(&bb); PyBuffer_Release(&mab); PyBuffer_Release(&mbb);
+    PyBuffer_Release(&ob);
+    return result;
+}
+
+/* ------------------------------------------------------------------------------------------------
  * The NIR interpreter's neuron (sdt_deploy.run.lif.nir_lif_step, NIR's LIF / IF / LI / I stepped by forward
  * Euler), one step, in float64 with the operations of that numpy definition in its order:
  *     leaky:  h = v + gain * ((v_leak - v) + r * i)        otherwise:  h = v + gain * (r * i)
@@ -881,16 +953,31 @@ static PyObject *py_peak_adds(PyObject *self, PyObject *args)
     return Py_BuildValue("LL", (long long)sum, (long long)adds);
 }
 
-/* same_bytes(a, b) -> whether two buffers hold the same bytes (memcmp) */
+typedef struct { const char *a, *b; int64_t n; int differ[TEAM_MAX]; } compare_job;
+
+static void compare_part(void *ctx, int part, int parts)
+{
+    compare_job *j = ctx;
+    int64_t lo, hi;
+    team_range(j->n, part, parts, &lo, &hi);
+    j->differ[part] = hi > lo && memcmp(j->a + lo, j->b + lo, hi - lo) != 0;
+}
+
+/* same_bytes(a, b, parts) -> whether two buffers hold the same bytes (memcmp; parts split the bytes) */
 static PyObject *py_same_bytes(PyObject *self, PyObject *args)
 {
     Py_buffer a, b;
-    if (!PyArg_ParseTuple(args, "y*y*", &a, &b))
+    long long parts;
+    if (!PyArg_ParseTuple(args, "y*y*L", &a, &b, &parts))
         return NULL;
-    int same;
-    Py_BEGIN_ALLOW_THREADS
-    same = a.len == b.len && memcmp(a.buf, b.buf, a.len) == 0;
-    Py_END_ALLOW_THREADS
+    int same = a.len == b.len;
+    if (same) {
+        compare_job j = {a.buf, b.buf, a.len, {0}};
+        Py_BEGIN_ALLOW_THREADS
+        team_run(compare_part, &j, parts < 1 ? 1 : parts < TEAM_MAX ? (int)parts : TEAM_MAX);
+        Py_END_ALLOW_THREADS
+        for (int i = 0; i < TEAM_MAX; i++) same &= !j.differ[i];
+    }
     PyBuffer_Release(&a);
     PyBuffer_Release(&b);
     return PyBool_FromLong(same);
@@ -912,6 +999,7 @@ static PyObject *py_isa(PyObject *self, PyObject *noargs)
 static PyMethodDef methods[] = {
     {"conv_events", py_conv_events, METH_VARARGS, "event-driven convolution (see engine_kernels.py)"},
     {"lif", py_lif, METH_VARARGS, "integer LIF over T (see engine_kernels.py)"},
+    {"add_scaled", py_add_scaled, METH_VARARGS, "the residual addition on a common grid (see engine_kernels.py)"},
     {"nir_lif", py_nir_lif, METH_VARARGS, "one forward-Euler step of NIR's neurons in float64 (see lif.py)"},
     {"dense_conv", py_dense_conv, METH_VARARGS, "dense int32 convolution (see engine_kernels.py)"},
     {"pool_max", py_pool_max, METH_VARARGS, "channel-last max pool (see engine_kernels.py)"},

@@ -119,13 +119,17 @@ def aligned_copy(a: np.ndarray, alignment: int = 64) -> np.ndarray:
     return out
 
 
-def same_array(a: np.ndarray, b: np.ndarray) -> bool:
+SPLIT_COMPARE_BYTES = 1 << 16     # arrays from this size on are compared on `parts` threads
+
+
+def same_array(a: np.ndarray, b: np.ndarray, parts: int = 1) -> bool:
     """Whether two arrays hold the same values (same dtype and shape): one memcmp where both are
-    C-contiguous (the C kernels), np.array_equal otherwise."""
+    C-contiguous (the C kernels; a large array's bytes split over `parts` threads), np.array_equal
+    otherwise."""
     if a.dtype != b.dtype or a.shape != b.shape:
         return False
     if _c is not None and a.flags.c_contiguous and b.flags.c_contiguous:
-        return bool(_c.same_bytes(a, b))
+        return bool(_c.same_bytes(a, b, parts if a.nbytes >= SPLIT_COMPARE_BYTES else 1))
     return bool(np.array_equal(a, b))
 
 
@@ -166,7 +170,7 @@ def _graph_snapshot(qg) -> tuple:
     return tuple(nodes), (None if cut is None else np.array(cut, copy=True))
 
 
-def _same_snapshot(qg, held: tuple) -> bool:
+def _same_snapshot(qg, held: tuple, parts: int = 1) -> bool:
     nodes, cut = held
     if len(nodes) != len(qg.nodes):
         return False
@@ -176,7 +180,7 @@ def _same_snapshot(qg, held: tuple) -> bool:
             return False
         for f, a in zip(_GRAPH_FIELDS, arrays):
             v = getattr(n, f, None)
-            if (v is None) != (a is None) or (v is not None and not same_array(np.asarray(v), a)):
+            if (v is None) != (a is None) or (v is not None and not same_array(np.asarray(v), a, parts)):
                 return False
     now = qg.meta.get("cut_bound")
     return (now is None) == (cut is None) and (now is None or same_array(np.asarray(now), cut))
@@ -185,14 +189,16 @@ def _same_snapshot(qg, held: tuple) -> bool:
 _GRAPH_MEMO: dict = {}
 
 
-def graph_memo(qg, fn: Callable):
+def graph_memo(qg, fn: Callable, parts: int = 1):
     """fn(qg), remembered per graph (and per fn) while the graph lives and the integers, grids, bits and
     structure fn can read are unchanged -- compared with a copy on every use (one memcmp per array:
     ~30x cheaper than the engine's bit analysis of CIFAR 2-256, which took a fifth of a batch-1 run).
-    Exceptions are not remembered."""
+    `parts` threads compare the large arrays (the graph's weights are read from memory, not cache, when
+    another model ran in between: 0.68 against 0.49 ms for CIFAR 2-256's 2.75 MB). Exceptions are not
+    remembered."""
     key = (id(qg), fn)
     held = _GRAPH_MEMO.get(key)
-    if held is not None and held[0]() is qg and _same_snapshot(qg, held[1]):
+    if held is not None and held[0]() is qg and _same_snapshot(qg, held[1], parts):
         return held[2]
     for k in [k for k, v in _GRAPH_MEMO.items() if v[0]() is None]:
         del _GRAPH_MEMO[k]
@@ -283,17 +289,25 @@ def conv_events(S: np.ndarray, pw: EventWeights, padding: int, parts: int = 1,
 # integer LIF
 
 
-def lif_layout(X: np.ndarray, channel_axis: int):
-    """(Xp, perm, B): X [T, ...] transposed to its memory order, T first (a view where X is a permuted
-    C-contiguous array, else X copied to C order), the permutation used, and B, the number of samples
-    (the outermost axis after T, where it is not the channel axis; else 1: the whole step one sample)."""
+def memory_layout(X: np.ndarray, channel_axis: int):
+    """(Xp, perm, B): X [T, ...] viewed in its memory order, T first, the permutation used, and B, the
+    number of samples (the outermost axis after T, where it is not the channel axis; else 1: the whole
+    step one sample); None where that view is not C-contiguous."""
     perm = [0] + sorted(range(1, X.ndim), key=lambda a: -abs(X.strides[a]))
     Xp = X.transpose(perm)
-    if not Xp.flags.c_contiguous or X.dtype not in (np.int32, np.int64):
-        perm = list(range(X.ndim))
-        Xp = np.ascontiguousarray(X, dtype=X.dtype if X.dtype in (np.int32, np.int64) else np.int64)
-    B = Xp.shape[1] if X.ndim >= 3 and perm[1] != channel_axis else 1
-    return Xp, perm, B
+    if not Xp.flags.c_contiguous:
+        return None
+    return Xp, perm, Xp.shape[1] if X.ndim >= 3 and perm[1] != channel_axis else 1
+
+
+def lif_layout(X: np.ndarray, channel_axis: int):
+    """`memory_layout` of X as int32 / int64, X copied to C order (other integer types as int64) where
+    it is not a permuted C-contiguous array of one of those."""
+    held = memory_layout(X, channel_axis) if X.dtype in (np.int32, np.int64) else None
+    if held is None:
+        X = np.ascontiguousarray(X, dtype=X.dtype if X.dtype in (np.int32, np.int64) else np.int64)
+        held = memory_layout(X, channel_axis)
+    return held
 
 
 def lif(X: np.ndarray, theta: np.ndarray, channel_axis: int, parts: int = 1) -> tuple[np.ndarray, int]:
@@ -320,21 +334,27 @@ class LIFSteps:
 
 
 def lif_steps(X: np.ndarray, theta: np.ndarray, channel_axis: int, parts: int = 1, shift: Optional[np.ndarray] = None,
-              trace: Optional[str] = None) -> LIFSteps:
+              trace: Optional[str] = None, patterns: Optional[dict] = None) -> LIFSteps:
     """`lif` on x = X * 2**shift (per channel, shift >= 0: the input brought onto the neuron's grid, as the
     engine's `_shift_left`; None: x = X), in one pass that also gives the largest |x| and the number of
     spikes (each a pass of its own before: about 50 ms of a 216 ms profiled run, the 5 % model of CIFAR 2-256
     at batch 32 on two threads). `trace`: None, "H"
     (every H before the reset, int64) or "V" (every V after it, X's type). The caller guarantees that
-    x and V + x fit X's type."""
+    x and V + x fit X's type. `patterns`: a dict the caller keeps while theta and shift are unchanged (the
+    engine: per node, with its plan), where the per-neuron thresholds and multipliers are kept per layout
+    (building them was about a third of a batch-1 LIF's 35 us)."""
     Xp, perm, B = lif_layout(X, channel_axis)
     T = Xp.shape[0]
     per_sample = X.ndim >= 3 and perm[1] != channel_axis
-    pattern = _theta_pattern(theta, X.shape, perm, Xp.dtype, channel_axis, per_sample)
+    key = ("lif", X.shape, tuple(perm), Xp.dtype.char, per_sample)
+    held = None if patterns is None else patterns.get(key)
+    if held is None:
+        held = (_theta_pattern(theta, X.shape, perm, Xp.dtype, channel_axis, per_sample),
+                _multipliers(shift, X.shape, perm, Xp.dtype, channel_axis, per_sample))
+        if patterns is not None:
+            patterns[key] = held
+    pattern, mult = held
     P = pattern.size
-    mult = np.empty(0, Xp.dtype) if shift is None or not np.any(shift) else \
-        _channel_pattern(np.left_shift(1, np.asarray(shift, dtype=np.int64)), X.shape, perm, Xp.dtype, channel_axis,
-                         per_sample)
     out = np.empty(Xp.shape, np.uint8)
     H = np.empty(Xp.shape if trace == "H" else 0, np.int64)
     VT = np.empty(Xp.shape if trace == "V" else 0, Xp.dtype)
@@ -357,6 +377,14 @@ def _channel_pattern(values: np.ndarray, shape: tuple, perm: list, dtype, channe
     return np.ascontiguousarray(th[0] if per_sample else th)
 
 
+def _multipliers(shift: Optional[np.ndarray], shape: tuple, perm: list, dtype, channel_axis: int, per_sample: bool):
+    """`_channel_pattern` of 2**shift, or an empty array where nothing is shifted (the kernels' "none")."""
+    if shift is None or not np.any(shift):
+        return np.empty(0, dtype)
+    return _channel_pattern(np.left_shift(1, np.asarray(shift, dtype=np.int64)), shape, perm, dtype, channel_axis,
+                            per_sample)
+
+
 _PATTERNS: dict = {}
 
 
@@ -375,6 +403,44 @@ def _theta_pattern(theta: np.ndarray, shape: tuple, perm: list, dtype, channel_a
     except TypeError:   # pragma: no cover
         pass
     return pattern
+
+
+# ---------------------------------------------------------------------------------------------------
+# the residual addition
+
+
+def add_scaled(a: np.ndarray, b: np.ndarray, shift_a: np.ndarray, shift_b: np.ndarray, channel_axis: int,
+               parts: int = 1, patterns: Optional[dict] = None) -> Optional[tuple[np.ndarray, int]]:
+    """(y, max |y|) for y = a * 2**shift_a + b * 2**shift_b (per channel along `channel_axis`, shifts >= 0:
+    the engine's residual addition on the node's grid), [T, B, ...] int32 or int64 arrays of one type, shape
+    and memory layout, in one pass of the C kernel that also takes the maximum (three passes in numpy, and
+    a fourth for the maximum). y has a's layout and type; the caller guarantees it fits the type (each term
+    may not: the kernel adds in int64). None where the kernel cannot take the arrays (the caller uses numpy).
+    `parts` threads split the rows; `patterns`: as `lif_steps`'."""
+    if _c is None or a.dtype != b.dtype or a.dtype not in (np.int32, np.int64) or a.shape != b.shape or a.ndim < 3:
+        return None
+    held = memory_layout(a, channel_axis)
+    if held is None:
+        return None
+    ap, perm, B = held
+    bp = b.transpose(perm)
+    if not bp.flags.c_contiguous:           # not laid out as a (strides of length-1 axes do not matter)
+        return None
+    per_sample = perm[1] != channel_axis
+    key = ("add", a.shape, tuple(perm), ap.dtype.char, per_sample)
+    held = None if patterns is None else patterns.get(key)
+    if held is None:
+        held = tuple(_multipliers(s, a.shape, perm, ap.dtype, channel_axis, per_sample) for s in (shift_a, shift_b))
+        if patterns is not None:
+            patterns[key] = held
+    rows = a.shape[0] * B
+    P = ap.size // rows if rows else 0
+    out = np.empty(ap.shape, ap.dtype)
+    peak = _c.add_scaled(ap, bp, held[0], held[1], out, ap.itemsize, rows, P, max(1, parts)) if a.size else 0
+    inverse = [0] * len(perm)
+    for i, p in enumerate(perm):
+        inverse[p] = i
+    return out.transpose(inverse), int(peak)
 
 
 # ---------------------------------------------------------------------------------------------------

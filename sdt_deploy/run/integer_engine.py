@@ -475,9 +475,15 @@ class EnginePlan:
     graph's integers are unchanged): every node's worst-case bound (`check_engine_bounds`, which refuses a
     graph that could wrap) and the synaptic layers' weights packed for the C kernel (by node name; absent
     where the kernel cannot take them). One comparison of the graph per run checks both (the packed
-    weights were a second comparison of every weight before)."""
+    weights were a second comparison of every weight before). `patterns`: per node, the per-neuron
+    thresholds and grid multipliers its kernels use, per layout, filled as runs meet them (they follow
+    from the graph's thresholds and grids, which the same comparison covers)."""
     bounds: dict
     packed: dict
+    patterns: dict = field(default_factory=dict)
+
+    def patterns_of(self, name: str) -> dict:
+        return self.patterns.setdefault(name, {})
 
 
 def engine_plan(qg: Graph) -> EnginePlan:
@@ -571,7 +577,7 @@ def _lif(n: LIF, ins, grids, x, r: _Run):
         _check_shift(shift)
         trace = None if not r.membranes else "V" if after_reset else "H"
         parts = r.threads if X.size >= KERNEL_PARALLEL_MIN_NEURONS else 1
-        res = K.lif_steps(X, n.theta_int, 2, parts, shift=shift, trace=trace)
+        res = K.lif_steps(X, n.theta_int, 2, parts, shift=shift, trace=trace, patterns=r.plan.patterns_of(n.name))
         y, peak, count = res.spikes, max(res.peak_h, res.peak_x), res.count
         if trace is not None:
             r.traces[n.name] = res.trace
@@ -620,6 +626,19 @@ def _broadcast(n: Broadcast, ins, grids, x, r: _Run):
 
 
 def _add(n: Add, ins, grids, x, r: _Run):
+    if len(ins) == 2 and K.compiled_kernels():      # one pass of the C kernel, the maximum taken with it
+        width = r.width(n.name)
+        a, b = (np.asarray(v, dtype=width) for v in ins)
+        shifts = [n.grid - g for g in grids]
+        for shift in shifts:
+            _check_shift(shift)
+        parts = r.threads if a.size >= KERNEL_PARALLEL_MIN_NEURONS else 1
+        done = K.add_scaled(a, b, shifts[0], shifts[1], 2, parts, r.plan.patterns_of(n.name))
+        if done is not None:
+            y, r.observed[n.name] = done
+            r.measured.add(n.name)
+            r.ops[n.name] = {"adds": int(y.size)}
+            return y
     y = None
     for a, g in zip(ins, grids):
         term = _shift_left(np.asarray(a, dtype=r.width(n.name)), n.grid - g)
@@ -683,7 +702,7 @@ def run_engine(qg: Graph, x: np.ndarray, record: bool = True, membranes: Union[b
     if not qg.meta.get("quantized"):
         raise DeployError("the integer engine runs quantized graphs only")
     T = x.shape[1] if x.ndim == 5 else int(qg.meta["time_steps"])
-    r = _Run(T, x.shape[0], K.graph_memo(qg, engine_plan), threads, membranes)
+    r = _Run(T, x.shape[0], K.graph_memo(qg, engine_plan, threads), threads, membranes)
     vals: dict[str, np.ndarray] = {}
     grids: dict[str, Optional[np.ndarray]] = {}
     spikes = {}
