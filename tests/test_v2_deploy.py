@@ -108,9 +108,9 @@ def test_kv_and_qkv_integers_by_hand():
     v[0, 0, 1] = [[1, 0], [1, 0]]          # head 0, channel 1: tokens 0, 2
     v[0, 0, 0] = [[0, 1], [0, 0]]          # head 0, channel 0: token 1
     q[0, 0, 0] = [[1, 0], [0, 1]]          # head 0, query channel 0 at tokens 0 and 3
-    from sdt_deploy.run.integer_engine import INTEGER_EVAL, _Run
+    from sdt_deploy.run.integer_engine import INTEGER_EVAL, EnginePlan, _Run
 
-    r = _Run(1, 1, {}, 1, False)
+    r = _Run(1, 1, EnginePlan({}, {}), 1, False)
     kv = INTEGER_EVAL[KVProduct](KVProduct("kv", ("k", "v"), (2, 2, 2), heads=2), [k, v], [None, None], None, r)
     # head 0: kv[i, j] = #tokens where k channel i and v channel j both fire: (0,0): token 1; (0,1): token 0
     assert kv[0, 0, 0].tolist() == [[1, 1], [0, 0]] and not kv[0, 0, 1].any()
@@ -148,9 +148,9 @@ def test_kd_readout_is_the_mean_of_both_heads_exactly():
              Linear("head_kd", ("input",), (1,), w_int=w2, w_exp=np.array([4]), b_int=np.array([-3]),
                     grid=np.array([4])),
              KdReadout("readout", ("head", "head_kd"), (1,), grid=np.array([5]))]
-    from sdt_deploy.run.integer_engine import INTEGER_EVAL, _Run
+    from sdt_deploy.run.integer_engine import INTEGER_EVAL, EnginePlan, _Run
 
-    r = _Run(1, 1, {}, 1, False)
+    r = _Run(1, 1, EnginePlan({}, {}), 1, False)
     s = np.array([[[1, 1]]], np.uint8)
     h1 = INTEGER_EVAL[Linear](nodes[1], [s], [None], None, r)      # (3 - 1) + 1 = 3 on 2**-2: 0.75
     h2 = INTEGER_EVAL[Linear](nodes[2], [s], [None], None, r)      # (1 + 2) - 3 = 0 on 2**-4

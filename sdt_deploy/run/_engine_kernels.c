@@ -2,9 +2,10 @@
  * and the NIR interpreter's neuron step (float64, at the end of the integer part).
  *
  * Plain C over Python buffers (no numpy headers: the extension builds with setuptools and a C compiler
- * alone). Each function releases the GIL while it computes, so the engine's threads run them in parallel
- * on separate sample ranges. The engine's arithmetic is exact integer arithmetic; the callers check beforehand
- * that nothing can overflow (see engine_kernels.py for the bounds each function relies on).
+ * alone). Each function releases the GIL while it computes, and splits its work over `parts` threads of
+ * its own team (below: pthreads that spin between rounds), each part writing only its own outputs. The
+ * engine's arithmetic is exact integer arithmetic; the callers check beforehand that nothing can
+ * overflow (see engine_kernels.py for the bounds each function relies on).
  *
  * Vector code is written with GCC/clang vector extensions and compiled, where the compiler supports
  * function multi-versioning (GCC on x86-64 Linux), for AVX-512BW, AVX2 and the x86-64 baseline; the
