@@ -134,3 +134,28 @@ def test_a_split_comparison_finds_one_differing_byte_anywhere(parts):
         b.reshape(-1)[at] ^= 1
         assert not engine_kernels.same_array(a, b, parts), at
     assert not engine_kernels.same_array(a, a[:, :-1].copy(), parts)      # another shape
+
+
+_PARTS_CHANGING_EVERY_ROUND = """
+import sys
+import numpy as np
+from sdt_deploy.run import engine_kernels as K
+rng = np.random.default_rng(6)
+a = rng.integers(-2 ** 30, 2 ** 30, size=4_000).astype(np.int64)
+want = int(np.abs(a).max())
+for i in range(5_000):
+    # rounds of 8 parts (7 workers) and of 2 (6 of them idle) in turn: an idle worker must not take the
+    # next round's parts with this round's number (it would run the next round twice, and the caller
+    # would return before every part was done)
+    parts = 8 if i % 2 else 2
+    b = a.copy()
+    b[(i * 7919) % a.size] = want + 1 + i % 5
+    assert K.abs_max(b, parts) == want + 1 + i % 5, i
+print("ok")
+"""
+
+
+def test_rounds_with_fewer_parts_than_workers():
+    proc = subprocess.run([sys.executable, "-c", _PARTS_CHANGING_EVERY_ROUND], capture_output=True, text=True,
+                          timeout=120, cwd=str(ROOT))
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]

@@ -53,12 +53,14 @@ static pthread_mutex_t team_busy = PTHREAD_MUTEX_INITIALIZER;   /* held by the c
 static pthread_mutex_t team_lock = PTHREAD_MUTEX_INITIALIZER;   /* guards the sleep / wake hand-shake */
 static pthread_cond_t team_wake = PTHREAD_COND_INITIALIZER;
 static int team_workers = 0;                  /* workers started (parts 1..team_workers) */
-static uint64_t team_round = 0;               /* incremented for every round (the workers watch it) */
+/* the latest round, as one word: its number (incremented for every round) << 8 | its number of parts.
+ * One word, so that a worker not taking part in a round (part >= parts) cannot read the parts of the next
+ * one with the number of this one, and then run the next one twice. */
+static uint64_t team_post = 0;
 static int team_sleeping = 0;                 /* workers waiting on team_wake */
 static int team_left = 0;                     /* parts of the round not yet finished by the workers */
-static team_fn team_task_fn;
-static void *team_task_ctx;
-static int team_task_parts;
+static team_fn team_task_fn;                  /* the round's task: written before its post, and not again */
+static void *team_task_ctx;                   /* until every worker taking part has finished */
 static int64_t team_spin_ns = 1000000;        /* set when the module loads */
 
 static inline void cpu_relax(void)
@@ -75,8 +77,8 @@ static int64_t now_ns(void)
     return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
 }
 
-/* a worker: its part, and the last round it has seen (the round before its first: the one its starter is
- * about to post may already have been posted when the thread starts) */
+/* a worker: its part, and the last post it has seen (the one before its first round: the round its starter
+ * is about to post may already have been posted when the thread starts) */
 typedef struct { int part; uint64_t seen; } team_start;
 
 static void *team_worker(void *arg)
@@ -85,16 +87,16 @@ static void *team_worker(void *arg)
     uint64_t seen = ((team_start *)arg)->seen;
     free(arg);
     for (;;) {
-        uint64_t now = __atomic_load_n(&team_round, __ATOMIC_ACQUIRE);
+        uint64_t now = __atomic_load_n(&team_post, __ATOMIC_ACQUIRE);
         if (now == seen) {
             const int64_t until = now_ns() + team_spin_ns;
             for (int i = 1; now == seen; i++) {
                 cpu_relax();
-                now = __atomic_load_n(&team_round, __ATOMIC_ACQUIRE);
+                now = __atomic_load_n(&team_post, __ATOMIC_ACQUIRE);
                 if ((i & 63) == 0 && now == seen && now_ns() >= until) {
                     pthread_mutex_lock(&team_lock);
                     __atomic_add_fetch(&team_sleeping, 1, __ATOMIC_SEQ_CST);
-                    while ((now = __atomic_load_n(&team_round, __ATOMIC_SEQ_CST)) == seen)
+                    while ((now = __atomic_load_n(&team_post, __ATOMIC_SEQ_CST)) == seen)
                         pthread_cond_wait(&team_wake, &team_lock);
                     __atomic_sub_fetch(&team_sleeping, 1, __ATOMIC_SEQ_CST);
                     pthread_mutex_unlock(&team_lock);
@@ -102,7 +104,7 @@ static void *team_worker(void *arg)
             }
         }
         seen = now;
-        const int parts = team_task_parts;
+        const int parts = (int)(now & 0xff);
         if (part < parts) {
             team_task_fn(team_task_ctx, part, parts);
             __atomic_sub_fetch(&team_left, 1, __ATOMIC_ACQ_REL);
@@ -137,7 +139,7 @@ static int team_grow(int parts)
         team_start *start = malloc(sizeof *start);
         if (!start) break;
         start->part = team_workers + 1;
-        start->seen = __atomic_load_n(&team_round, __ATOMIC_ACQUIRE);
+        start->seen = __atomic_load_n(&team_post, __ATOMIC_ACQUIRE);
         const int ok = pthread_create(&t, &attr, team_worker, start) == 0;
         pthread_attr_destroy(&attr);
         if (!ok) { free(start); break; }
@@ -158,9 +160,9 @@ static void team_run(team_fn fn, void *ctx, int parts)
     if (parts > 1) {
         team_task_fn = fn;
         team_task_ctx = ctx;
-        team_task_parts = parts;
         __atomic_store_n(&team_left, parts - 1, __ATOMIC_SEQ_CST);
-        __atomic_add_fetch(&team_round, 1, __ATOMIC_SEQ_CST);
+        const uint64_t round = (__atomic_load_n(&team_post, __ATOMIC_RELAXED) >> 8) + 1;
+        __atomic_store_n(&team_post, round << 8 | (uint64_t)parts, __ATOMIC_SEQ_CST);
         if (__atomic_load_n(&team_sleeping, __ATOMIC_SEQ_CST) > 0) {
             pthread_mutex_lock(&team_lock);
             pthread_cond_broadcast(&team_wake);

@@ -357,8 +357,7 @@ def lif_steps(X: np.ndarray, theta: np.ndarray, channel_axis: int, parts: int = 
     if held is None:
         held = (_theta_pattern(theta, X.shape, perm, Xp.dtype, channel_axis, per_sample),
                 _multipliers(shift, X.shape, perm, Xp.dtype, channel_axis, per_sample))
-        if patterns is not None:
-            patterns[key] = held
+        _keep(patterns, key, held)
     pattern, mult = held
     P = pattern.size
     out = np.empty(Xp.shape, np.uint8)
@@ -389,6 +388,14 @@ def _multipliers(shift: Optional[np.ndarray], shape: tuple, perm: list, dtype, c
         return np.empty(0, dtype)
     return _channel_pattern(np.left_shift(1, np.asarray(shift, dtype=np.int64)), shape, perm, dtype, channel_axis,
                             per_sample)
+
+
+def _keep(patterns: Optional[dict], key: tuple, value) -> None:
+    """value kept in the caller's `patterns` under key (a layout: one per batch size met, at most 16)."""
+    if patterns is not None:
+        if len(patterns) >= 16:
+            patterns.clear()
+        patterns[key] = value
 
 
 _PATTERNS: dict = {}
@@ -437,8 +444,7 @@ def add_scaled(a: np.ndarray, b: np.ndarray, shift_a: np.ndarray, shift_b: np.nd
     held = None if patterns is None else patterns.get(key)
     if held is None:
         held = tuple(_multipliers(s, a.shape, perm, ap.dtype, channel_axis, per_sample) for s in (shift_a, shift_b))
-        if patterns is not None:
-            patterns[key] = held
+        _keep(patterns, key, held)
     rows = a.shape[0] * B
     P = ap.size // rows if rows else 0
     out = np.empty(ap.shape, ap.dtype)

@@ -244,9 +244,10 @@ def synaptic_conv_peak(S: np.ndarray, w_int: np.ndarray, padding: int, threads: 
     Every input spike (n, c, y, x) adds, for each kernel tap (ky, kx) that lands on an output
     (n, y - ky + p, x - kx + p), the weight column w[:, c, ky, kx] into that output: one pass per tap
     over the events, nothing for the silent inputs. Accumulates in int32 where `accumulator_dtype`
-    proves it safe; `threads` split the samples. Returns (out [N, O, H', W'] as out_dtype (int64 by
-    default; int32 only where the caller knows the values fit), additions performed = (event, tap)
-    pairs x O, max |out| where the C kernel wrote the whole output (else None: the caller measures it)).
+    proves it safe; `threads` split the output rows (the C kernel) or the samples (numpy). Returns
+    (out [N, O, H', W'] as out_dtype (int64 by default; int32 only where the caller knows the values fit),
+    additions performed = (event, tap) pairs x O, max |out| where the C kernel wrote the whole output
+    (else None: the caller measures it)).
     `bias` [O], where given, is added to every output (the caller counts those additions). `packed`: w_int
     packed for the C kernel where the caller holds it (else looked up: `engine_kernels.event_weights`)."""
     N, C, H, W = S.shape
