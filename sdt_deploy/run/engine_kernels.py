@@ -353,12 +353,12 @@ def lif_steps(X: np.ndarray, theta: np.ndarray, channel_axis: int, parts: int = 
     T = Xp.shape[0]
     per_sample = X.ndim >= 3 and perm[1] != channel_axis
     key = ("lif", X.shape, tuple(perm), Xp.dtype.char, per_sample)
-    held = None if patterns is None else patterns.get(key)
-    if held is None:
-        held = (_theta_pattern(theta, X.shape, perm, Xp.dtype, channel_axis, per_sample),
+    kept = None if patterns is None else patterns.get(key)
+    if kept is None:
+        kept = (_theta_pattern(theta, X.shape, perm, Xp.dtype, channel_axis, per_sample),
                 _multipliers(shift, X.shape, perm, Xp.dtype, channel_axis, per_sample))
-        _keep(patterns, key, held)
-    pattern, mult = held
+        _keep(patterns, key, kept)
+    pattern, mult = kept
     P = pattern.size
     out = np.empty(Xp.shape, np.uint8)
     H = np.empty(Xp.shape if trace == "H" else 0, np.int64)
@@ -432,23 +432,23 @@ def add_scaled(a: np.ndarray, b: np.ndarray, shift_a: np.ndarray, shift_b: np.nd
     `parts` threads split the rows; `patterns`: as `lif_steps`'."""
     if _c is None or a.dtype != b.dtype or a.dtype not in (np.int32, np.int64) or a.shape != b.shape or a.ndim < 3:
         return None
-    held = memory_layout(a, channel_axis)
-    if held is None:
+    layout = memory_layout(a, channel_axis)
+    if layout is None:
         return None
-    ap, perm, B = held
+    ap, perm, B = layout
     bp = b.transpose(perm)
     if not bp.flags.c_contiguous:           # not laid out as a (strides of length-1 axes do not matter)
         return None
     per_sample = perm[1] != channel_axis
     key = ("add", a.shape, tuple(perm), ap.dtype.char, per_sample)
-    held = None if patterns is None else patterns.get(key)
-    if held is None:
-        held = tuple(_multipliers(s, a.shape, perm, ap.dtype, channel_axis, per_sample) for s in (shift_a, shift_b))
-        _keep(patterns, key, held)
+    kept = None if patterns is None else patterns.get(key)
+    if kept is None:
+        kept = tuple(_multipliers(s, a.shape, perm, ap.dtype, channel_axis, per_sample) for s in (shift_a, shift_b))
+        _keep(patterns, key, kept)
     rows = a.shape[0] * B
     P = ap.size // rows if rows else 0
     out = np.empty(ap.shape, ap.dtype)
-    peak = _c.add_scaled(ap, bp, held[0], held[1], out, ap.itemsize, rows, P, max(1, parts)) if a.size else 0
+    peak = _c.add_scaled(ap, bp, kept[0], kept[1], out, ap.itemsize, rows, P, max(1, parts)) if a.size else 0
     inverse = [0] * len(perm)
     for i, p in enumerate(perm):
         inverse[p] = i
