@@ -168,6 +168,12 @@ PARALLEL_MIN_WORK = 1 << 28
 PARALLEL_MIN_NEURONS = 1 << 20
 
 
+def kernel_parts(threads: int, work: int, limit: int) -> int:
+    """How many of the engine's threads a C kernel splits a layer of `work` over: all of them from
+    `limit` on, else the calling thread alone (the kernels split rows, samples or neurons themselves)."""
+    return threads if work >= limit else 1
+
+
 def default_threads() -> int:
     """Threads for the engine's additions: the CPUs this process may use (at most 8)."""
     try:
@@ -255,7 +261,7 @@ def synaptic_conv_peak(S: np.ndarray, w_int: np.ndarray, padding: int, threads: 
     Ho, Wo = H + 2 * padding - k + 1, W + 2 * padding - k + 1
     packed = K.event_weights(w_int) if packed is None else packed
     if packed is not None:     # the C kernel (engine_kernels.conv_events): int16 in registers, int32 rows
-        parts = threads if S.size * O >= KERNEL_PARALLEL_MIN_WORK else 1
+        parts = kernel_parts(threads, S.size * O, KERNEL_PARALLEL_MIN_WORK)
         in_kernel = bias is not None and K.bias_fits(packed, bias)
         Y, pairs, peak = K.conv_events(S, packed, padding, parts, bias if in_kernel else None)
         out = Y.reshape(N, Ho, Wo, O).transpose(0, 3, 1, 2).astype(out_dtype, copy=False)
@@ -335,7 +341,7 @@ def synaptic_linear(S: np.ndarray, w_int: np.ndarray, threads: int = 1,
     packed = K.event_weights(w_int) if packed is None else packed
     if packed is not None:     # the event kernel, as a 1x1 convolution of [N, C, 1, 1]
         N, O = S.shape[0], w_int.shape[0]
-        parts = threads if S.size * O >= KERNEL_PARALLEL_MIN_WORK else 1
+        parts = kernel_parts(threads, S.size * O, KERNEL_PARALLEL_MIN_WORK)
         Y, events, _ = K.conv_events(S.reshape(N, -1, 1, 1), packed, 0, parts)
         return Y.astype(INT), events * O
 
@@ -355,13 +361,13 @@ def dense_conv(x: np.ndarray, w_int: np.ndarray, stride: int, padding: int, thre
 
     Returns (out as out_dtype (int64 by default; int32 only where the caller knows the values fit),
     multiply-accumulates over valid, non-padding taps). Runs in int32 (the C kernel, `threads` splitting
-    the samples) where max |x| times every output's sum of |w| (plus |bias|) stays below 2**31, else in
+    the output rows) where max |x| times every output's sum of |w| (plus |bias|) stays below 2**31, else in
     int64. `bias` [O], where given, is added to every output (the caller counts those additions)."""
     N, C, H, W = x.shape
     O, _, k, _ = w_int.shape
     macs = int(_valid_taps(H, W, k, stride, padding)) * C * O * N
     if K.dense_conv_fits_int32(x, w_int, bias):
-        parts = threads if macs >= DENSE_PARALLEL_MIN_MACS else 1
+        parts = kernel_parts(threads, macs, DENSE_PARALLEL_MIN_MACS)
         out = K.dense_conv_i32(x, w_int, stride, padding, parts, bias).astype(out_dtype, copy=False)
         return out, macs
     xp = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
@@ -577,7 +583,7 @@ def _lif(n: LIF, ins, grids, x, r: _Run):
         # the shift onto the neuron's grid, the steps, max |x| and the spike count in one pass
         _check_shift(shift)
         trace = None if not r.membranes else "V" if after_reset else "H"
-        parts = r.threads if X.size >= KERNEL_PARALLEL_MIN_NEURONS else 1
+        parts = kernel_parts(r.threads, X.size, KERNEL_PARALLEL_MIN_NEURONS)
         res = K.lif_steps(X, n.theta_int, 2, parts, shift=shift, trace=trace, patterns=r.plan.patterns_of(n.name))
         y, peak, count = res.spikes, max(res.peak_h, res.peak_x), res.count
         if trace is not None:
@@ -633,7 +639,7 @@ def _add(n: Add, ins, grids, x, r: _Run):
         shifts = [n.grid - g for g in grids]
         for shift in shifts:
             _check_shift(shift)
-        parts = r.threads if a.size >= KERNEL_PARALLEL_MIN_NEURONS else 1
+        parts = kernel_parts(r.threads, a.size, KERNEL_PARALLEL_MIN_NEURONS)
         done = K.add_scaled(a, b, shifts[0], shifts[1], 2, parts, r.plan.patterns_of(n.name))
         if done is not None:
             y, r.observed[n.name] = done
@@ -717,7 +723,7 @@ def run_engine(qg: Graph, x: np.ndarray, record: bool = True, membranes: Union[b
         vals[n.name] = y
         grids[n.name] = n.grid if n.out_kind == CURRENT else None
         if n.out_kind == CURRENT and not isinstance(n, (Input, Readout)) and n.name not in r.measured:
-            parts = r.threads if y.size >= KERNEL_PARALLEL_MIN_NEURONS else 1   # (one pass over memory: a
+            parts = kernel_parts(r.threads, y.size, KERNEL_PARALLEL_MIN_NEURONS)   # (one pass over memory: a
             r.observed[n.name] = max(r.observed.get(n.name, 0), K.abs_max(y, parts))   # fifth of a run)
         if record and n.out_kind == SPIKE:
             if sink is None:
