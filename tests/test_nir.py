@@ -22,6 +22,7 @@ from models.sdt import heads_or_pool
 from sdt_deploy.errors import DeployError
 from sdt_deploy.ir.graph import LIF, Conv, Graph, Input, Linear, OrPool, Readout
 from sdt_deploy.ir.lower import spike_tensor_names
+from sdt_deploy.run import nir_interpreter as NI
 from sdt_deploy.run.float_executor import execute
 from sdt_deploy.run.integer_engine import run_engine
 from sdt_deploy.run.nir_interpreter import nir_input, nir_layer_spikes, run_nir, torch_threads
@@ -509,3 +510,45 @@ def test_plain_write_path_gives_the_same_file(tmp_path, monkeypatch):
     monkeypatch.setattr(S, "streaming_supported", lambda: False)
     write_nir(g, str(tmp_path / "b.nir"))
     assert (tmp_path / "a.nir").read_bytes() == (tmp_path / "b.nir").read_bytes()
+
+
+def _window_sums_by_hand(x: np.ndarray, k: tuple, s: tuple, p: tuple) -> np.ndarray:
+    """NIR's SumPool2d, zero padding, written out window by window."""
+    N, C, H, W = x.shape
+    Ho, Wo = (H + 2 * p[0] - k[0]) // s[0] + 1, (W + 2 * p[1] - k[1]) // s[1] + 1
+    out = np.zeros((N, C, Ho, Wo))
+    for i in range(Ho):
+        for j in range(Wo):
+            for a in range(i * s[0] - p[0], i * s[0] - p[0] + k[0]):
+                for b in range(j * s[1] - p[1], j * s[1] - p[1] + k[1]):
+                    if 0 <= a < H and 0 <= b < W:
+                        out[:, :, i, j] += x[:, :, a, b]
+    return out
+
+
+@pytest.mark.parametrize("hw,k,s,p", [
+    ((8, 8), (15, 15), (1, 1), (7, 7)),      # SDSA's token sum: every window holds the whole map
+    ((8, 8), (8, 8), (8, 8), (0, 0)),        # the head's sum: one window, the whole map
+    ((5, 3), (9, 5), (1, 2), (4, 2)),        # whole map on both axes, unequal strides
+    ((8, 8), (15, 15), (1, 1), (6, 7)),      # more padding on one axis: fewer outputs, each still the whole map
+    ((8, 8), (15, 15), (1, 1), (8, 7)),      # the first window misses the last row: not the whole map
+    ((6, 7), (3, 3), (2, 2), (1, 1)),        # the stem's OR-pool: small windows
+    ((4, 4), (4, 4), (1, 1), (0, 0)),        # one output, the whole map, stride 1
+    ((4, 4), (5, 4), (1, 1), (0, 0)),        # no output row (window past the padded map)
+])
+def test_sum_pool_of_spikes_counts_every_window(hw, k, s, p):
+    """The interpreter's SumPool2d on a single spiking source (bool spikes, counted once per map where every
+    window holds the whole map) gives the window sums worked out window by window, as float64."""
+    rng = np.random.default_rng(sum(hw) + sum(k))
+    spikes = rng.random((2, 3) + hw) < 0.4
+    node = nir.SumPool2d(kernel_size=np.array(k), stride=np.array(s), padding=np.array(p))
+    if (hw[0] + 2 * p[0] - k[0]) // s[0] + 1 < 1:
+        with pytest.raises(RuntimeError):
+            NI.compile_node(node, DT).fn(None, spikes)
+        return
+    _, out, _ = NI.compile_node(node, DT).fn(None, spikes)
+    want = _window_sums_by_hand(spikes.astype(np.float64), k, s, p)
+    assert out.dtype == np.float64 and out.shape == want.shape
+    assert np.array_equal(out, want)
+    _, from_floats, _ = NI.compile_node(node, DT).fn(None, spikes.astype(np.float64))   # the float64 way
+    assert np.array_equal(from_floats, want)

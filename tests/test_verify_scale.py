@@ -35,7 +35,7 @@ from sdt_deploy.verification.verifier import run_verify
 
 import nir_interpreter_reference as NIR_REF
 import verify_reference as REF
-from conftest import ALL_CASES, case_input, case_path, needs_shared, quantized, small_configs
+from conftest import ALL_CASES, case_input, case_path, needs_shared, quantized, small_configs, split_everything
 
 EVERY = ["torch", "engine", "onnx-int", "onnx-float", "nir"]
 
@@ -311,8 +311,8 @@ def _nir_runs(q, x, tmp_path):
     return art.graph, NIR_REF.load_graph(path), feed
 
 
-def _assert_same_nir(graph, ref_graph, feed):
-    new = NI.run_nir(graph, feed, membranes=True)
+def _assert_same_nir(graph, ref_graph, feed, threads=1):
+    new = NI.run_nir(graph, feed, membranes=True, threads=threads)
     old = NIR_REF.run_nir(ref_graph, feed, membranes=True)
     for a, b in zip(new, old):
         assert a.keys() == b.keys()
@@ -325,6 +325,14 @@ def test_the_nir_interpreter_gives_what_it_gave(name, tmp_path):
     """The engine's event kernel for the spike convolutions, compacted neuron constants, step outputs let
     go: the same outputs, spikes and membranes as the interpreter of commit 19dcc53."""
     _assert_same_nir(*_nir_runs(quantized(case_path(name)), case_input(name)[:2], tmp_path))
+
+
+@pytest.mark.parametrize("name", ["lif_0011", "dvs_tet_t10"])
+@pytest.mark.parametrize("threads", [2, 3])
+def test_the_nir_interpreter_split_over_threads_gives_what_it_gave(name, threads, tmp_path, monkeypatch):
+    """The spike convolutions split over the C kernels' team (every layer, however small): the same."""
+    split_everything(monkeypatch)
+    _assert_same_nir(*_nir_runs(quantized(case_path(name)), case_input(name)[:2], tmp_path), threads=threads)
 
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from sdt_deploy.errors import DeployError
+from sdt_deploy.run import integer_engine
 from sdt_deploy.run.engine_kernels import nir_lif, nir_lif_groups
 from sdt_deploy.run.lif import NIRLIFParameters, nir_lif_step
 
@@ -126,6 +127,39 @@ def _sum_pool(x: np.ndarray, kernel, stride, padding) -> np.ndarray:
     c = x.shape[1]
     ones = torch.ones((c, 1, kh, kw), dtype=torch.float64)
     return _torch_conv(x, ones, None, stride, padding, 1, c, 2)
+
+
+def _window_holds_axis(n: int, k: int, s: int, p: int) -> bool:
+    """Whether, along an axis of n inputs, every output's window (size k, stride s, zero padding p on both
+    sides) holds all n: there is an output, and the first one's window, [-p, k - p), reaches the last input.
+    The last one's then starts at or before the first input: (n_out - 1) * s - p <= n + p - k <= 0."""
+    return p >= 0 and (n + 2 * p - k) // s + 1 >= 1 and k - p >= n
+
+
+def _spike_sum_pool(S: np.ndarray, kernel, stride, padding) -> np.ndarray:
+    """`_sum_pool` of spikes S (bool [N, C, H, W]): where every window holds the whole map (SDSA's token sum
+    `kv_sum`: a 15x15 window padded by 7 over 8x8 tokens) each output is the map's spike count, counted once
+    per channel instead of once per window (exact: integers); else `_sum_pool` of S as float64."""
+    kh, kw = _pair(kernel)
+    if not isinstance(padding, str) and S.ndim == 4:
+        (sh, sw), (ph, pw) = _pair(stride), _pair(padding)
+        N, C, H, W = S.shape
+        if _window_holds_axis(H, kh, sh, ph) and _window_holds_axis(W, kw, sw, pw):
+            counts = np.count_nonzero(S.reshape(N, C, H * W), axis=2)
+            out = np.empty((N, C, (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1), F64)
+            out[...] = counts[:, :, None, None]
+            return out
+    return _sum_pool(S.astype(F64), kernel, stride, padding)
+
+
+def _sum_pool_step(node, dt: float) -> Step:
+    """SumPool2d: a single spiking source comes as its bool spikes (`_spike_sum_pool`), anything else as
+    float64 (`_sum_pool`)."""
+    def fn(s, I):
+        if I.dtype == np.bool_:
+            return s, _spike_sum_pool(I, node.kernel_size, node.stride, node.padding), None
+        return s, _sum_pool(I, node.kernel_size, node.stride, node.padding), None
+    return Step(fn, takes_spikes=True)
 
 
 def _compact(a):
@@ -311,9 +345,14 @@ def _make_spike_conv(node, weight: np.ndarray, K) -> Optional[Callable]:
 
     def run(I: np.ndarray) -> np.ndarray:
         N, _, H, W = I.shape
-        Y, _pairs, _peak = K.conv_events(I, packed, p, 1, b_int)
+        # the interpreter's threads are torch's intra-op setting (run_nir sets it), split as the engine splits
+        parts = integer_engine.kernel_parts(torch.get_num_threads(), I.size * O,
+                                            integer_engine.KERNEL_PARALLEL_MIN_WORK)
+        Y, _pairs, _peak = K.conv_events(I, packed, p, parts, b_int)
         Ho, Wo = H + 2 * p - packed.k + 1, W + 2 * p - packed.k + 1
-        return Y.reshape(N, Ho, Wo, O).transpose(0, 3, 1, 2) * unit   # float64, exact
+        out = np.empty((N, O, Ho, Wo), F64)             # written [N, O, H', W'] in memory too: the LIF reads it so
+        np.multiply(Y.reshape(N, Ho, Wo, O).transpose(0, 3, 1, 2), unit, out=out)   # exact: a power of two
+        return out
     return run
 
 
@@ -337,7 +376,7 @@ COMPILE = {
     nir.Linear: _stateless(_linear),
     nir.Scale: _stateless(_scale),
     nir.Conv2d: _conv_step, nir.Conv1d: _conv_step,
-    nir.SumPool2d: _stateless(lambda node: lambda I: _sum_pool(I, node.kernel_size, node.stride, node.padding)),
+    nir.SumPool2d: _sum_pool_step,
     nir.AvgPool2d: _stateless(_avg_pool),
     nir.Flatten: _stateless(_flatten),
 }
