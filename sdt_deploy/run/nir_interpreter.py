@@ -133,7 +133,7 @@ def _window_holds_axis(n: int, k: int, s: int, p: int) -> bool:
     """Whether, along an axis of n inputs, every output's window (size k, stride s, zero padding p on both
     sides) holds all n: there is an output, and the first one's window, [-p, k - p), reaches the last input.
     The last one's then starts at or before the first input: (n_out - 1) * s - p <= n + p - k <= 0."""
-    return p >= 0 and (n + 2 * p - k) // s + 1 >= 1 and k - p >= n
+    return s >= 1 and p >= 0 and (n + 2 * p - k) // s + 1 >= 1 and k - p >= n   # else: torch's errors, as before
 
 
 def _spike_sum_pool(S: np.ndarray, kernel, stride, padding) -> np.ndarray:
